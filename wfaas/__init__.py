@@ -1,0 +1,132 @@
+"""wfaas: a workflow engine for one machine.
+
+Write a workflow as a DAG of Python steps; wfaas runs independent steps in
+parallel worker processes, with retries, timeouts that kill the step's whole
+process tree, conditional and delayed steps, events, and a checkpoint after
+every step. See ``README.md`` for the tour; this module is the whole public API.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import events
+from .clock import Clock, SystemClock
+from .data import WorkflowData, transient
+from .definition import (
+    Backoff,
+    Exponential,
+    FailureAction,
+    Fixed,
+    Linear,
+    RetryPolicy,
+    StepDefinition,
+    WorkflowDefinition,
+)
+from .engine import CleanupHandle, WorkflowEngine
+from .errors import (
+    Cancelled,
+    ContextValueNotFound,
+    DataConflict,
+    DefinitionNotFound,
+    InvalidDefinition,
+    InvalidStateTransition,
+    NotFound,
+    SerializationError,
+    ShuttingDown,
+    StepFailed,
+    StepTimeout,
+    StoreError,
+    TypeMismatch,
+    WorkerCrashed,
+    WorkflowError,
+)
+from .events import (
+    EventBus,
+    EventSubscriber,
+    LoggingSubscriber,
+    StepRetrying,
+    StepSkipped,
+    StepStarted,
+    StepSucceeded,
+    WorkflowCancelled,
+    WorkflowCompleted,
+    WorkflowEvent,
+    WorkflowFailed,
+    WorkflowStarted,
+)
+from .states import StepState, StepStatus, WorkflowState, WorkflowStatus
+from .steps import FunctionStep, StepExecutor, StepResult, WorkflowContext
+from .store import InMemoryStore, StateStore
+
+try:
+    __version__ = version("wfaas")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+
+def __getattr__(name: str) -> object:
+    # SqliteStore pulls in sqlitedict; import it only when asked for.
+    if name == "SqliteStore":
+        from .sqlite_store import SqliteStore
+
+        return SqliteStore
+    raise AttributeError(f"module 'wfaas' has no attribute {name!r}")
+
+
+__all__ = [
+    "Backoff",
+    "Cancelled",
+    "CleanupHandle",
+    "Clock",
+    "ContextValueNotFound",
+    "DataConflict",
+    "DefinitionNotFound",
+    "EventBus",
+    "EventSubscriber",
+    "Exponential",
+    "FailureAction",
+    "Fixed",
+    "FunctionStep",
+    "InMemoryStore",
+    "InvalidDefinition",
+    "InvalidStateTransition",
+    "Linear",
+    "LoggingSubscriber",
+    "NotFound",
+    "RetryPolicy",
+    "SerializationError",
+    "ShuttingDown",
+    "SqliteStore",
+    "StateStore",
+    "StepDefinition",
+    "StepExecutor",
+    "StepFailed",
+    "StepResult",
+    "StepRetrying",
+    "StepSkipped",
+    "StepStarted",
+    "StepState",
+    "StepStatus",
+    "StepSucceeded",
+    "StepTimeout",
+    "StoreError",
+    "SystemClock",
+    "TypeMismatch",
+    "WorkerCrashed",
+    "WorkflowCancelled",
+    "WorkflowCompleted",
+    "WorkflowContext",
+    "WorkflowData",
+    "WorkflowDefinition",
+    "WorkflowEngine",
+    "WorkflowError",
+    "WorkflowEvent",
+    "WorkflowFailed",
+    "WorkflowStarted",
+    "WorkflowState",
+    "WorkflowStatus",
+    "__version__",
+    "events",
+    "transient",
+]

@@ -1,0 +1,205 @@
+"""The worker process: receive a step, run it on a private copy of the data, send back what changed.
+
+Runs in a process started by forkserver (never fork from the threaded
+engine). It leads its own process group, so a timeout can kill everything the
+step started, and Ctrl-C in the terminal reaches only the engine, which
+decides. A watcher thread kills the group when the engine's process dies, so
+no worker or grandchild outlives it.
+
+Messages are pickled tuples over one duplex pipe (see ``pool.py``):
+
+    engine -> worker   ("run", task_id, body_key, body_blob?, cls_key, cls_blob?, snap_key, snap_blob?, meta)
+                       ("stop",)
+    worker -> engine   ("done", task_id, outcome, changes, logs, usage)
+                       ("error", task_id, exc_blob, traceback_text, logs, usage)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import resource
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing import parent_process
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import dill
+
+from . import data as data_codec
+from .steps import StepExecutor, StepResult, WorkflowContext, overrides
+
+
+class _Collector(logging.Handler):
+    """Keeps the step's log records so the engine can re-emit them in its own logging."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string must not fail the step
+            msg = str(record.msg)
+        item = {
+            "name": record.name,
+            "levelno": record.levelno,
+            "levelname": record.levelname,
+            "msg": msg,
+            "created": record.created,
+            "pathname": record.pathname,
+            "lineno": record.lineno,
+            "funcName": record.funcName,
+        }
+        if record.exc_info:
+            item["exc_text"] = "".join(traceback.format_exception(*record.exc_info))
+        self.records.append(item)
+
+
+def _watch_parent() -> None:
+    parent = parent_process()
+    if parent is None:
+        return
+    wait([parent.sentinel])
+    _kill_own_group()
+
+
+def _kill_own_group() -> None:
+    """The engine is gone: take this worker and everything it started down with it."""
+    try:
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+    finally:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _usage(wall: float, cpu0: float, children0: float) -> dict[str, float]:
+    ru_self = resource.getrusage(resource.RUSAGE_SELF)
+    ru_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "wall": wall,
+        "cpu": (ru_self.ru_utime + ru_self.ru_stime - cpu0) + (ru_children.ru_utime + ru_children.ru_stime - children0),
+        "max_rss": max(ru_self.ru_maxrss, ru_children.ru_maxrss) * 1024.0,
+    }
+
+
+def main(conn: Connection) -> None:
+    """The worker loop; returns when told to stop or when the engine closes the pipe."""
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, name="wfaas-parent-watch", daemon=True).start()
+
+    root = logging.getLogger()
+    collector = _Collector()
+    root.addHandler(collector)
+    root.setLevel(logging.DEBUG)
+
+    bodies: dict[str, Any] = {}
+    classes: dict[str, type] = {}
+    snap_key: object = None
+    snap_fields: dict[str, bytes] = {}
+
+    while True:
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        if message[0] == "stop":
+            return
+        _, task_id, body_key, body_blob, cls_key, cls_blob, key, snap_blob, meta = message
+        if body_blob is not None:
+            bodies[body_key] = pickle.loads(body_blob)
+        if cls_blob is not None:
+            classes[cls_key] = pickle.loads(cls_blob)
+        if snap_blob is not None:
+            snap_key, snap_fields = key, pickle.loads(snap_blob)
+        assert snap_key == key, "engine and worker disagree on the data snapshot"
+        collector.records = []
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        ruc = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu0 = ru0.ru_utime + ru0.ru_stime
+        children0 = ruc.ru_utime + ruc.ru_stime
+        started = time.perf_counter()
+        try:
+            reply = _run(bodies[body_key], classes[cls_key], snap_fields, meta, task_id, collector)
+        except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
+            reply = ("error", task_id, _encode_error(exc), _format_tb(exc), collector.records)
+        reply = (*reply, _usage(time.perf_counter() - started, cpu0, children0))
+        conn.send_bytes(pickle.dumps(reply, protocol=5))
+
+
+def _run(
+    body: Any,
+    cls: type,
+    fields: dict[str, bytes],
+    meta: tuple[Any, ...],
+    task_id: int,
+    collector: _Collector,
+) -> tuple[Any, ...]:
+    instance_id, workflow_id, step_id, attempt, hook, error_blob = meta
+    data = data_codec.build(cls, fields)
+    ctx_blob = fields.get(data_codec.CONTEXT_FIELD)
+    values = pickle.loads(ctx_blob) if ctx_blob is not None else {}
+    ctx: WorkflowContext[Any] = WorkflowContext(
+        data, instance_id=instance_id, workflow_id=workflow_id, step_id=step_id, attempt=attempt, values=values
+    )
+    if hook == "failure":
+        error = pickle.loads(error_blob)
+        try:
+            body.on_failure(ctx, error)
+        except Exception:  # noqa: BLE001 - a hook never changes the outcome
+            logging.getLogger("wfaas").exception("on_failure hook of step %r raised", step_id)
+        return ("done", task_id, "hook", {}, collector.records)
+
+    result = body.execute(ctx) if isinstance(body, StepExecutor) else body(ctx)
+    if result is None:
+        result = StepResult.SUCCESS
+    if not isinstance(result, StepResult):
+        raise TypeError(
+            f"step {step_id!r} returned {result!r}; a step returns StepResult.SUCCESS/FAILURE/SKIP or None"
+        )
+    if result is StepResult.FAILURE:
+        return ("done", task_id, "failure", {}, collector.records)
+    changes = data_codec.diff_fields(data, fields, values if ctx._written else None)
+    if result is StepResult.SUCCESS and overrides(body, "on_success"):
+        try:
+            body.on_success(ctx)
+        except Exception:  # noqa: BLE001 - a hook never changes the outcome
+            logging.getLogger("wfaas").exception("on_success hook of step %r raised", step_id)
+    return ("done", task_id, result.value, changes, collector.records)
+
+
+def _encode_error(exc: BaseException) -> bytes:
+    try:
+        blob = data_codec.encode_value(exc)
+        pickle.loads(blob)
+        return blob
+    except Exception:  # noqa: BLE001 - fall back to a stand-in that always travels
+        return pickle.dumps(RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"))
+
+
+def _format_tb(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class RemoteError(Exception):
+    """Stands in for a step's exception that could not be sent back as itself."""
+
+
+if __name__ == "__main__":  # pragma: no cover - started through multiprocessing only
+    sys.exit("wfaas._worker is started by the engine")
+
+
+__all__ = ["RemoteError", "main"]
+_ = dill  # imported so that dill-encoded blobs find their reducers at once

@@ -1,0 +1,188 @@
+"""Workflow data: how it is split into fields, encoded, copied and merged.
+
+The scheduler never holds a live data object as the truth. It holds one
+encoded ``bytes`` per field. That makes each piece of the design cheap:
+
+* a snapshot for a step is a dict of references (no copy);
+* a worker sends back only the fields whose bytes changed;
+* a checkpoint writes only the changed fields;
+* a conflict is "two steps wrote one field since the snapshot both started from".
+
+Values are encoded with the C pickler when the result is loadable anywhere,
+and with dill otherwise (lambdas, closures, classes defined in ``__main__``).
+Decoding always uses the C unpickler, which reads both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pickle
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import dill
+
+from .errors import SerializationError
+
+__all__ = ["WorkflowData", "transient"]
+
+CONTEXT_FIELD = "__wfaas_context__"
+"""The reserved field holding ``ctx.set`` values; merged key-wise like any dict field."""
+
+_TRANSIENT = "wfaas_transient"
+_PLAIN = (bytes, str, int, float, bool, type(None), bytearray, complex)
+
+
+class WorkflowData:
+    """Base class for workflow data (usually a ``@dataclass``).
+
+    ``workflow_type`` is a class attribute naming the kind of data (the class
+    name if not set). Override ``restore(self)`` to re-create ``transient()``
+    fields in every process that receives the data.
+    """
+
+    workflow_type: str = ""
+
+    def restore(self) -> None:
+        """Re-create transient fields (connections, clients); called after every decode."""
+
+
+def transient(*, default: Any = None, default_factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field that never travels: dropped before sending or saving, re-set by ``restore``."""
+    meta = {_TRANSIENT: True}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, compare=False, repr=False, metadata=meta)
+    return dataclasses.field(default=default, compare=False, repr=False, metadata=meta)
+
+
+def workflow_type_of(cls: type) -> str:
+    """The ``workflow_type`` of a data class, defaulting to its name."""
+    return getattr(cls, "workflow_type", "") or cls.__name__
+
+
+@functools.lru_cache(maxsize=256)
+def transient_fields(cls: type) -> dict[str, Callable[[], Any]]:
+    """Transient field names of ``cls`` with a factory for each one's default value."""
+    out: dict[str, Callable[[], Any]] = {}
+    if dataclasses.is_dataclass(cls):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get(_TRANSIENT):
+                if f.default_factory is not dataclasses.MISSING:
+                    out[f.name] = f.default_factory
+                else:
+                    out[f.name] = lambda d=f.default: d
+    for name in getattr(cls, "__transient__", ()):
+        out.setdefault(name, lambda: None)
+    return out
+
+
+def encode_value(value: Any) -> bytes:
+    """Bytes that any worker can decode with ``pickle.loads``."""
+    if type(value) in _PLAIN:
+        return pickle.dumps(value, protocol=5)
+    try:
+        blob = pickle.dumps(value, protocol=5)
+    except Exception:  # noqa: BLE001 - any pickling failure means: let dill try
+        return dill.dumps(value, protocol=5, recurse=True)
+    # pickle stores __main__ objects by reference, which a worker cannot resolve.
+    if b"__main__" in blob:
+        return dill.dumps(value, protocol=5, recurse=True)
+    return blob
+
+
+def decode_value(blob: bytes) -> Any:
+    return pickle.loads(blob)
+
+
+def field_names(obj: Any) -> list[str]:
+    """The fields that travel: instance attributes minus transient ones."""
+    skip = transient_fields(type(obj))
+    return [k for k in vars(obj) if k not in skip]
+
+
+def encode_fields(obj: Any, *, where: str) -> dict[str, bytes]:
+    """Encode every travelling field, checking each round-trips; names the field that does not."""
+    try:
+        attrs = vars(obj)
+    except TypeError:
+        raise SerializationError(
+            f"{where}: workflow data must be an object with attributes (a dataclass), got {type(obj).__name__}"
+        ) from None
+    skip = transient_fields(type(obj))
+    out: dict[str, bytes] = {}
+    for name, value in attrs.items():
+        if name in skip:
+            continue
+        try:
+            blob = encode_value(value)
+            decode_value(blob)
+        except Exception as exc:  # noqa: BLE001 - reported with the field's name
+            raise SerializationError(
+                f"{where}: field {type(obj).__name__}.{name} ({type(value).__name__}) cannot be sent to a worker: "
+                f"{type(exc).__name__}: {exc}. Declare it `{name}: Any = transient()` and re-create it in "
+                f"restore(self), or store something serializable instead"
+            ) from exc
+        out[name] = blob
+    return out
+
+
+def build(cls: type, fields: Mapping[str, bytes]) -> Any:
+    """A fresh data object of ``cls`` from encoded fields, transient fields re-created."""
+    obj = cls.__new__(cls)
+    for name, blob in fields.items():
+        if name != CONTEXT_FIELD:
+            object.__setattr__(obj, name, pickle.loads(blob))
+    for name, factory in transient_fields(cls).items():
+        object.__setattr__(obj, name, factory())
+    restore = getattr(obj, "restore", None)
+    if callable(restore):
+        restore()
+    return obj
+
+
+@dataclasses.dataclass
+class FieldChange:
+    """A field a step changed: its new bytes, or for a dict, which keys changed."""
+
+    blob: bytes
+    set_keys: dict[Any, bytes] | None = None  # dict fields only
+    deleted_keys: list[Any] | None = None
+
+
+def diff_fields(obj: Any, before: Mapping[str, bytes], context: dict[str, Any] | None) -> dict[str, FieldChange]:
+    """The fields of ``obj`` (and the context values) whose encoding differs from ``before``."""
+    changes: dict[str, FieldChange] = {}
+    values = {k: v for k, v in vars(obj).items() if k not in transient_fields(type(obj))}
+    if context is not None:
+        values[CONTEXT_FIELD] = context
+    for name, value in values.items():
+        old_blob = before.get(name)
+        blob = encode_value(value)
+        if blob == old_blob:
+            continue
+        if old_blob is not None:
+            old = pickle.loads(old_blob)
+        else:
+            old = {} if name == CONTEXT_FIELD else _ABSENT  # the context starts empty, merged key-wise
+        if old is not _ABSENT and _same(old, value):
+            continue  # same value, different bytes (e.g. a set's order)
+        change = FieldChange(blob)
+        if isinstance(value, dict) and isinstance(old, dict):
+            change.set_keys = {}
+            for k, v in value.items():
+                if k not in old or not _same(old[k], v):
+                    change.set_keys[k] = encode_value(v)
+            change.deleted_keys = [k for k in old if k not in value]
+        changes[name] = change
+    return changes
+
+
+_ABSENT: Any = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(type(a) is type(b) and a == b)
+    except Exception:  # noqa: BLE001 - an __eq__ that raises means "not provably the same"
+        return False

@@ -1,0 +1,464 @@
+"""``WorkflowEngine``: the object users hold. It validates, then hands work to the scheduler.
+
+Everything that changes run state is a command executed on the scheduler
+thread (see ``scheduler.py``); the engine's methods build inputs in the
+caller's thread (validation, encoding, so that errors surface at the call)
+and wait on the scheduler's answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+import psutil
+
+from . import data as data_codec
+from . import errors as errors_module
+from .clock import Clock, SystemClock
+from .definition import WorkflowDefinition, fingerprint
+from .errors import (
+    DefinitionNotFound,
+    InvalidDefinition,
+    InvalidStateTransition,
+    NotFound,
+    ShuttingDown,
+    WorkflowError,
+)
+from .events import EventBus
+from .pool import WorkerPool
+from .scheduler import Compiled, Run, Scheduler
+from .states import WorkflowState, WorkflowStatus
+from .store import InMemoryStore, StateStore, data_class
+
+__all__ = ["CleanupHandle", "WorkflowEngine"]
+
+log = logging.getLogger("wfaas")
+W = WorkflowStatus
+
+
+class CleanupHandle:
+    """The background cleanup started by ``start_cleanup_task``; ``stop()`` ends it."""
+
+    def __init__(self, engine: WorkflowEngine, ttl: float, interval: float) -> None:
+        self._stop = threading.Event()
+        self.removed = 0
+        self._thread = threading.Thread(
+            target=self._loop, args=(weakref.ref(engine), ttl, interval), name="wfaas-cleanup", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self, ref: weakref.ref[WorkflowEngine], ttl: float, interval: float) -> None:
+        while not self._stop.is_set():
+            engine = ref()
+            if engine is None or engine._closed:
+                return
+            try:
+                self.removed += engine._cleanup(ttl)
+            except Exception:  # noqa: BLE001 - a failed sweep is retried next interval
+                log.exception("wfaas cleanup sweep failed")
+            del engine
+            self._stop.wait(interval)
+
+    def stop(self) -> None:
+        """Stop the cleanup thread (waits for a sweep in progress)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+class WorkflowEngine:
+    """Runs registered workflows in worker processes, checkpointing every step to ``store``.
+
+    ``max_workers`` worker processes (default: ``os.cpu_count()``) are started
+    at once and kept warm. ``grace_period`` is how long a stopped step's
+    processes get between SIGTERM and SIGKILL. ``clock`` replaces real time
+    for the engine's timers (see :mod:`wfaas.testing`). Use it as a context
+    manager: on exit it waits for running workflows; on an exception
+    (including Ctrl-C) it cancels them.
+    """
+
+    def __init__(
+        self,
+        store: StateStore | None = None,
+        max_workers: int | None = None,
+        *,
+        clock: Clock | None = None,
+        grace_period: float = 2.0,
+        memory_limit: int | None = None,
+        start_method: str = "forkserver",
+    ) -> None:
+        self.store: StateStore = store if store is not None else InMemoryStore()
+        self.event_bus = EventBus()
+        self.clock: Clock = clock or SystemClock()
+        self.grace_period = float(grace_period)
+        self.memory_limit = memory_limit
+        self.max_workers = max_workers or os.cpu_count() or 1
+        self._definitions: dict[str, Compiled] = {}
+        self._lock = threading.Lock()
+        self._shutting_down = False
+        self._closed = False
+        me = psutil.Process()
+        self._owner = {"pid": me.pid, "started": me.create_time()}
+        self._pool = WorkerPool(self.max_workers, start_method)
+        self._pool.start()
+        self._scheduler = Scheduler(self._pool, self.store, self.event_bus, self.clock, self.grace_period, self._owner)
+        self._scheduler.start()
+        self._finalizer = weakref.finalize(self, _close, self._scheduler, self._pool, self.event_bus, self.grace_period)
+
+    @classmethod
+    def with_store(cls, store: StateStore, **kwargs: Any) -> WorkflowEngine:
+        """An engine checkpointing to ``store`` (the seed's spelling of ``WorkflowEngine(store=...)``)."""
+        return cls(store=store, **kwargs)
+
+    # -- definitions -------------------------------------------------------------
+
+    def register_workflow(self, definition: WorkflowDefinition) -> None:
+        """Validate and register; :class:`InvalidDefinition` lists every problem at once."""
+        if not isinstance(definition, WorkflowDefinition):
+            raise TypeError(f"register_workflow takes a WorkflowDefinition, got {type(definition).__name__}")
+        problems = definition.validate()
+        if definition.id in self._definitions:
+            problems.append(f"a workflow with id {definition.id!r} is already registered with this engine")
+        if not problems:
+            try:
+                compiled = Compiled(definition)
+            except Exception as exc:  # noqa: BLE001 - a body dill cannot encode
+                problems.append(f"a step body cannot be sent to a worker: {type(exc).__name__}: {exc}")
+        if problems:
+            raise InvalidDefinition(definition.id, problems)
+        if definition.default_memory_limit is None and self.memory_limit is not None:
+            compiled.memory_limit = [m or self.memory_limit for m in compiled.memory_limit]
+        with self._lock:
+            self._definitions[definition.id] = compiled
+
+    def _compiled(self, workflow_id: str) -> Compiled:
+        compiled = self._definitions.get(workflow_id)
+        if compiled is None:
+            raise DefinitionNotFound(workflow_id, list(self._definitions))
+        return compiled
+
+    # -- running -----------------------------------------------------------------
+
+    def start_workflow(self, workflow_id: str, data: Any = None) -> str:
+        """Start an instance; returns its id at once while it runs in the background."""
+        if self._shutting_down or self._closed:
+            raise ShuttingDown(f"start_workflow({workflow_id!r}) after shutdown()")
+        compiled = self._compiled(workflow_id)
+        data_type = compiled.definition.data_type
+        if data is None:
+            if data_type is None:
+                raise TypeError(
+                    f"start_workflow({workflow_id!r}) needs a data object (the definition declares no data_type)"
+                )
+            data = data_type()
+        elif data_type is not None and not isinstance(data, data_type):
+            raise TypeError(
+                f"start_workflow({workflow_id!r}): data must be a {data_type.__name__}, got {type(data).__name__}"
+            )
+        where = f"start_workflow({workflow_id!r})"
+        fields = data_codec.encode_fields(data, where=where)
+        cls_blob = data_codec.encode_value(type(data))
+        iid = uuid.uuid4().hex
+        run = Run(iid, compiled, type(data), cls_blob, fields, created_at=self.clock.now())
+        run.dirty_fields.update(fields)
+        run.extra = {"class": cls_blob, "fingerprint": compiled.fingerprint}
+        result: str = self._call(self._scheduler.start_run, run, None, set())
+        return result
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        if self._closed:
+            raise ShuttingDown("the engine is closed")
+        future = self._scheduler.submit(fn, *args)
+        assert future is not None
+        return future.result()
+
+    def wait_for_completion(self, instance_id: str, label: str = "", timeout: float | timedelta | None = None) -> str:
+        """Block until the instance ends; its error is raised if it did not complete.
+
+        Returns ``"{label} completed successfully via workflow"``. On timeout
+        raises the builtin ``TimeoutError`` and the run goes on. Ctrl-C while
+        waiting cancels the instance gracefully, then re-raises.
+        """
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        finished = self._scheduler.outcomes.get(instance_id)
+        if finished is None:
+            return self._wait_foreign(instance_id, label, seconds)
+        try:
+            done = finished.done.wait(seconds)
+        except KeyboardInterrupt:
+            self._interrupted([instance_id])
+            raise
+        if not done:
+            raise TimeoutError(
+                f"instance {instance_id} is still running after {seconds} s; it goes on — wait again, or cancel it"
+            )
+        finished = self._scheduler.outcomes[instance_id]
+        if finished.status is W.COMPLETED:
+            return f"{label} completed successfully via workflow"
+        assert finished.error is not None
+        raise finished.error
+
+    def _wait_foreign(self, instance_id: str, label: str, seconds: float | None) -> str:
+        """An instance this engine does not run: follow its checkpoints in the store."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        pause = 0.01
+        while True:
+            meta = self.store.read_meta(instance_id)
+            if meta is None:
+                raise NotFound(instance_id)
+            status = W(meta["status"])
+            if status is W.COMPLETED:
+                return f"{label} completed successfully via workflow"
+            if status.is_terminal:
+                raise error_from_meta(instance_id, meta)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"instance {instance_id} is still {status.name} after {seconds} s")
+            time.sleep(pause)  # another process writes it; there is nothing to wait on but the file
+            pause = min(pause * 2, 0.5)
+
+    def get_status(self, instance_id: str) -> WorkflowState[Any]:
+        """The instance as last checkpointed; :class:`NotFound` if unknown."""
+        return self.store.load(instance_id)
+
+    def cancel_workflow(self, instance_id: str, *, grace: float | None = None) -> None:
+        """Stop dispatching, stop running steps (SIGTERM, grace, SIGKILL); returns once CANCELLED."""
+        inner = self._call(self._scheduler.cancel, instance_id, grace)
+        inner.result()
+
+    def _interrupted(self, instance_ids: Iterable[str]) -> None:
+        """First Ctrl-C: cancel gracefully. A second one while that runs: kill at once."""
+        ids = [i for i in instance_ids if i in self._scheduler.runs]
+        try:
+            for iid in ids:
+                self._cancel_quietly(iid, None)
+        except KeyboardInterrupt:
+            for iid in ids:
+                self._cancel_quietly(iid, 0.0)
+            raise
+
+    def _cancel_quietly(self, instance_id: str, grace: float | None) -> bool:
+        try:
+            self.cancel_workflow(instance_id, grace=grace)
+            return True
+        except (InvalidStateTransition, NotFound):
+            return False
+
+    def resume(self, instance_id: str, rerun: Iterable[str] | None = None, *, force: bool = False) -> str:
+        """Run a FAILED, CANCELLED or interrupted instance on; succeeded and skipped steps do not run again.
+
+        ``rerun`` names steps to run again with everything downstream of them.
+        A definition whose steps or dependencies changed since the run started
+        is refused unless ``force=True``.
+        """
+        if self._shutting_down or self._closed:
+            raise ShuttingDown(f"resume({instance_id!r}) after shutdown()")
+        record = self.store.read(instance_id)
+        if record is None:
+            raise NotFound(instance_id)
+        meta = record.meta
+        compiled = self._compiled(meta["workflow_id"])
+        status = W(meta["status"])
+        reruns = _downstream(compiled, list(rerun or ()), instance_id)
+        if status is W.COMPLETED and not reruns:
+            raise InvalidStateTransition(
+                f"instance {instance_id}", status, W.RUNNING, "it completed; name steps to run again with rerun=[...]"
+            )
+        if status in (W.RUNNING, W.PENDING):
+            owner = meta.get("owner") or {}
+            if instance_id in self._scheduler.runs:
+                raise InvalidStateTransition(f"instance {instance_id}", status, W.RUNNING, "it is running in this engine")
+            if owner_alive(owner) and owner.get("pid") != self._owner["pid"]:
+                raise InvalidStateTransition(
+                    f"instance {instance_id}",
+                    status,
+                    W.RUNNING,
+                    f"it is still running in process {owner.get('pid')}; cancel it there or wait for it",
+                )
+        stored_fp = record.extra.get("fingerprint")
+        changes = fingerprint_changes(stored_fp, fingerprint(compiled.definition)) if stored_fp else ([], [])
+        structural, bodies = changes
+        if structural and not force:
+            raise InvalidDefinition(
+                compiled.definition.id,
+                [f"the definition changed since instance {instance_id} started: {c}" for c in structural]
+                + ["resume with force=True (CLI: --force) to run it on the new definition anyway"],
+            )
+        if bodies:
+            log.warning(
+                "instance %s: step code changed since it started (%s); steps that succeeded are not run again",
+                instance_id,
+                ", ".join(bodies),
+            )
+        cls = data_class(record)
+        run = Run(instance_id, compiled, cls, record.extra["class"], dict(record.fields), created_at=meta["created_at"])
+        run.status = status
+        run.extra = {"fingerprint": compiled.fingerprint}
+        steps = {sid: rec for sid, rec in record.steps.items() if sid in compiled.index}
+        result: str = self._call(self._scheduler.start_run, run, steps, reruns)
+        return result
+
+    def recover(self) -> list[str]:
+        """Resume every instance left RUNNING by a process that died; returns their ids."""
+        resumed = []
+        for iid in self.store.ids():
+            meta = self.store.read_meta(iid)
+            if meta is None or W(meta["status"]) not in (W.RUNNING, W.PENDING):
+                continue
+            if iid in self._scheduler.runs or owner_alive(meta.get("owner") or {}):
+                continue
+            if meta["workflow_id"] not in self._definitions:
+                log.warning("cannot recover instance %s: workflow %r is not registered", iid, meta["workflow_id"])
+                continue
+            self.resume(iid)
+            resumed.append(iid)
+        return resumed
+
+    # -- shutting down ---------------------------------------------------------------
+
+    def active_instances(self) -> list[str]:
+        """Ids of the instances this engine is running now."""
+        return list(self._scheduler.runs)
+
+    def shutdown(self) -> None:
+        """Accept no new workflows; running ones go on."""
+        self._shutting_down = True
+
+    def wait_for_shutdown(self, timeout: float | timedelta | None = None) -> bool:
+        """Wait for running workflows to end, then stop the workers; False if ``timeout`` passed first."""
+        self.shutdown()
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        deadline = None if seconds is None else time.monotonic() + seconds
+        for iid in self.active_instances():
+            finished = self._scheduler.outcomes.get(iid)
+            if finished is None:
+                continue
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not finished.done.wait(remaining):
+                return False
+        self.close()
+        return True
+
+    def force_cancel_all(self, *, grace: float | None = None) -> int:
+        """Cancel every running workflow (their steps' processes are stopped); returns how many."""
+        return sum(self._cancel_quietly(iid, grace) for iid in self.active_instances())
+
+    def close(self) -> None:
+        """Stop the scheduler and every worker process. Running steps are killed; call after waiting."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer()
+
+    def __enter__(self) -> WorkflowEngine:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.wait_for_shutdown()
+            return
+        try:
+            self.force_cancel_all()
+        except KeyboardInterrupt:
+            self.force_cancel_all(grace=0.0)
+            raise
+        finally:
+            self.close()
+
+    # -- cleanup -----------------------------------------------------------------------
+
+    def start_cleanup_task(self, ttl: float | timedelta = 3600, interval: float | timedelta = 300) -> CleanupHandle:
+        """Remove finished instances older than ``ttl`` every ``interval`` seconds, in the background."""
+        ttl_s = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
+        interval_s = interval.total_seconds() if isinstance(interval, timedelta) else float(interval)
+        return CleanupHandle(self, ttl_s, interval_s)
+
+    def _cleanup(self, ttl: float) -> int:
+        removed: int = self._call(self._cleanup_now, ttl)
+        return removed
+
+    def _cleanup_now(self, ttl: float) -> int:
+        """Runs on the scheduler thread, the only writer."""
+        before = set(self.store.ids())
+        removed = self.store.cleanup_old_workflows(ttl, now=self.clock.now())
+        for iid in before - set(self.store.ids()):
+            self._scheduler.outcomes.pop(iid, None)
+        return removed
+
+
+def _close(scheduler: Scheduler, pool: WorkerPool, bus: EventBus, grace: float) -> None:
+    try:
+        scheduler.stop()
+    finally:
+        pool.close(grace)
+        bus.flush(5.0)
+        bus.close()
+
+
+def _downstream(compiled: Compiled, steps: list[str], instance_id: str) -> set[str]:
+    unknown = [s for s in steps if s not in compiled.index]
+    if unknown:
+        raise InvalidDefinition(
+            compiled.definition.id,
+            [f"resume({instance_id!r}, rerun=...): no step {s!r} (steps: {', '.join(compiled.index)})" for s in unknown],
+        )
+    out: set[str] = set()
+    todo = [compiled.index[s] for s in steps]
+    while todo:
+        i = todo.pop()
+        sid = compiled.steps[i].id
+        if sid in out:
+            continue
+        out.add(sid)
+        todo.extend(j for j, _ in compiled.dependents[i])
+    return out
+
+
+def owner_alive(owner: dict[str, Any]) -> bool:
+    """Whether the process recorded as an instance's owner still runs (PID and start time match)."""
+    pid = owner.get("pid")
+    if not pid:
+        return False
+    try:
+        return abs(psutil.Process(pid).create_time() - float(owner.get("started", 0))) < 0.5
+    except psutil.Error:
+        return False
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(structural differences, steps whose code changed) between two definition fingerprints."""
+    structural: list[str] = []
+    old_steps, new_steps = old.get("steps", {}), new.get("steps", {})
+    for sid in old_steps.keys() - new_steps.keys():
+        structural.append(f"step {sid!r} was removed")
+    for sid in new_steps.keys() - old_steps.keys():
+        structural.append(f"step {sid!r} was added")
+    bodies = []
+    for sid in old_steps.keys() & new_steps.keys():
+        a, b = old_steps[sid], new_steps[sid]
+        for kind in ("depends_on", "depends_on_any"):
+            if a[kind] != b[kind]:
+                structural.append(f"step {sid!r}: {kind} was {a[kind]}, is now {b[kind]}")
+        if a["code"] != b["code"]:
+            bodies.append(sid)
+    return sorted(structural), sorted(bodies)
+
+
+def error_from_meta(instance_id: str, meta: dict[str, Any]) -> WorkflowError:
+    """Rebuild an instance's error from its stored record (for runs of another process)."""
+    if meta["status"] == W.CANCELLED.value:
+        return errors_module.Cancelled(instance_id, meta["workflow_id"])
+    kind = getattr(errors_module, meta.get("error_type") or "", None)
+    message = meta.get("error") or "failed"
+    if isinstance(kind, type) and issubclass(kind, errors_module._StepError):
+        error = kind.__new__(kind)
+        errors_module._StepError.__init__(error, message, instance_id=instance_id, step_id=meta.get("failed_step") or "")
+        Exception.__init__(error, message)
+        return error
+    return errors_module.StepFailed(message, instance_id=instance_id, step_id=meta.get("failed_step") or "")

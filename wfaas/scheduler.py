@@ -1,0 +1,959 @@
+"""The scheduler: one thread that owns every run's state and walks the DAGs.
+
+How a step travels::
+
+    WorkflowDefinition --register--> Compiled (index graph, step bodies encoded once)
+    start/resume --> Run: each step has a Gate (readiness.py)
+    dependency finished --> Gate opens --> decide: RUN / SKIP / WAIT(timer)
+    RUN --> ready queue (with the data snapshot of that moment) --> idle Slot
+        --pipe--> worker runs the body on its own copy of the data
+        <--pipe-- result: the fields it changed
+    result --> merge (conflict check) --> step SUCCEEDED --> dependents' Gates
+    failure --> retry after backoff (timer) | fail for good (FAIL_WORKFLOW stops the run)
+
+Each turn of the loop: block on pipes + process sentinels + wake-up pipe with a
+timeout set to the next timer; handle what arrived and what expired; commit
+one checkpoint holding everything that changed (``store.write``); then publish
+the events, release waiters, and only then send new steps to workers — so no
+step ever starts before the results it depends on are committed.
+
+Only this thread writes run state. Other threads talk to it through
+``submit(command)``; killing a process tree happens on a helper thread that
+reports back the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import os
+import pickle
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from multiprocessing.connection import wait
+from typing import Any
+
+import dill
+
+from . import data as data_codec
+from . import events as ev
+from .clock import Clock
+from .definition import NO_RETRY, FailureAction, RetryPolicy, StepDefinition, WorkflowDefinition, fingerprint
+from .errors import (
+    Cancelled,
+    DataConflict,
+    InvalidStateTransition,
+    NotFound,
+    StepFailed,
+    StepTimeout,
+    StoreError,
+    WorkerCrashed,
+    WorkflowError,
+)
+from .pool import Exit, Slot, WorkerPool
+from .readiness import Decision, Gate, Outcome, decide
+from .states import StepStatus, WorkflowStatus, check_step_transition, check_workflow_transition
+from .steps import StepExecutor, WorkflowContext, overrides
+from .store import Checkpoint, StateStore
+
+log = logging.getLogger("wfaas")
+S, W = StepStatus, WorkflowStatus
+_ids = itertools.count(1)
+
+
+class Compiled:
+    """A validated definition as the scheduler walks it: indices, edges, encoded bodies."""
+
+    def __init__(self, definition: WorkflowDefinition) -> None:
+        self.definition = definition
+        self.token = f"{definition.id}#{next(_ids)}"
+        self.steps: list[StepDefinition] = list(definition.steps)
+        self.index = {s.id: i for i, s in enumerate(self.steps)}
+        self.dependents: list[list[tuple[int, bool]]] = [[] for _ in self.steps]
+        for i, s in enumerate(self.steps):
+            for dep in dict.fromkeys(s.dependencies):
+                self.dependents[self.index[dep]].append((i, False))
+            for dep in dict.fromkeys(s.any_dependencies):
+                if dep not in s.dependencies:
+                    self.dependents[self.index[dep]].append((i, True))
+        self.n_all = [len(set(s.dependencies)) for s in self.steps]
+        self.n_any = [len(set(s.any_dependencies) - set(s.dependencies)) for s in self.steps]
+        self.retry: list[RetryPolicy] = [s.retry or definition.default_retry or NO_RETRY for s in self.steps]
+        self.timeout = [s.timeout if s.timeout is not None else definition.default_timeout for s in self.steps]
+        self.memory_limit = [s.memory_limit or definition.default_memory_limit for s in self.steps]
+        self.body_keys = [f"{self.token}/{s.id}" for s in self.steps]
+        self.body_blobs = [dill.dumps(s.body, protocol=5, recurse=True) for s in self.steps]
+        self.fingerprint = fingerprint(definition)
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """The data of a run at one version; encoded once, shared by every step that starts from it."""
+
+    key: tuple[str, int]
+    fields: dict[str, bytes]
+    _blob: bytes | None = None
+
+    @property
+    def version(self) -> int:
+        return self.key[1]
+
+    @property
+    def blob(self) -> bytes:
+        if self._blob is None:
+            self._blob = pickle.dumps(self.fields, protocol=5)
+        return self._blob
+
+
+@dataclass(eq=False)
+class StepRun:
+    """One step of one run, as the scheduler tracks it."""
+
+    index: int
+    sid: str
+    gate: Gate
+    status: StepStatus = S.PENDING
+    attempts: int = 0
+    budget_start: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    wait_until: datetime | None = None
+    error: str | None = None
+    usage: dict[str, float] | None = None
+    timer: int = 0  # the live timer's sequence number; others are stale
+    queued: int = 0  # the live ready-queue entry's token; others are stale
+    final_error: WorkflowError | None = None
+    counted: bool = False  # already subtracted from run.unfinished
+    run_ref: Run | None = None
+    ready_at: float = 0.0  # monotonic: gate opened + delay
+    not_before: float | None = None  # monotonic: scheduled_at
+    snapshot: Snapshot | None = None  # the data it will start from
+    hook: bool = False  # its on_failure hook is queued or running
+
+
+@dataclass(eq=False)
+class Task:
+    """One attempt (or one on_failure hook) in flight in a worker slot."""
+
+    run: Run
+    step: StepRun
+    slot: Slot
+    attempt: int
+    snapshot: Snapshot
+    started: float
+    hook: bool = False
+    kill_reason: str | None = None
+    timer: int = 0
+    pid: int | None = None
+
+
+@dataclass(eq=False)
+class Run:
+    """One instance while this engine runs it."""
+
+    iid: str
+    compiled: Compiled
+    cls: type
+    cls_blob: bytes
+    fields: dict[str, bytes]
+    created_at: datetime
+    steps: list[StepRun] = field(default_factory=list)
+    status: WorkflowStatus = W.PENDING
+    version: int = 0
+    field_writes: dict[str, tuple[int, str]] = field(default_factory=dict)
+    key_writes: dict[tuple[str, Any], tuple[int, str]] = field(default_factory=dict)
+    snap: Snapshot | None = None
+    live: tuple[int, Any] | None = None
+    stopping: str | None = None  # "fail" | "cancel"
+    inflight: int = 0
+    unfinished: int = 0
+    error: WorkflowError | None = None
+    failed_step: str | None = None
+    started_mono: float = 0.0
+    final: bool = False
+    dirty_steps: set[int] = field(default_factory=set)
+    dirty_fields: set[str] = field(default_factory=set)
+    extra: dict[str, Any] = field(default_factory=dict)
+    waiters: list[concurrent.futures.Future[Any]] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    grace: float | None = None
+
+    @property
+    def workflow_id(self) -> str:
+        return self.compiled.definition.id
+
+    def snapshot(self) -> Snapshot:
+        if self.snap is None or self.snap.version != self.version:
+            self.snap = Snapshot((self.iid, self.version), dict(self.fields))
+        return self.snap
+
+    def data(self) -> Any:
+        """A live data object at the current version (for run_if); built at most once per version."""
+        if self.live is None or self.live[0] != self.version:
+            self.live = (self.version, data_codec.build(self.cls, self.fields))
+        return self.live[1]
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback, attached as ``__cause__`` of the step's own exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+@dataclass
+class Finished:
+    """What a finished run leaves behind for waiters in this process."""
+
+    status: WorkflowStatus
+    error: WorkflowError | None
+    done: threading.Event
+
+
+class Scheduler:
+    """Owns every run of one engine; see the module docstring for the loop."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        store: StateStore,
+        bus: ev.EventBus,
+        clock: Clock,
+        grace: float,
+        owner: dict[str, Any],
+    ) -> None:
+        self.pool = pool
+        self.store = store
+        self.bus = bus
+        self.clock = clock
+        self.grace = grace
+        self.owner = owner
+        self.runs: dict[str, Run] = {}
+        self.outcomes: dict[str, Finished] = {}
+        self._ready: collections.deque[tuple[Run, StepRun, int]] = collections.deque()
+        self._timers: list[tuple[float, int, str, Any]] = []
+        self._seq = itertools.count(1)
+        self._commands: collections.deque[tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any] | None]] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._dirty: dict[str, Run] = {}
+        self._events: list[Any] = []
+        self._finished: list[Run] = []
+        self._resolve: list[tuple[concurrent.futures.Future[Any], Any]] = []
+        self._stopped = False
+        self._inflight = 0
+        self._thread = threading.Thread(target=self._main, name="wfaas-scheduler", daemon=True)
+        clock.add_listener(self.wake)
+
+    # -- talking to the scheduler from other threads ---------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full, so a wake-up is pending anyway (or we are closed)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, reply: bool = True) -> concurrent.futures.Future[Any] | None:
+        """Run ``fn(*args)`` on the scheduler thread; its result (or error) lands in the returned future."""
+        if self._stopped:
+            raise RuntimeError("the engine is closed")
+        future: concurrent.futures.Future[Any] | None = concurrent.futures.Future() if reply else None
+        self._commands.append((fn, args, future))
+        self.wake()
+        return future
+
+    def stop(self) -> None:
+        self.submit(self._stop_now, reply=False)
+        self._thread.join(timeout=30)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _stop_now(self) -> None:
+        self._stopped = True
+
+    # -- the loop --------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            while not self._stopped:
+                self._wait_and_handle()
+                self._turn()
+        except BaseException as exc:  # noqa: BLE001 - a dead scheduler must not leave waiters hanging
+            log.critical("wfaas scheduler thread crashed; failing every run it owned", exc_info=True)
+            self._abandon(exc)
+
+    def _wait_and_handle(self) -> None:
+        deadline = self._timers[0][0] if self._timers else None
+        if deadline is not None and self._inflight == 0 and not self._ready and not self._commands:
+            self.clock.idle(deadline)
+        timeout = 0.0 if self._commands else self.clock.wait_timeout(deadline)
+        waitables = self.pool.waitables()
+        ready = wait([self._wake_r, *waitables], timeout)
+        for obj in ready:
+            if obj == self._wake_r:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                continue
+            kind, slot = waitables[obj]
+            if kind == "result" and slot.task is not None:
+                message = self.pool.receive(slot)
+                if message is not None:
+                    self._on_message(slot, message)
+            elif kind == "exit" and not slot.dying:
+                self._on_worker_exit(slot)
+        while self._commands:
+            fn, args, future = self._commands.popleft()
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                if future is not None:
+                    future.set_exception(exc)
+                else:
+                    log.exception("wfaas scheduler command %s failed", getattr(fn, "__name__", fn))
+            else:
+                if future is not None:
+                    self._resolve.append((future, result))
+
+    def _turn(self) -> None:
+        self._fire_timers(self.clock.monotonic())
+        sends = self._dispatch()
+        self._flush()
+        for slot, message in sends:
+            try:
+                self.pool.send(slot, message)
+            except OSError:
+                pass  # the worker died meanwhile; its sentinel reports the crash next turn
+
+    # -- timers ----------------------------------------------------------------
+
+    def _timer(self, when: float, kind: str, target: Any) -> int:
+        seq = next(self._seq)
+        heapq.heappush(self._timers, (when, seq, kind, target))
+        return seq
+
+    def _fire_timers(self, now: float) -> None:
+        while self._timers and self._timers[0][0] <= now:
+            _, seq, kind, target = heapq.heappop(self._timers)
+            if target.timer != seq:
+                continue  # cancelled or superseded
+            target.timer = 0
+            if kind == "timeout":
+                self._on_timeout(target)
+            elif kind == "wait":
+                self._decide(target.run_ref, target, now)
+            elif kind == "retry":
+                if target.run_ref.stopping is None and target.status is S.WAITING:
+                    self._enqueue(target.run_ref, target)
+
+    # -- starting runs ---------------------------------------------------------
+
+    def start_run(self, run: Run, resumed_steps: dict[str, dict[str, Any]] | None, reruns: set[str]) -> str:
+        """Take a new (or resumed) run in and open the gates of steps with nothing to wait for."""
+        if run.iid in self.runs:
+            raise InvalidStateTransition(
+                f"instance {run.iid}", self.runs[run.iid].status, W.RUNNING, "it is already running in this engine"
+            )
+        compiled = run.compiled
+        now = self.clock.now()
+        run.started_mono = self.clock.monotonic()
+        steps = []
+        for i, s in enumerate(compiled.steps):
+            steps.append(StepRun(i, s.id, Gate(compiled.n_all[i], compiled.n_any[i]), run_ref=run))
+        run.steps = steps
+        done: list[StepRun] = []
+        if resumed_steps is not None:
+            for step in steps:
+                rec = resumed_steps.get(step.sid)
+                if rec is None:
+                    continue
+                step.attempts = step.budget_start = rec.get("attempts", 0)
+                step.started_at, step.finished_at = rec.get("started_at"), rec.get("finished_at")
+                status = S(rec["status"])
+                if status in (S.SUCCEEDED, S.SKIPPED) and step.sid not in reruns:
+                    step.status, step.error, step.usage = status, rec.get("error"), rec.get("usage")
+                    done.append(step)
+        run.unfinished = len(steps) - len(done)
+        for step in done:
+            step.counted = True
+        old_status = run.status
+        check_workflow_transition(run.iid, old_status, W.RUNNING)
+        run.status = W.RUNNING
+        run.dirty_steps.update(range(len(steps)))
+        self.runs[run.iid] = run
+        self.outcomes[run.iid] = Finished(W.RUNNING, None, run.done)
+        self._dirty[run.iid] = run
+        self._event(ev.WorkflowStarted, run, now)
+        mono = self.clock.monotonic()
+        for step in done:
+            outcome = Outcome.SUCCEEDED if step.status is S.SUCCEEDED else Outcome.SKIPPED
+            for j, via_any in compiled.dependents[step.index]:
+                steps[j].gate.record(outcome, via_any=via_any)
+        for step in steps:
+            if not step.counted and step.gate.check():
+                self._decide(run, step, mono)
+        self._maybe_finish(run)
+        return run.iid
+
+    # -- readiness -------------------------------------------------------------
+
+    def _decide(self, run: Run, step: StepRun, now: float) -> None:
+        if run.stopping is not None or step.status.is_final:
+            return
+        sdef = run.compiled.steps[step.index]
+        if step.status is not S.WAITING:
+            step.ready_at = now + sdef.delay
+            step.not_before = None
+            if sdef.schedule is not None:
+                step.not_before = now + (sdef.schedule - self.clock.now()).total_seconds()
+        condition = None
+        if sdef.condition is not None:
+            cond = sdef.condition
+
+            def condition() -> bool:
+                return bool(cond(self._context(run, step)))
+
+        try:
+            decision, due = decide(condition, step.ready_at, now, step.not_before)
+        except Exception as exc:  # noqa: BLE001 - a raising run_if fails the step, with its cause
+            error = StepFailed(f"run_if raised {type(exc).__name__}: {exc}", **self._where(run, step))
+            error.__cause__ = exc
+            self._set_status(run, step, S.RUNNING)
+            self._fail_for_good(run, step, error)
+            return
+        if decision is Decision.WAIT:
+            self._set_status(run, step, S.WAITING)
+            step.wait_until = self.clock.now() + _delta(due - now)
+            step.timer = self._timer(due, "wait", step)
+        elif decision is Decision.SKIP:
+            self._finish(run, step, S.SKIPPED, reason="run_if was false")
+        else:
+            self._enqueue(run, step)
+
+    def _context(self, run: Run, step: StepRun) -> WorkflowContext[Any]:
+        ctx_blob = run.fields.get(data_codec.CONTEXT_FIELD)
+        values = pickle.loads(ctx_blob) if ctx_blob else {}
+        return WorkflowContext(
+            run.data(),
+            instance_id=run.iid,
+            workflow_id=run.workflow_id,
+            step_id=step.sid,
+            attempt=step.attempts + 1,
+            values=values,
+        )
+
+    def _enqueue(self, run: Run, step: StepRun) -> None:
+        step.snapshot = run.snapshot()
+        step.queued = next(self._seq)
+        self._ready.append((run, step, step.queued))
+
+    # -- dispatch ----------------------------------------------------------------
+
+    def _dispatch(self) -> list[tuple[Slot, bytes]]:
+        if not self._ready:
+            return []
+        idle = [s for s in self.pool.slots if s.idle]
+        sends = []
+        while idle and self._ready:
+            run, step, token = self._ready.popleft()
+            if step.queued != token or (run.stopping is not None and not step.hook):
+                continue
+            step.queued = 0
+            slot = idle.pop()
+            sends.append((slot, self._start_task(run, step, slot)))
+        return sends
+
+    def _start_task(self, run: Run, step: StepRun, slot: Slot) -> bytes:
+        compiled = run.compiled
+        i = step.index
+        hook = step.hook
+        snap = step.snapshot
+        assert snap is not None
+        if not hook:
+            step.attempts += 1
+            self._set_status(run, step, S.RUNNING)
+            step.started_at = self.clock.now()
+            step.finished_at = None
+            self._event(ev.StepStarted, run, step.started_at, step_id=step.sid, attempt=step.attempts)
+        now = self.clock.monotonic()
+        task = Task(run, step, slot, step.attempts, snap, now, hook=hook, pid=slot.pid)
+        slot.task = task
+        run.inflight += 1
+        self._inflight += 1
+        timeout = compiled.timeout[i]
+        if timeout is not None and not hook:
+            task.timer = self._timer(now + timeout, "timeout", task)
+        key = compiled.body_keys[i]
+        body_blob = None if key in slot.bodies else compiled.body_blobs[i]
+        slot.bodies.add(key)
+        cls_key = run.iid
+        cls_blob = None if cls_key in slot.classes else run.cls_blob
+        slot.classes.add(cls_key)
+        snap_blob = None if slot.snapshot == snap.key else snap.blob
+        slot.snapshot = snap.key
+        error_blob = pickle.dumps(step.final_error) if hook else None
+        meta = (run.iid, run.workflow_id, step.sid, step.attempts, "failure" if hook else None, error_blob)
+        message = ("run", id(task), key, body_blob, cls_key, cls_blob, snap.key, snap_blob, meta)
+        return pickle.dumps(message, protocol=5)
+
+    # -- results ---------------------------------------------------------------
+
+    def _release(self, task: Task) -> None:
+        task.slot.task = None
+        task.timer = 0
+        task.run.inflight -= 1
+        self._inflight -= 1
+
+    def _on_message(self, slot: Slot, message: tuple[Any, ...]) -> None:
+        task: Task = slot.task
+        self._release(task)
+        run, step = task.run, task.step
+        kind, logs, usage = message[0], message[4], message[-1]
+        if logs:
+            self._events.extend(logs)
+        if task.hook:
+            step.hook = False
+            assert step.final_error is not None
+            self._fail_for_good(run, step, step.final_error)
+            return
+        step.usage = usage
+        if kind == "done":
+            outcome, changes = message[2], message[3]
+            if outcome == "failure":
+                error: WorkflowError = StepFailed("the step returned StepResult.FAILURE", **self._where(run, step))
+                self._attempt_failed(run, step, error, error, usage)
+                return
+            conflict = self._merge(run, step, task, changes)
+            if conflict is not None:
+                self._attempt_failed(run, step, conflict, conflict, usage)
+                return
+            status = S.SUCCEEDED if outcome == "success" else S.SKIPPED
+            self._finish(run, step, status, reason="the step returned StepResult.SKIP", duration=usage["wall"])
+        else:
+            exc = _decode_error(message[2])
+            exc.__cause__ = _RemoteTraceback(message[3])
+            error = StepFailed(f"{type(exc).__name__}: {exc}", **self._where(run, step))
+            error.__cause__ = exc
+            self._attempt_failed(run, step, error, exc, usage)
+        self._maybe_finish(run)
+
+    def _where(self, run: Run, step: StepRun) -> dict[str, Any]:
+        return {"instance_id": run.iid, "workflow_id": run.workflow_id, "step_id": step.sid, "attempt": step.attempts}
+
+    def _merge(self, run: Run, step: StepRun, task: Task, changes: dict[str, data_codec.FieldChange]) -> DataConflict | None:
+        """Apply the fields a step changed; a concurrent different write to one field (or key) is a conflict."""
+        if not changes:
+            return None
+        base = task.snapshot.version
+        merged: dict[str, bytes] = {}
+        key_marks: list[tuple[str, Any]] = []
+        for name, change in changes.items():
+            whole = run.field_writes.get(name)
+            concurrent_whole = whole is not None and whole[0] > base and whole[1] != step.sid
+            current = run.fields.get(name)
+            if change.set_keys is None:
+                if concurrent_whole and current != change.blob:
+                    return self._conflict(run, step, name, whole[1] if whole else "?")
+                merged[name] = change.blob
+                continue
+            cur = pickle.loads(current) if current is not None else {}
+            if not isinstance(cur, dict):
+                merged[name] = change.blob
+                continue
+            for key in (*change.set_keys, *(change.deleted_keys or ())):
+                mark = run.key_writes.get((name, key)) or (whole if concurrent_whole else None)
+                if mark is not None and mark[0] > base and mark[1] != step.sid:
+                    new = change.set_keys.get(key)
+                    old = data_codec.encode_value(cur[key]) if key in cur else None
+                    if new != old:
+                        return self._conflict(run, step, f"{name}[{key!r}]", mark[1])
+            for key, blob in change.set_keys.items():
+                cur[key] = pickle.loads(blob)
+                key_marks.append((name, key))
+            for key in change.deleted_keys or ():
+                cur.pop(key, None)
+                key_marks.append((name, key))
+            merged[name] = data_codec.encode_value(cur)
+        run.version += 1
+        mark = (run.version, step.sid)
+        for name, blob in merged.items():
+            run.fields[name] = blob
+            run.dirty_fields.add(name)
+            if changes[name].set_keys is None:
+                run.field_writes[name] = mark
+        for km in key_marks:
+            run.key_writes[km] = mark
+        self._dirty[run.iid] = run
+        return None
+
+    def _conflict(self, run: Run, step: StepRun, what: str, other: str) -> DataConflict:
+        name = "the shared context" if what.startswith(data_codec.CONTEXT_FIELD) else f"field {what}"
+        return DataConflict(
+            f"{name} was changed by step {other!r}, which ran at the same time, to a different value; "
+            f"make one of them depend on the other, or write different fields (dict fields merge key by key)",
+            **self._where(run, step),
+        )
+
+    # -- failures ----------------------------------------------------------------
+
+    def _attempt_failed(
+        self, run: Run, step: StepRun, error: WorkflowError, cause: BaseException, usage: dict[str, float] | None
+    ) -> None:
+        i = step.index
+        sdef = run.compiled.steps[i]
+        policy = run.compiled.retry[i]
+        used = step.attempts - step.budget_start
+        forever = sdef.failure_action is FailureAction.RETRY_INDEFINITELY
+        will_retry = run.stopping is None and (forever or used < policy.max_attempts) and _retryable(sdef.body, cause)
+        step.error = str(error)
+        self._event(
+            ev.StepFailed, run, self.clock.now(), step_id=step.sid, attempt=step.attempts, error=str(error),
+            will_retry=will_retry, usage=usage,
+        )
+        if will_retry:
+            delay = policy.backoff.delay(used)
+            self._set_status(run, step, S.WAITING)
+            step.wait_until = self.clock.now() + _delta(delay)
+            step.timer = self._timer(self.clock.monotonic() + delay, "retry", step)
+            self._event(ev.StepRetrying, run, self.clock.now(), step_id=step.sid, attempt=step.attempts + 1, delay=delay)
+            return
+        step.final_error = error
+        if overrides(sdef.body, "on_failure") and run.stopping != "cancel":
+            step.hook = True
+            step.snapshot = run.snapshot()
+            step.queued = next(self._seq)
+            self._ready.appendleft((run, step, step.queued))
+            return
+        self._fail_for_good(run, step, error)
+
+    def _fail_for_good(self, run: Run, step: StepRun, error: WorkflowError) -> None:
+        self._set_status(run, step, S.FAILED)
+        step.finished_at = self.clock.now()
+        step.error = str(error)
+        sdef = run.compiled.steps[step.index]
+        if sdef.failure_action is FailureAction.CONTINUE_NEXT_STEP:
+            self._count_finished(run, step)
+            self._propagate(run, step, Outcome.FAILED_CONTINUE)
+        elif run.stopping is None:
+            run.stopping = "fail"
+            run.error, run.failed_step = error, step.sid
+            self._park_waiting(run)
+        self._maybe_finish(run)
+
+    def _park_waiting(self, run: Run) -> None:
+        """The run stops: steps not yet started go back to PENDING (a resume starts them)."""
+        for step in run.steps:
+            if step.hook:
+                continue  # an on_failure hook still runs; the step ends after it
+            if step.status is S.WAITING or step.queued:
+                step.queued = 0
+                step.timer = 0
+                if step.status is S.WAITING:
+                    self._set_status(run, step, S.PENDING)
+                    step.wait_until = None
+
+    # -- timeouts, crashes, kills ---------------------------------------------------
+
+    def _on_timeout(self, task: Task) -> None:
+        if task.slot.task is task and not task.slot.dying:
+            task.kill_reason = "timeout"
+            self.pool.kill(task.slot, task.run.grace if task.run.grace is not None else self.grace, self._killed)
+
+    def _killed(self, slot: Slot, exit_: Exit) -> None:
+        """Called on the kill thread once the slot's whole tree is dead."""
+        try:
+            self.submit(self._after_kill, slot, exit_, reply=False)
+        except RuntimeError:
+            pass  # the engine closed meanwhile
+
+    def _after_kill(self, slot: Slot, exit_: Exit) -> None:
+        task: Task | None = slot.task
+        self.pool.spawn(slot)
+        if task is None:
+            return  # its result arrived before the kill; nothing was lost
+        self._release(task)
+        run, step = task.run, task.step
+        timeout = run.compiled.timeout[step.index]
+        if task.kill_reason == "timeout":
+            error: WorkflowError = StepTimeout(
+                f"timed out after {timeout:g} s; its worker (pid {exit_pid(task)}) and every process it started "
+                f"were stopped ({exit_.describe()})",
+                **self._where(run, step),
+            )
+            self._attempt_failed(run, step, error, error, None)
+        elif task.kill_reason == "memory":
+            error = WorkerCrashed(
+                f"stopped: its worker used {_mib(exit_.last_rss)} MiB, over the step's memory limit of "
+                f"{_mib(run.compiled.memory_limit[step.index] or 0)} MiB; raise it with with_memory_limit() "
+                "or make the step use less",
+                **self._where(run, step),
+            )
+            error.exitcode, error.signal_name = exit_.exitcode, exit_.signal_name
+            self._attempt_failed(run, step, error, error, None)
+        else:  # cancelled
+            if task.hook:
+                self._fail_for_good(run, step, step.final_error or StepFailed("cancelled", **self._where(run, step)))
+            else:
+                self._set_status(run, step, S.CANCELLED)
+                step.finished_at = self.clock.now()
+                step.error = "cancelled while running; its process tree was stopped"
+        self._maybe_finish(run)
+
+    def _on_worker_exit(self, slot: Slot) -> None:
+        """A worker died on its own: fail only the step it ran, replace it."""
+        while slot.task is not None and slot.conn is not None and slot.conn.poll():
+            message = self.pool.receive(slot)
+            if message is None:
+                break
+            self._on_message(slot, message)  # it finished before dying: keep its result
+        task: Task | None = slot.task
+        exit_ = self.pool.exit_of(slot)
+        self.pool.spawn(slot)
+        if task is None:
+            return
+        self._release(task)
+        run, step = task.run, task.step
+        hint = ""
+        if exit_.signal_name == "SIGKILL" and exit_.last_rss > 0:
+            hint = f"; probably out of memory (its last measured RSS was {_mib(exit_.last_rss)} MiB)"
+        error = WorkerCrashed(
+            f"its worker process (pid {exit_pid(task)}) {exit_.describe()}{hint}; other steps were not affected",
+            **self._where(run, step),
+        )
+        error.exitcode, error.signal_name = exit_.exitcode, exit_.signal_name
+        if task.hook:
+            self._fail_for_good(run, step, step.final_error or error)
+        else:
+            self._attempt_failed(run, step, error, error, None)
+        self._maybe_finish(run)
+
+    # -- finishing steps and runs -----------------------------------------------------
+
+    def _finish(self, run: Run, step: StepRun, status: StepStatus, *, reason: str = "", duration: float = 0.0) -> None:
+        self._set_status(run, step, status)
+        step.finished_at = self.clock.now()
+        step.error = None
+        if status is S.SUCCEEDED:
+            self._event(ev.StepSucceeded, run, step.finished_at, step_id=step.sid, attempt=step.attempts,
+                        duration=duration, usage=step.usage)
+            outcome = Outcome.SUCCEEDED
+        else:
+            self._event(ev.StepSkipped, run, step.finished_at, step_id=step.sid, reason=reason)
+            outcome = Outcome.SKIPPED
+        self._count_finished(run, step)
+        self._propagate(run, step, outcome)
+
+    def _count_finished(self, run: Run, step: StepRun) -> None:
+        if not step.counted:
+            step.counted = True
+            run.unfinished -= 1
+
+    def _propagate(self, run: Run, step: StepRun, outcome: Outcome) -> None:
+        now = None
+        for j, via_any in run.compiled.dependents[step.index]:
+            nxt = run.steps[j]
+            if nxt.gate.record(outcome, via_any=via_any) and not nxt.counted:
+                if now is None:
+                    now = self.clock.monotonic()
+                self._decide(run, nxt, now)
+
+    def _maybe_finish(self, run: Run) -> None:
+        if run.final or run.inflight or (run.stopping is None and run.unfinished):
+            return
+        run.final = True
+        now = self.clock.now()
+        if run.stopping == "cancel":
+            new, event = W.CANCELLED, ev.WorkflowCancelled
+            run.error = Cancelled(run.iid, run.workflow_id)
+            self._event(event, run, now)
+        elif run.stopping == "fail":
+            new = W.FAILED
+            self._event(ev.WorkflowFailed, run, now, error=str(run.error), failed_step=run.failed_step)
+        else:
+            new = W.COMPLETED
+            self._event(ev.WorkflowCompleted, run, now, duration=self.clock.monotonic() - run.started_mono)
+        check_workflow_transition(run.iid, run.status, new)
+        run.status = new
+        self._dirty[run.iid] = run
+        self._finished.append(run)
+
+    # -- cancel -----------------------------------------------------------------------
+
+    def cancel(self, iid: str, grace: float | None) -> concurrent.futures.Future[Any]:
+        """Stop dispatching, kill running steps' trees; the future resolves once the run is CANCELLED."""
+        run = self.runs.get(iid)
+        if run is None:
+            meta = self.store.read_meta(iid)
+            if meta is None:
+                raise NotFound(iid)
+            status = W(meta["status"])
+            hint = "it has already finished" if status.is_terminal else f"it is owned by process {_owner(meta)}"
+            raise InvalidStateTransition(f"instance {iid}", status, W.CANCELLED, hint)
+        if run.final:
+            raise InvalidStateTransition(f"instance {iid}", run.status, W.CANCELLED, "it has already finished")
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        run.waiters.append(future)
+        run.grace = grace
+        if run.stopping != "cancel":
+            run.stopping = "cancel"
+            self._park_waiting(run)
+        for slot in self.pool.slots:
+            task = slot.task
+            if task is not None and task.run is run and task.kill_reason is None and not slot.dying:
+                task.kill_reason = "cancel"
+                self.pool.kill(slot, self.grace if grace is None else grace, self._killed)
+            elif task is not None and task.run is run and slot.dying and grace == 0:
+                # A second, immediate cancel while a graceful kill is waiting: kill now.
+                self.pool.kill(slot, 0, lambda s, e: None)
+        self._maybe_finish(run)
+        return future
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self._dirty:
+            checkpoints = [self._checkpoint(run) for run in self._dirty.values()]
+            try:
+                self.store.write(checkpoints)
+            except Exception as exc:  # noqa: BLE001 - turned into a failed run, never a hung one
+                self._store_failed(list(self._dirty.values()), exc)
+            self._dirty.clear()
+        if self._events:
+            self.bus.publish(self._events)
+            self._events = []
+        for run in self._finished:
+            self.runs.pop(run.iid, None)
+            self.outcomes[run.iid] = Finished(run.status, run.error, run.done)
+            run.done.set()
+            for waiter in run.waiters:
+                waiter.set_result(run.status)
+        self._finished.clear()
+        for future, result in self._resolve:
+            future.set_result(result)
+        self._resolve.clear()
+
+    def _checkpoint(self, run: Run) -> Checkpoint:
+        meta = {
+            "workflow_id": run.workflow_id,
+            "status": run.status.value,
+            "error": str(run.error) if run.error else None,
+            "error_type": type(run.error).__name__ if run.error else None,
+            "failed_step": run.failed_step,
+            "created_at": run.created_at,
+            "updated_at": self.clock.now(),
+            "owner": self.owner if not run.final else None,
+        }
+        steps = {}
+        for i in run.dirty_steps:
+            s = run.steps[i]
+            steps[s.sid] = {
+                "status": s.status.value,
+                "attempts": s.attempts,
+                "started_at": s.started_at,
+                "finished_at": s.finished_at,
+                "error": s.error,
+                "wait_until": s.wait_until,
+                "usage": s.usage,
+            }
+        run.dirty_steps.clear()
+        fields: dict[str, bytes | None] = {name: run.fields.get(name) for name in run.dirty_fields}
+        run.dirty_fields.clear()
+        extra, run.extra = run.extra, {}
+        return Checkpoint(run.iid, meta, steps, fields, extra)
+
+    def _store_failed(self, runs: list[Run], exc: Exception) -> None:
+        log.error("wfaas could not write a checkpoint; stopping the runs involved", exc_info=exc)
+        for run in runs:
+            error = StoreError(
+                f"instance {run.iid}: checkpoint failed ({type(exc).__name__}: {exc}); the run was stopped so that "
+                "no step runs on uncommitted results; fix the store and resume it"
+            )
+            if not run.final:
+                run.stopping = "fail"
+                run.error = error
+                self._park_waiting(run)
+                for slot in self.pool.slots:
+                    if slot.task is not None and slot.task.run is run and not slot.dying:
+                        slot.task.kill_reason = "cancel"
+                        self.pool.kill(slot, self.grace, self._killed)
+                self._maybe_finish(run)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _set_status(self, run: Run, step: StepRun, new: StepStatus) -> None:
+        if step.status is not new:
+            check_step_transition(run.iid, step.sid, step.status, new)
+            step.status = new
+        run.dirty_steps.add(step.index)
+        self._dirty[run.iid] = run
+
+    def _event(self, kind: type, run: Run, when: datetime, **fields: Any) -> None:
+        if self.bus.has_subscribers:
+            self._events.append(kind(instance_id=run.iid, workflow_id=run.workflow_id, timestamp=when, **fields))
+
+    def _abandon(self, exc: BaseException) -> None:
+        self._stopped = True
+        for run in list(self.runs.values()):
+            run.error = StepFailed(f"the engine's scheduler crashed: {exc!r}", instance_id=run.iid)
+            run.status = W.FAILED
+            self.outcomes[run.iid] = Finished(W.FAILED, run.error, run.done)
+            run.done.set()
+            for waiter in run.waiters:
+                waiter.set_exception(run.error)
+        while self._commands:
+            _, _, future = self._commands.popleft()
+            if future is not None:
+                future.set_exception(RuntimeError("the engine's scheduler crashed"))
+
+
+def _retryable(body: Any, cause: BaseException) -> bool:
+    if not isinstance(body, StepExecutor):
+        return True
+    try:
+        return bool(body.is_retryable(cause))
+    except Exception:  # noqa: BLE001 - a raising is_retryable means: do not retry
+        log.exception("is_retryable of %r raised; not retrying", body)
+        return False
+
+
+def _decode_error(blob: bytes) -> BaseException:
+    try:
+        exc = pickle.loads(blob)
+    except Exception as err:  # noqa: BLE001 - the class may not exist here
+        return RuntimeError(f"(the step's exception could not be decoded here: {err})")
+    if not isinstance(exc, BaseException):
+        return RuntimeError(repr(exc))
+    return exc
+
+
+def _delta(seconds: float) -> Any:
+    from datetime import timedelta
+
+    return timedelta(seconds=max(0.0, seconds))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def exit_pid(task: Task) -> str:
+    return str(task.pid)
+
+
+def _owner(meta: dict[str, Any]) -> str:
+    owner = meta.get("owner") or {}
+    return str(owner.get("pid", "?"))
+

@@ -1,0 +1,222 @@
+"""``SqliteStore``: checkpoints in one SQLite file, through sqlitedict.
+
+Layout: one table ``wfaas`` of (key TEXT, value BLOB). Per instance::
+
+    m/<iid>              meta: status, error, times, owner       (rewritten each turn it changes)
+    i/<iid>/s/<step>     one record per step                      (written when that step changes)
+    i/<iid>/f/<field>    one encoded data field                   (written when a step changed it)
+    i/<iid>/x/<name>     write-once records: data class, definition fingerprint
+
+and ``wfaas/format`` holds the layout version. A scheduler turn is one
+transaction: the puts are queued to sqlitedict's thread and a blocking commit
+ends them, so a checkpoint costs O(what changed).
+
+Durability: sqlitedict opens connections with ``journal_mode=DELETE`` and
+``synchronous=OFF``. We ask for WAL (readers in other processes, such as
+``wfaas-local status``, never block the writer, and a commit is one append)
+and set ``synchronous=NORMAL`` on the connection after it opens. In WAL mode
+NORMAL never corrupts the file and keeps every commit across a crash of the
+process (``kill -9``), because the commit is in the OS before ``commit()``
+returns; only a power cut or OS crash can lose the last commits. Pass
+``synchronous="FULL"`` to fsync every commit and survive that too, at the
+cost of one fsync per scheduler turn.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import sqlite3
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlitedict import SqliteDict
+
+from . import data as data_codec
+from .errors import StoreError
+from .store import Checkpoint, Record, StateStore
+
+__all__ = ["FORMAT_VERSION", "SqliteStore"]
+
+FORMAT_VERSION = 1
+_TABLE = "wfaas"
+_HEADER = b"SQLite format 3\x00"
+
+
+def _encode(value: Any) -> sqlite3.Binary:
+    return sqlite3.Binary(data_codec.encode_value(value))
+
+
+def _decode(blob: bytes) -> Any:
+    return pickle.loads(bytes(blob))
+
+
+class SqliteStore(StateStore):
+    """A :class:`StateStore` in one SQLite file; safe to read from other processes while a run writes.
+
+    ``synchronous`` is ``"NORMAL"`` (survives a process crash) or ``"FULL"``
+    (also survives a power cut; slower). ``readonly=True`` opens an existing
+    store for reading only (what ``wfaas-local status`` does).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "NORMAL", readonly: bool = False) -> None:
+        if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, got {synchronous!r}")
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock = threading.Lock()
+        self._check_file()
+        try:
+            self._db = SqliteDict(
+                str(self.path),
+                tablename=_TABLE,
+                flag="r" if readonly else "c",
+                autocommit=False,
+                journal_mode="WAL",
+                encode=_encode,
+                decode=_decode,
+                outer_stack=False,
+            )
+            self._db.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.conn.execute("PRAGMA busy_timeout=10000")
+            version = self._db.get("wfaas/format")
+            if version is None and not readonly:
+                self._db["wfaas/format"] = FORMAT_VERSION
+                self._db.commit()
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every open failure becomes one clear StoreError
+            raise StoreError(
+                f"cannot open the wfaas store {self.path}: {type(exc).__name__}: {exc}. If the file is damaged, "
+                "move it aside (its runs are lost) or restore it from a backup; wfaas never recreates it silently"
+            ) from exc
+        if version is not None and version > FORMAT_VERSION:
+            self._db.close(force=True)
+            raise StoreError(
+                f"the wfaas store {self.path} was written by a newer wfaas (format {version}, this one reads "
+                f"up to {FORMAT_VERSION}); upgrade wfaas (pip install -U wfaas) to use it"
+            )
+        self._closed = False
+        atexit.register(self.close)
+
+    def _check_file(self) -> None:
+        path = self.path
+        if path.is_dir():
+            raise StoreError(f"the wfaas store {path} is a directory; give a file path such as {path / 'runs.sqlite'}")
+        if path.exists():
+            if path.stat().st_size:
+                with open(path, "rb") as f:
+                    if f.read(16) != _HEADER:
+                        raise StoreError(
+                            f"{path} is not a wfaas store (not an SQLite database); choose another --store path, "
+                            "or move the file aside"
+                        )
+            if not self.readonly and not os.access(path, os.W_OK):
+                raise StoreError(f"the wfaas store {path} is not writable; fix its permissions or choose another path")
+            return
+        if self.readonly:
+            raise StoreError(f"no wfaas store at {path}; run a workflow first, or pass the right --store")
+        parent = path.parent
+        if not parent.exists():
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the directory {parent} for the wfaas store: {exc}") from exc
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"cannot create the wfaas store {path}: no write permission on {parent}; choose another path"
+            )
+        # Runs can hold anything a step wrote: readable by the owner only.
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, stat.S_IRUSR | stat.S_IWUSR)
+        os.close(fd)
+
+    # -- primitives ----------------------------------------------------------------
+
+    def write(self, checkpoints: list[Checkpoint]) -> None:
+        if self.readonly:
+            raise StoreError(f"the wfaas store {self.path} was opened read-only")
+        with self._lock:
+            db = self._db
+            for cp in checkpoints:
+                iid = cp.instance_id
+                prefix = f"i/{iid}/"
+                for name, value in cp.extra.items():
+                    db[f"{prefix}x/{name}"] = value
+                for sid, rec in cp.steps.items():
+                    db[f"{prefix}s/{sid}"] = rec
+                for name, blob in cp.fields.items():
+                    key = f"{prefix}f/{name}"
+                    if blob is None:
+                        db.conn.execute(f'DELETE FROM "{_TABLE}" WHERE key = ?', (key,))
+                    else:
+                        db.conn.execute(
+                            f'REPLACE INTO "{_TABLE}" (key, value) VALUES (?, ?)', (key, sqlite3.Binary(blob))
+                        )
+                if cp.meta is not None:
+                    db[f"m/{iid}"] = cp.meta
+            db.commit(blocking=True)
+
+    def read(self, instance_id: str) -> Record | None:
+        with self._lock:
+            meta = self._db.get(f"m/{instance_id}")
+            if meta is None:
+                return None
+            prefix = f"i/{instance_id}/"
+            rows = list(
+                self._db.conn.select(
+                    f'SELECT key, value FROM "{_TABLE}" WHERE key >= ? AND key < ?', (prefix, prefix[:-1] + "0")
+                )
+            )
+        record = Record(meta, {}, {}, {})
+        for key, value in rows:
+            kind, name = key[len(prefix)], key[len(prefix) + 2 :]
+            if kind == "f":
+                record.fields[name] = bytes(value)
+            elif kind == "s":
+                record.steps[name] = _decode(value)
+            else:
+                record.extra[name] = _decode(value)
+        return record
+
+    def read_meta(self, instance_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            meta: dict[str, Any] | None = self._db.get(f"m/{instance_id}")
+            return meta
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            rows = self._db.conn.select(f'SELECT key FROM "{_TABLE}" WHERE key >= ? AND key < ?', ("m/", "m0"))
+            return [key[2:] for (key,) in rows]
+
+    def remove(self, instance_id: str) -> bool:
+        with self._lock:
+            if self._db.get(f"m/{instance_id}") is None:
+                return False
+            prefix = f"i/{instance_id}/"
+            self._db.conn.execute(
+                f'DELETE FROM "{_TABLE}" WHERE (key >= ? AND key < ?) OR key = ?',
+                (prefix, prefix[:-1] + "0", f"m/{instance_id}"),
+            )
+            self._db.commit(blocking=True)
+            return True
+
+    def integrity_check(self) -> str:
+        """SQLite's ``PRAGMA integrity_check``: ``"ok"`` for a sound file."""
+        with self._lock:
+            row = self._db.conn.select_one("PRAGMA integrity_check")
+        return str(row[0]) if row else "no answer"
+
+    def close(self) -> None:
+        """Commit and close the file (idempotent; also run at interpreter exit)."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        with self._lock:
+            self._db.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"

@@ -1,0 +1,138 @@
+"""Statuses, the one table of allowed transitions each, and the state users read.
+
+``WorkflowState`` / ``StepState`` are what ``engine.get_status`` and the
+stores return: plain snapshots, decoupled from the scheduler's own records.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from .errors import InvalidStateTransition
+
+__all__ = ["StepState", "StepStatus", "WorkflowState", "WorkflowStatus"]
+
+D = TypeVar("D")
+
+
+class WorkflowStatus(enum.Enum):
+    """Where an instance is in its life."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """COMPLETED, FAILED or CANCELLED."""
+        return self in _TERMINAL_WORKFLOW
+
+
+class StepStatus(enum.Enum):
+    """Where a step of an instance is in its life. WAITING = delay, schedule or backoff."""
+
+    PENDING = "pending"
+    WAITING = "waiting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        """SUCCEEDED, FAILED, SKIPPED or CANCELLED."""
+        return self in _FINAL_STEP
+
+
+_TERMINAL_WORKFLOW = frozenset({WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
+_FINAL_STEP = frozenset({StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED})
+
+W, S = WorkflowStatus, StepStatus
+
+# Every allowed status change of an instance. Anything else raises.
+WORKFLOW_TRANSITIONS: dict[WorkflowStatus, frozenset[WorkflowStatus]] = {
+    W.PENDING: frozenset({W.RUNNING, W.CANCELLED, W.FAILED}),
+    W.RUNNING: frozenset({W.COMPLETED, W.FAILED, W.CANCELLED, W.RUNNING}),  # RUNNING->RUNNING: recovered
+    W.FAILED: frozenset({W.RUNNING}),  # resume
+    W.CANCELLED: frozenset({W.RUNNING}),  # resume
+    W.COMPLETED: frozenset({W.RUNNING}),  # resume with rerun=[...]
+}
+
+# Every allowed status change of a step. Anything else raises.
+STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
+    S.PENDING: frozenset({S.WAITING, S.RUNNING, S.SKIPPED, S.CANCELLED}),
+    S.WAITING: frozenset({S.RUNNING, S.SKIPPED, S.CANCELLED, S.PENDING}),  # PENDING: instance stopped first
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.SKIPPED, S.CANCELLED, S.WAITING, S.PENDING}),  # WAITING: backoff
+    S.SUCCEEDED: frozenset({S.PENDING}),  # resume with rerun
+    S.SKIPPED: frozenset({S.PENDING}),  # resume with rerun
+    S.FAILED: frozenset({S.PENDING}),  # resume
+    S.CANCELLED: frozenset({S.PENDING}),  # resume
+}
+
+
+def check_workflow_transition(instance_id: str, current: WorkflowStatus, new: WorkflowStatus) -> None:
+    """Raise :class:`InvalidStateTransition` unless the table allows ``current -> new``."""
+    if new not in WORKFLOW_TRANSITIONS[current]:
+        raise InvalidStateTransition(f"instance {instance_id}", current, new)
+
+
+def check_step_transition(instance_id: str, step_id: str, current: StepStatus, new: StepStatus) -> None:
+    """Raise :class:`InvalidStateTransition` unless the table allows ``current -> new``."""
+    if new not in STEP_TRANSITIONS[current]:
+        raise InvalidStateTransition(f"step {step_id!r} of instance {instance_id}", current, new)
+
+
+@dataclass
+class StepState:
+    """One step of one instance, as last checkpointed."""
+
+    status: StepStatus = StepStatus.PENDING
+    attempts: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    wait_until: datetime | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "status": self.status.value,
+            "attempts": self.attempts,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "error": self.error,
+            "wait_until": self.wait_until,
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> StepState:
+        return cls(
+            status=StepStatus(rec["status"]),
+            attempts=rec.get("attempts", 0),
+            started_at=rec.get("started_at"),
+            finished_at=rec.get("finished_at"),
+            error=rec.get("error"),
+            wait_until=rec.get("wait_until"),
+        )
+
+
+@dataclass
+class WorkflowState(Generic[D]):
+    """One instance as last checkpointed: statuses, data, error and times."""
+
+    instance_id: str
+    workflow_id: str
+    status: WorkflowStatus
+    data: D
+    step_states: dict[str, StepState] = field(default_factory=dict)
+    error: str | None = None
+    failed_step: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    owner: dict[str, Any] | None = None

@@ -1,0 +1,279 @@
+"""State stores: where instances are checkpointed, and read back from.
+
+A store keeps, per instance, a few records: ``meta`` (status, error, times,
+owner), one record per step, one encoded ``bytes`` per data field, and a few
+write-once ``extra`` records (the data class, the definition's fingerprint).
+The scheduler, the only writer, sends one :class:`Checkpoint` per changed
+instance per turn holding only what changed, so a checkpoint costs
+O(what changed), not O(whole run).
+
+A store implements five primitives (``write``, ``read``, ``ids``, ``remove``,
+``close``); the public API of the seed (``save``, ``load``, ``update``,
+``list_active`` ...) is built on them here, once, for every store.
+"""
+
+from __future__ import annotations
+
+import abc
+import pickle
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from . import data as data_codec
+from .errors import NotFound
+from .states import StepState, StepStatus, WorkflowState, WorkflowStatus
+from .steps import WorkflowContext
+
+__all__ = ["Checkpoint", "InMemoryStore", "Record", "StateStore"]
+
+
+@dataclass
+class Checkpoint:
+    """What changed in one instance during one scheduler turn: written as one transaction."""
+
+    instance_id: str
+    meta: dict[str, Any] | None = None
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fields: dict[str, bytes | None] = field(default_factory=dict)  # None: field removed
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Record:
+    """Everything a store holds for one instance."""
+
+    meta: dict[str, Any]
+    steps: dict[str, dict[str, Any]]
+    fields: dict[str, bytes]
+    extra: dict[str, Any]
+
+    def apply(self, cp: Checkpoint) -> None:
+        if cp.meta is not None:
+            self.meta = cp.meta
+        self.steps.update(cp.steps)
+        for name, blob in cp.fields.items():
+            if blob is None:
+                self.fields.pop(name, None)
+            else:
+                self.fields[name] = blob
+        self.extra.update(cp.extra)
+
+
+class StateStore(abc.ABC):
+    """Where instances live between steps and across processes. Thread-safe."""
+
+    # -- the primitives a store implements ---------------------------------
+
+    @abc.abstractmethod
+    def write(self, checkpoints: list[Checkpoint]) -> None:
+        """Apply these checkpoints as one committed transaction."""
+
+    @abc.abstractmethod
+    def read(self, instance_id: str) -> Record | None:
+        """The instance's records, or None."""
+
+    @abc.abstractmethod
+    def ids(self) -> list[str]:
+        """Every instance id held."""
+
+    @abc.abstractmethod
+    def remove(self, instance_id: str) -> bool:
+        """Drop an instance; False if it was not there."""
+
+    def read_meta(self, instance_id: str) -> dict[str, Any] | None:
+        """Only the instance's meta record (cheaper than ``read`` where a store can)."""
+        record = self.read(instance_id)
+        return record.meta if record else None
+
+    def close(self) -> None:
+        """Release files and threads."""
+
+    # -- the seed's API, for every store ------------------------------------
+
+    def save(self, state: WorkflowState[Any]) -> None:
+        """Write a whole instance (replacing what was there)."""
+        self.write([state_to_checkpoint(state, self.read(state.instance_id))])
+
+    def load(self, instance_id: str) -> WorkflowState[Any]:
+        """The instance as last checkpointed; :class:`NotFound` if absent."""
+        record = self.read(instance_id)
+        if record is None:
+            raise NotFound(instance_id, f" in {self!r}")
+        return record_to_state(instance_id, record)
+
+    def update(self, instance_id: str, fn: Callable[[WorkflowState[Any]], None]) -> None:
+        """Load, apply ``fn`` to the state, save. Not for instances a running engine owns."""
+        state = self.load(instance_id)
+        fn(state)
+        self.save(state)
+
+    def delete(self, instance_id: str) -> None:
+        """Remove an instance; :class:`NotFound` if absent."""
+        if not self.remove(instance_id):
+            raise NotFound(instance_id, f" in {self!r}")
+
+    def list_all(self) -> list[WorkflowState[Any]]:
+        """Every instance, newest first."""
+        return self._states(self.ids())
+
+    def list_active(self) -> list[WorkflowState[Any]]:
+        """Instances that are not COMPLETED, FAILED or CANCELLED, newest first."""
+        active = []
+        for iid in self.ids():
+            meta = self.read_meta(iid)
+            if meta and not WorkflowStatus(meta["status"]).is_terminal:
+                active.append(iid)
+        return self._states(active)
+
+    def is_cancelled(self, instance_id: str) -> bool:
+        """Whether the instance ended CANCELLED; :class:`NotFound` if absent."""
+        meta = self.read_meta(instance_id)
+        if meta is None:
+            raise NotFound(instance_id, f" in {self!r}")
+        return bool(meta["status"] == WorkflowStatus.CANCELLED.value)
+
+    def cleanup_old_workflows(self, ttl: float | timedelta, now: datetime | None = None) -> int:
+        """Remove finished instances last updated more than ``ttl`` ago; returns how many."""
+        seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
+        cutoff = (now or datetime.now(timezone.utc)) - timedelta(seconds=seconds)
+        removed = 0
+        for iid in self.ids():
+            meta = self.read_meta(iid)
+            if meta and WorkflowStatus(meta["status"]).is_terminal and meta["updated_at"] < cutoff:
+                removed += self.remove(iid)
+        return removed
+
+    def get_context(self, instance_id: str) -> WorkflowContext[Any]:
+        """A context over the instance's last data and shared values (no step)."""
+        state = self.load(instance_id)
+        return WorkflowContext(
+            state.data,
+            instance_id=instance_id,
+            workflow_id=state.workflow_id,
+            step_id="",
+            attempt=0,
+            values=dict(state.context),
+        )
+
+    def cleanup_if_terminal(self, instance_id: str) -> bool:
+        """Remove the instance if it is finished; True if it was removed."""
+        meta = self.read_meta(instance_id)
+        if meta and WorkflowStatus(meta["status"]).is_terminal:
+            return self.remove(instance_id)
+        return False
+
+    def _states(self, ids: Iterable[str]) -> list[WorkflowState[Any]]:
+        states = []
+        for iid in ids:
+            record = self.read(iid)
+            if record is not None:
+                states.append(record_to_state(iid, record))
+        states.sort(key=lambda s: s.created_at or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+        return states
+
+
+_class_cache: dict[bytes, type] = {}
+
+
+def data_class(record: Record) -> type:
+    blob = record.extra["class"]
+    cls = _class_cache.get(blob)
+    if cls is None:
+        cls = pickle.loads(blob)
+        _class_cache[blob] = cls
+    return cls
+
+
+def record_to_state(instance_id: str, record: Record) -> WorkflowState[Any]:
+    """Decode a record into the public :class:`WorkflowState`."""
+    meta = record.meta
+    ctx_blob = record.fields.get(data_codec.CONTEXT_FIELD)
+    return WorkflowState(
+        instance_id=instance_id,
+        workflow_id=meta["workflow_id"],
+        status=WorkflowStatus(meta["status"]),
+        data=data_codec.build(data_class(record), record.fields),
+        step_states={sid: StepState.from_record(rec) for sid, rec in record.steps.items()},
+        error=meta.get("error"),
+        failed_step=meta.get("failed_step"),
+        created_at=meta.get("created_at"),
+        updated_at=meta.get("updated_at"),
+        context=pickle.loads(ctx_blob) if ctx_blob is not None else {},
+        owner=meta.get("owner"),
+    )
+
+
+def state_to_checkpoint(state: WorkflowState[Any], previous: Record | None) -> Checkpoint:
+    """The checkpoint that makes a store hold exactly ``state``."""
+    meta = dict(previous.meta) if previous else {}
+    meta.update(
+        workflow_id=state.workflow_id,
+        status=state.status.value,
+        error=state.error,
+        failed_step=state.failed_step,
+        created_at=state.created_at or datetime.now(timezone.utc),
+        updated_at=datetime.now(timezone.utc),
+        owner=state.owner,
+    )
+    fields: dict[str, bytes | None] = dict(
+        data_codec.encode_fields(state.data, where=f"saving instance {state.instance_id}")
+    )
+    if state.context:
+        fields[data_codec.CONTEXT_FIELD] = data_codec.encode_value(state.context)
+    if previous:
+        for name in previous.fields:
+            fields.setdefault(name, None)
+    extra = {"class": data_codec.encode_value(type(state.data))}
+    steps = {sid: s.to_record() for sid, s in state.step_states.items()}
+    return Checkpoint(state.instance_id, meta, steps, fields, extra)
+
+
+class InMemoryStore(StateStore):
+    """Keeps instances in this process's memory: the engine's default; thread-safe."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, Record] = {}
+        self._lock = threading.Lock()
+
+    def write(self, checkpoints: list[Checkpoint]) -> None:
+        with self._lock:
+            for cp in checkpoints:
+                record = self._records.get(cp.instance_id)
+                if record is None:
+                    record = self._records[cp.instance_id] = Record({}, {}, {}, {})
+                record.apply(cp)
+
+    def read(self, instance_id: str) -> Record | None:
+        with self._lock:
+            record = self._records.get(instance_id)
+            if record is None:
+                return None
+            return Record(dict(record.meta), dict(record.steps), dict(record.fields), dict(record.extra))
+
+    def read_meta(self, instance_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            record = self._records.get(instance_id)
+            return dict(record.meta) if record else None
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._records)
+
+    def remove(self, instance_id: str) -> bool:
+        with self._lock:
+            return self._records.pop(instance_id, None) is not None
+
+    def __repr__(self) -> str:
+        return "InMemoryStore()"
+
+
+def step_status_counts(record: Record) -> dict[StepStatus, int]:
+    """How many steps of an instance are in each status."""
+    counts: dict[StepStatus, int] = {}
+    for rec in record.steps.values():
+        st = StepStatus(rec["status"])
+        counts[st] = counts.get(st, 0) + 1
+    return counts
