@@ -158,7 +158,7 @@ def _run(
         error = pickle.loads(error_blob)
         try:
             body.on_failure(ctx, error)
-        except Exception:  # noqa: BLE001 - a hook never changes the outcome
+        except Exception:
             logging.getLogger("wfaas").exception("on_failure hook of step %r raised", step_id)
         return ("done", task_id, "hook", {}, collector.records)
 
@@ -166,16 +166,14 @@ def _run(
     if result is None:
         result = StepResult.SUCCESS
     if not isinstance(result, StepResult):
-        raise TypeError(
-            f"step {step_id!r} returned {result!r}; a step returns StepResult.SUCCESS/FAILURE/SKIP or None"
-        )
+        raise TypeError(f"step {step_id!r} returned {result!r}; a step returns StepResult.SUCCESS/FAILURE/SKIP or None")
     if result is StepResult.FAILURE:
         return ("done", task_id, "failure", {}, collector.records)
     changes = data_codec.diff_fields(data, fields, values if ctx._written else None)
     if result is StepResult.SUCCESS and overrides(body, "on_success"):
         try:
             body.on_success(ctx)
-        except Exception:  # noqa: BLE001 - a hook never changes the outcome
+        except Exception:
             logging.getLogger("wfaas").exception("on_success hook of step %r raised", step_id)
     return ("done", task_id, result.value, changes, collector.records)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 __all__ = ["Clock", "SystemClock"]
 
@@ -47,7 +47,7 @@ class SystemClock(Clock):
         return time.monotonic()
 
     def now(self) -> datetime:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
 
     def wait_timeout(self, deadline: float | None) -> float | None:
         if deadline is None:

@@ -61,9 +61,14 @@ def workflow_type_of(cls: type) -> str:
     return getattr(cls, "workflow_type", "") or cls.__name__
 
 
-@functools.lru_cache(maxsize=256)
+_transient_cache: dict[type, dict[str, Callable[[], Any]]] = {}
+
+
 def transient_fields(cls: type) -> dict[str, Callable[[], Any]]:
-    """Transient field names of ``cls`` with a factory for each one's default value."""
+    """Transient field names of ``cls`` with a factory for each one's default value (cached per class)."""
+    cached = _transient_cache.get(cls)
+    if cached is not None:
+        return cached
     out: dict[str, Callable[[], Any]] = {}
     if dataclasses.is_dataclass(cls):
         for f in dataclasses.fields(cls):
@@ -71,10 +76,15 @@ def transient_fields(cls: type) -> dict[str, Callable[[], Any]]:
                 if f.default_factory is not dataclasses.MISSING:
                     out[f.name] = f.default_factory
                 else:
-                    out[f.name] = lambda d=f.default: d
+                    out[f.name] = functools.partial(_identity, f.default)
     for name in getattr(cls, "__transient__", ()):
-        out.setdefault(name, lambda: None)
+        out.setdefault(name, functools.partial(_identity, None))
+    _transient_cache[cls] = out
     return out
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 def encode_value(value: Any) -> bytes:
@@ -84,10 +94,10 @@ def encode_value(value: Any) -> bytes:
     try:
         blob = pickle.dumps(value, protocol=5)
     except Exception:  # noqa: BLE001 - any pickling failure means: let dill try
-        return dill.dumps(value, protocol=5, recurse=True)
+        return bytes(dill.dumps(value, protocol=5, recurse=True))
     # pickle stores __main__ objects by reference, which a worker cannot resolve.
     if b"__main__" in blob:
-        return dill.dumps(value, protocol=5, recurse=True)
+        return bytes(dill.dumps(value, protocol=5, recurse=True))
     return blob
 
 
@@ -117,7 +127,7 @@ def encode_fields(obj: Any, *, where: str) -> dict[str, bytes]:
         try:
             blob = encode_value(value)
             decode_value(blob)
-        except Exception as exc:  # noqa: BLE001 - reported with the field's name
+        except Exception as exc:
             raise SerializationError(
                 f"{where}: field {type(obj).__name__}.{name} ({type(value).__name__}) cannot be sent to a worker: "
                 f"{type(exc).__name__}: {exc}. Declare it `{name}: Any = transient()` and re-create it in "
@@ -127,7 +137,7 @@ def encode_fields(obj: Any, *, where: str) -> dict[str, bytes]:
     return out
 
 
-def build(cls: type, fields: Mapping[str, bytes]) -> Any:
+def build(cls: Any, fields: Mapping[str, bytes]) -> Any:
     """A fresh data object of ``cls`` from encoded fields, transient fields re-created."""
     obj = cls.__new__(cls)
     for name, blob in fields.items():
@@ -161,10 +171,9 @@ def diff_fields(obj: Any, before: Mapping[str, bytes], context: dict[str, Any] |
         blob = encode_value(value)
         if blob == old_blob:
             continue
-        if old_blob is not None:
-            old = pickle.loads(old_blob)
-        else:
-            old = {} if name == CONTEXT_FIELD else _ABSENT  # the context starts empty, merged key-wise
+        # The context starts empty and merges key-wise; other new fields are whole writes.
+        empty = {} if name == CONTEXT_FIELD else _ABSENT
+        old = pickle.loads(old_blob) if old_blob is not None else empty
         if old is not _ABSENT and _same(old, value):
             continue  # same value, different bytes (e.g. a set's order)
         change = FieldChange(blob)

@@ -124,7 +124,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise ValueError(f"RetryPolicy(max_attempts={self.max_attempts!r}): counts attempts, the first included; use 1 or more")
+            raise ValueError(
+                f"RetryPolicy(max_attempts={self.max_attempts!r}): counts attempts, the first included; use 1 or more"
+            )
 
 
 NO_RETRY = RetryPolicy()
@@ -298,8 +300,8 @@ def validate(definition: WorkflowDefinition) -> list[str]:
         problems.append("the workflow has no steps; add one with .add_step(StepDefinition(id, name, body))")
     seen: set[str] = set()
     for step in definition.steps:
-        if not isinstance(step, StepDefinition):
-            problems.append(f"add_step got {type(step).__name__}, not a StepDefinition")
+        if not isinstance(step, StepDefinition):  # users pass anything
+            problems.append(f"add_step got {type(step).__name__}, not a StepDefinition")  # type: ignore[unreachable]
             continue
         if not isinstance(step.id, str) or not step.id:
             problems.append(f"a step id must be a non-empty string, got {step.id!r}")
@@ -308,7 +310,8 @@ def validate(definition: WorkflowDefinition) -> list[str]:
         seen.add(step.id)
         if not (isinstance(step.body, StepExecutor) or callable(step.body)):
             problems.append(
-                f"step {step.id!r}: the body must be callable (fn(ctx)) or a StepExecutor, got {type(step.body).__name__}"
+                f"step {step.id!r}: the body must be callable (fn(ctx)) or a StepExecutor, "
+                f"got {type(step.body).__name__}"
             )
     steps = [s for s in definition.steps if isinstance(s, StepDefinition)]
     for step in steps:

@@ -62,7 +62,7 @@ class CleanupHandle:
                 return
             try:
                 self.removed += engine._cleanup(ttl)
-            except Exception:  # noqa: BLE001 - a failed sweep is retried next interval
+            except Exception:
                 log.exception("wfaas cleanup sweep failed")
             del engine
             self._stop.wait(interval)
@@ -77,7 +77,8 @@ class WorkflowEngine:
     """Runs registered workflows in worker processes, checkpointing every step to ``store``.
 
     ``max_workers`` worker processes (default: ``os.cpu_count()``) are started
-    at once and kept warm. ``grace_period`` is how long a stopped step's
+    at once and kept warm. ``cancel_signal`` is recorded as the signal another
+    process may send this one to cancel its runs (the process must handle it). ``grace_period`` is how long a stopped step's
     processes get between SIGTERM and SIGKILL. ``clock`` replaces real time
     for the engine's timers (see :mod:`wfaas.testing`). Use it as a context
     manager: on exit it waits for running workflows; on an exception
@@ -93,6 +94,7 @@ class WorkflowEngine:
         grace_period: float = 2.0,
         memory_limit: int | None = None,
         start_method: str = "forkserver",
+        cancel_signal: int | None = None,
     ) -> None:
         self.store: StateStore = store if store is not None else InMemoryStore()
         self.event_bus = EventBus()
@@ -105,7 +107,9 @@ class WorkflowEngine:
         self._shutting_down = False
         self._closed = False
         me = psutil.Process()
-        self._owner = {"pid": me.pid, "started": me.create_time()}
+        # Recorded with every run this engine owns; `cancel_signal` tells another
+        # process (wfaas-local cancel) which signal asks this one to cancel its runs.
+        self._owner: dict[str, Any] = {"pid": me.pid, "started": me.create_time(), "cancel_signal": cancel_signal}
         self._pool = WorkerPool(self.max_workers, start_method)
         self._pool.start()
         self._scheduler = Scheduler(self._pool, self.store, self.event_bus, self.clock, self.grace_period, self._owner)
@@ -273,7 +277,9 @@ class WorkflowEngine:
         if status in (W.RUNNING, W.PENDING):
             owner = meta.get("owner") or {}
             if instance_id in self._scheduler.runs:
-                raise InvalidStateTransition(f"instance {instance_id}", status, W.RUNNING, "it is running in this engine")
+                raise InvalidStateTransition(
+                    f"instance {instance_id}", status, W.RUNNING, "it is running in this engine"
+                )
             if owner_alive(owner) and owner.get("pid") != self._owner["pid"]:
                 raise InvalidStateTransition(
                     f"instance {instance_id}",
@@ -406,7 +412,10 @@ def _downstream(compiled: Compiled, steps: list[str], instance_id: str) -> set[s
     if unknown:
         raise InvalidDefinition(
             compiled.definition.id,
-            [f"resume({instance_id!r}, rerun=...): no step {s!r} (steps: {', '.join(compiled.index)})" for s in unknown],
+            [
+                f"resume({instance_id!r}, rerun=...): no step {s!r} (steps: {', '.join(compiled.index)})"
+                for s in unknown
+            ],
         )
     out: set[str] = set()
     todo = [compiled.index[s] for s in steps]
@@ -458,7 +467,9 @@ def error_from_meta(instance_id: str, meta: dict[str, Any]) -> WorkflowError:
     message = meta.get("error") or "failed"
     if isinstance(kind, type) and issubclass(kind, errors_module._StepError):
         error = kind.__new__(kind)
-        errors_module._StepError.__init__(error, message, instance_id=instance_id, step_id=meta.get("failed_step") or "")
+        errors_module._StepError.__init__(
+            error, message, instance_id=instance_id, step_id=meta.get("failed_step") or ""
+        )
         Exception.__init__(error, message)
         return error
     return errors_module.StepFailed(message, instance_id=instance_id, step_id=meta.get("failed_step") or "")

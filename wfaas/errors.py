@@ -50,8 +50,7 @@ class DefinitionNotFound(WorkflowError):
         self.workflow_id = workflow_id
         hint = f" (registered: {', '.join(sorted(known))})" if known else " (none registered)"
         super().__init__(
-            f"workflow {workflow_id!r} is not registered{hint}; "
-            "call engine.register_workflow(definition) first"
+            f"workflow {workflow_id!r} is not registered{hint}; call engine.register_workflow(definition) first"
         )
 
 
@@ -204,9 +203,7 @@ class TypeMismatch(WorkflowError):
 
     def __init__(self, key: str, expected: type, actual: object) -> None:
         self.key = key
-        super().__init__(
-            f"context value {key!r} is a {type(actual).__name__}, not the {expected.__name__} asked for"
-        )
+        super().__init__(f"context value {key!r} is a {type(actual).__name__}, not the {expected.__name__} asked for")
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild_plain, (type(self), str(self)))

@@ -207,7 +207,7 @@ class EventBus:
                     for deliver in self._subscribers:
                         try:
                             deliver(item)
-                        except Exception:  # noqa: BLE001 - a subscriber never fails a workflow
+                        except Exception:
                             log.exception("event subscriber %r raised on %s", deliver, type(item).__name__)
 
 

@@ -170,7 +170,7 @@ class WorkerPool:
             if slot.process is None:
                 continue
             slot.process.join(timeout=0.5 if slot.task is None else 0)
-            if slot.process.is_alive() or _has_children(slot.pid):
+            if slot.pid is not None and (slot.process.is_alive() or _has_children(slot.pid)):
                 terminate_tree(slot.pid, grace)
             slot.process.join(timeout=1.0)
             if slot.conn is not None:

@@ -242,7 +242,9 @@ class Scheduler:
         self._ready: collections.deque[tuple[Run, StepRun, int]] = collections.deque()
         self._timers: list[tuple[float, int, str, Any]] = []
         self._seq = itertools.count(1)
-        self._commands: collections.deque[tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any] | None]] = collections.deque()
+        self._commands: collections.deque[
+            tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any] | None]
+        ] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._dirty: dict[str, Run] = {}
@@ -290,7 +292,7 @@ class Scheduler:
             while not self._stopped:
                 self._wait_and_handle()
                 self._turn()
-        except BaseException as exc:  # noqa: BLE001 - a dead scheduler must not leave waiters hanging
+        except BaseException as exc:
             log.critical("wfaas scheduler thread crashed; failing every run it owned", exc_info=True)
             self._abandon(exc)
 
@@ -319,7 +321,7 @@ class Scheduler:
             fn, args, future = self._commands.popleft()
             try:
                 result = fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            except BaseException as exc:
                 if future is not None:
                     future.set_exception(exc)
                 else:
@@ -355,9 +357,8 @@ class Scheduler:
                 self._on_timeout(target)
             elif kind == "wait":
                 self._decide(target.run_ref, target, now)
-            elif kind == "retry":
-                if target.run_ref.stopping is None and target.status is S.WAITING:
-                    self._enqueue(target.run_ref, target)
+            elif kind == "retry" and target.run_ref.stopping is None and target.status is S.WAITING:
+                self._enqueue(target.run_ref, target)
 
     # -- starting runs ---------------------------------------------------------
 
@@ -553,7 +554,9 @@ class Scheduler:
     def _where(self, run: Run, step: StepRun) -> dict[str, Any]:
         return {"instance_id": run.iid, "workflow_id": run.workflow_id, "step_id": step.sid, "attempt": step.attempts}
 
-    def _merge(self, run: Run, step: StepRun, task: Task, changes: dict[str, data_codec.FieldChange]) -> DataConflict | None:
+    def _merge(
+        self, run: Run, step: StepRun, task: Task, changes: dict[str, data_codec.FieldChange]
+    ) -> DataConflict | None:
         """Apply the fields a step changed; a concurrent different write to one field (or key) is a conflict."""
         if not changes:
             return None
@@ -620,15 +623,23 @@ class Scheduler:
         will_retry = run.stopping is None and (forever or used < policy.max_attempts) and _retryable(sdef.body, cause)
         step.error = str(error)
         self._event(
-            ev.StepFailed, run, self.clock.now(), step_id=step.sid, attempt=step.attempts, error=str(error),
-            will_retry=will_retry, usage=usage,
+            ev.StepFailed,
+            run,
+            self.clock.now(),
+            step_id=step.sid,
+            attempt=step.attempts,
+            error=str(error),
+            will_retry=will_retry,
+            usage=usage,
         )
         if will_retry:
             delay = policy.backoff.delay(used)
             self._set_status(run, step, S.WAITING)
             step.wait_until = self.clock.now() + _delta(delay)
             step.timer = self._timer(self.clock.monotonic() + delay, "retry", step)
-            self._event(ev.StepRetrying, run, self.clock.now(), step_id=step.sid, attempt=step.attempts + 1, delay=delay)
+            self._event(
+                ev.StepRetrying, run, self.clock.now(), step_id=step.sid, attempt=step.attempts + 1, delay=delay
+            )
             return
         step.final_error = error
         if overrides(sdef.body, "on_failure") and run.stopping != "cancel":
@@ -703,13 +714,12 @@ class Scheduler:
             )
             error.exitcode, error.signal_name = exit_.exitcode, exit_.signal_name
             self._attempt_failed(run, step, error, error, None)
+        elif task.hook:  # cancelled while its on_failure hook ran
+            self._fail_for_good(run, step, step.final_error or StepFailed("cancelled", **self._where(run, step)))
         else:  # cancelled
-            if task.hook:
-                self._fail_for_good(run, step, step.final_error or StepFailed("cancelled", **self._where(run, step)))
-            else:
-                self._set_status(run, step, S.CANCELLED)
-                step.finished_at = self.clock.now()
-                step.error = "cancelled while running; its process tree was stopped"
+            self._set_status(run, step, S.CANCELLED)
+            step.finished_at = self.clock.now()
+            step.error = "cancelled while running; its process tree was stopped"
         self._maybe_finish(run)
 
     def _on_worker_exit(self, slot: Slot) -> None:
@@ -747,8 +757,15 @@ class Scheduler:
         step.finished_at = self.clock.now()
         step.error = None
         if status is S.SUCCEEDED:
-            self._event(ev.StepSucceeded, run, step.finished_at, step_id=step.sid, attempt=step.attempts,
-                        duration=duration, usage=step.usage)
+            self._event(
+                ev.StepSucceeded,
+                run,
+                step.finished_at,
+                step_id=step.sid,
+                attempt=step.attempts,
+                duration=duration,
+                usage=step.usage,
+            )
             outcome = Outcome.SUCCEEDED
         else:
             self._event(ev.StepSkipped, run, step.finished_at, step_id=step.sid, reason=reason)
@@ -924,7 +941,7 @@ def _retryable(body: Any, cause: BaseException) -> bool:
         return True
     try:
         return bool(body.is_retryable(cause))
-    except Exception:  # noqa: BLE001 - a raising is_retryable means: do not retry
+    except Exception:
         log.exception("is_retryable of %r raised; not retrying", body)
         return False
 
@@ -956,4 +973,3 @@ def exit_pid(task: Task) -> str:
 def _owner(meta: dict[str, Any]) -> str:
     owner = meta.get("owner") or {}
     return str(owner.get("pid", "?"))
-

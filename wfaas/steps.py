@@ -68,7 +68,7 @@ class WorkflowContext(Generic[D]):
     @overload
     def get(self, key: str, default: Any) -> Any: ...
 
-    def get(self, key: str, default: Any = _MISSING, *, type: type[Any] | None = None) -> Any:
+    def get(self, key: str, default: Any = _MISSING, *, type: type[Any] | None = None) -> Any:  # noqa: A002 - API.md
         """A value set by an earlier step with :meth:`set`.
 
         Missing without a default raises :class:`ContextValueNotFound`; with

@@ -19,7 +19,7 @@ import pickle
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import data as data_codec
@@ -138,7 +138,7 @@ class StateStore(abc.ABC):
     def cleanup_old_workflows(self, ttl: float | timedelta, now: datetime | None = None) -> int:
         """Remove finished instances last updated more than ``ttl`` ago; returns how many."""
         seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
-        cutoff = (now or datetime.now(timezone.utc)) - timedelta(seconds=seconds)
+        cutoff = (now or datetime.now(UTC)) - timedelta(seconds=seconds)
         removed = 0
         for iid in self.ids():
             meta = self.read_meta(iid)
@@ -171,7 +171,7 @@ class StateStore(abc.ABC):
             record = self.read(iid)
             if record is not None:
                 states.append(record_to_state(iid, record))
-        states.sort(key=lambda s: s.created_at or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+        states.sort(key=lambda s: s.created_at or datetime.min.replace(tzinfo=UTC), reverse=True)
         return states
 
 
@@ -214,8 +214,8 @@ def state_to_checkpoint(state: WorkflowState[Any], previous: Record | None) -> C
         status=state.status.value,
         error=state.error,
         failed_step=state.failed_step,
-        created_at=state.created_at or datetime.now(timezone.utc),
-        updated_at=datetime.now(timezone.utc),
+        created_at=state.created_at or datetime.now(UTC),
+        updated_at=datetime.now(UTC),
         owner=state.owner,
     )
     fields: dict[str, bytes | None] = dict(

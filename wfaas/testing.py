@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from .clock import Clock
 
 __all__ = ["VirtualClock"]
 
-_EPOCH = datetime(2030, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 class VirtualClock(Clock):
@@ -74,5 +74,4 @@ class VirtualClock(Clock):
     def idle(self, next_deadline: float | None) -> None:
         if self.autojump and next_deadline is not None:
             with self._lock:
-                if next_deadline > self._offset:
-                    self._offset = next_deadline
+                self._offset = max(self._offset, next_deadline)

@@ -1,0 +1,72 @@
+"""Shared helpers: engines with real worker processes, waiting with deadlines, leak checks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import pytest
+from wfaas import WorkflowData, WorkflowEngine
+from wfaas.testing import VirtualClock
+
+
+@dataclass
+class Data(WorkflowData):
+    """General-purpose data for tests: a counter, a log of step ids, a dict, a value."""
+
+    n: int = 0
+    log: list[str] = field(default_factory=list)
+    items: dict[str, Any] = field(default_factory=dict)
+    value: Any = None
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until truthy, failing the test after ``timeout`` seconds (never a bare sleep)."""
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+def descendants() -> list[psutil.Process]:
+    """Live (non-zombie) descendants of the test process, excluding the forkserver."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if "forkserver" in " ".join(p.cmdline()):
+                continue
+        except psutil.Error:
+            continue
+        out.append(p)
+    return out
+
+
+@pytest.fixture
+def engine() -> Iterator[WorkflowEngine]:
+    """A real engine with two worker processes, closed after the test."""
+    with WorkflowEngine(max_workers=2, grace_period=1.0) as eng:
+        yield eng
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    """A virtual clock that jumps to the next timer whenever no step runs."""
+    return VirtualClock(autojump=True)
+
+
+@pytest.fixture
+def vengine(clock: VirtualClock) -> Iterator[WorkflowEngine]:
+    """A real engine whose timers (delay, backoff, scheduled_at, timeouts) run on ``clock``."""
+    with WorkflowEngine(max_workers=2, clock=clock, grace_period=1.0) as eng:
+        yield eng
