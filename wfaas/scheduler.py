@@ -60,6 +60,7 @@ from .readiness import Decision, Gate, Outcome, decide
 from .states import StepStatus, WorkflowStatus, check_step_transition, check_workflow_transition
 from .steps import StepExecutor, WorkflowContext, overrides
 from .store import Checkpoint, StateStore
+from .watchdog import MemoryWatchdog
 
 log = logging.getLogger("wfaas")
 S, W = StepStatus, WorkflowStatus
@@ -169,6 +170,11 @@ class Run:
     key_writes: dict[tuple[str, Any], tuple[int, str]] = field(default_factory=dict)
     snap: Snapshot | None = None
     live: tuple[int, Any] | None = None
+    # Dict fields merged key by key stay decoded here and are encoded once per
+    # turn (stale_fields), not once per step: a wide fan-out writing one key
+    # each would otherwise cost O(keys) per step.
+    live_dicts: dict[str, dict[Any, Any]] = field(default_factory=dict)
+    stale_fields: set[str] = field(default_factory=set)
     stopping: str | None = None  # "fail" | "cancel"
     inflight: int = 0
     unfinished: int = 0
@@ -187,13 +193,39 @@ class Run:
     def workflow_id(self) -> str:
         return self.compiled.definition.id
 
+    def dict_value(self, name: str) -> Any:
+        """The decoded value of a field, cached when it is a dict (None if the field is absent)."""
+        live = self.live_dicts.get(name)
+        if live is not None:
+            return live
+        blob = self.fields.get(name)
+        if blob is None:
+            value: Any = {} if name == data_codec.CONTEXT_FIELD else None
+        else:
+            value = pickle.loads(blob)
+        if isinstance(value, dict):
+            self.live_dicts[name] = value
+        return value
+
+    def field_bytes(self, name: str) -> bytes | None:
+        self.sync()
+        return self.fields.get(name)
+
+    def sync(self) -> None:
+        """Encode the dict fields changed since the last call."""
+        for name in self.stale_fields:
+            self.fields[name] = data_codec.encode_value(self.live_dicts[name])
+        self.stale_fields.clear()
+
     def snapshot(self) -> Snapshot:
+        self.sync()
         if self.snap is None or self.snap.version != self.version:
             self.snap = Snapshot((self.iid, self.version), dict(self.fields))
         return self.snap
 
     def data(self) -> Any:
         """A live data object at the current version (for run_if); built at most once per version."""
+        self.sync()
         if self.live is None or self.live[0] != self.version:
             self.live = (self.version, data_codec.build(self.cls, self.fields))
         return self.live[1]
@@ -254,12 +286,14 @@ class Scheduler:
         self._stopped = False
         self._inflight = 0
         self._thread = threading.Thread(target=self._main, name="wfaas-scheduler", daemon=True)
+        self._watchdog = MemoryWatchdog(pool, _memory_limit_of, self._over_memory)
         clock.add_listener(self.wake)
 
     # -- talking to the scheduler from other threads ---------------------------
 
     def start(self) -> None:
         self._thread.start()
+        self._watchdog.start()
 
     def wake(self) -> None:
         try:
@@ -277,6 +311,7 @@ class Scheduler:
         return future
 
     def stop(self) -> None:
+        self._watchdog.stop()
         self.submit(self._stop_now, reply=False)
         self._thread.join(timeout=30)
         os.close(self._wake_r)
@@ -445,8 +480,7 @@ class Scheduler:
             self._enqueue(run, step)
 
     def _context(self, run: Run, step: StepRun) -> WorkflowContext[Any]:
-        ctx_blob = run.fields.get(data_codec.CONTEXT_FIELD)
-        values = pickle.loads(ctx_blob) if ctx_blob else {}
+        values = dict(run.dict_value(data_codec.CONTEXT_FIELD))
         return WorkflowContext(
             run.data(),
             instance_id=run.iid,
@@ -557,48 +591,46 @@ class Scheduler:
     def _merge(
         self, run: Run, step: StepRun, task: Task, changes: dict[str, data_codec.FieldChange]
     ) -> DataConflict | None:
-        """Apply the fields a step changed; a concurrent different write to one field (or key) is a conflict."""
+        """Apply the fields a step changed; a concurrent different write to one field (or key) is a conflict.
+
+        Everything is checked before anything is applied, so a conflicting result changes nothing.
+        """
         if not changes:
             return None
         base = task.snapshot.version
-        merged: dict[str, bytes] = {}
-        key_marks: list[tuple[str, Any]] = []
         for name, change in changes.items():
             whole = run.field_writes.get(name)
             concurrent_whole = whole is not None and whole[0] > base and whole[1] != step.sid
-            current = run.fields.get(name)
-            if change.set_keys is None:
-                if concurrent_whole and current != change.blob:
-                    return self._conflict(run, step, name, whole[1] if whole else "?")
-                merged[name] = change.blob
-                continue
-            cur = pickle.loads(current) if current is not None else {}
+            cur = run.dict_value(name) if change.set_keys is not None else None
             if not isinstance(cur, dict):
-                merged[name] = change.blob
+                if concurrent_whole and run.field_bytes(name) != change.blob:
+                    return self._conflict(run, step, name, whole[1] if whole else "?")
                 continue
+            assert change.set_keys is not None
             for key in (*change.set_keys, *(change.deleted_keys or ())):
                 mark = run.key_writes.get((name, key)) or (whole if concurrent_whole else None)
                 if mark is not None and mark[0] > base and mark[1] != step.sid:
-                    new = change.set_keys.get(key)
                     old = data_codec.encode_value(cur[key]) if key in cur else None
-                    if new != old:
+                    if change.set_keys.get(key) != old:
                         return self._conflict(run, step, f"{name}[{key!r}]", mark[1])
-            for key, blob in change.set_keys.items():
-                cur[key] = pickle.loads(blob)
-                key_marks.append((name, key))
-            for key in change.deleted_keys or ():
-                cur.pop(key, None)
-                key_marks.append((name, key))
-            merged[name] = data_codec.encode_value(cur)
         run.version += 1
         mark = (run.version, step.sid)
-        for name, blob in merged.items():
-            run.fields[name] = blob
-            run.dirty_fields.add(name)
-            if changes[name].set_keys is None:
+        for name, change in changes.items():
+            cur = run.dict_value(name) if change.set_keys is not None else None
+            if isinstance(cur, dict) and change.set_keys is not None:
+                for key, blob in change.set_keys.items():
+                    cur[key] = pickle.loads(blob)
+                    run.key_writes[(name, key)] = mark
+                for key in change.deleted_keys or ():
+                    cur.pop(key, None)
+                    run.key_writes[(name, key)] = mark
+                run.stale_fields.add(name)
+            else:
+                run.fields[name] = change.blob
+                run.live_dicts.pop(name, None)
+                run.stale_fields.discard(name)
                 run.field_writes[name] = mark
-        for km in key_marks:
-            run.key_writes[km] = mark
+            run.dirty_fields.add(name)
         self._dirty[run.iid] = run
         return None
 
@@ -682,6 +714,20 @@ class Scheduler:
         if task.slot.task is task and not task.slot.dying:
             task.kill_reason = "timeout"
             self.pool.kill(task.slot, task.run.grace if task.run.grace is not None else self.grace, self._killed)
+
+    def _over_memory(self, slot: Slot, task: Task, rss: int) -> None:
+        """Called on the watchdog thread: hand the kill decision to the scheduler thread."""
+        try:
+            self.submit(self._stop_over_memory, slot, task, rss, reply=False)
+        except RuntimeError:
+            pass  # the engine closed meanwhile
+
+    def _stop_over_memory(self, slot: Slot, task: Task, rss: int) -> None:
+        if slot.task is task and not slot.dying and task.kill_reason is None:
+            task.kill_reason = "memory"
+            slot.last_rss = rss
+            # No grace: every moment it keeps running it takes more of the machine.
+            self.pool.kill(slot, 0.0, self._killed)
 
     def _killed(self, slot: Slot, exit_: Exit) -> None:
         """Called on the kill thread once the slot's whole tree is dead."""
@@ -886,6 +932,7 @@ class Scheduler:
                 "usage": s.usage,
             }
         run.dirty_steps.clear()
+        run.sync()
         fields: dict[str, bytes | None] = {name: run.fields.get(name) for name in run.dirty_fields}
         run.dirty_fields.clear()
         extra, run.extra = run.extra, {}
@@ -934,6 +981,10 @@ class Scheduler:
             _, _, future = self._commands.popleft()
             if future is not None:
                 future.set_exception(RuntimeError("the engine's scheduler crashed"))
+
+
+def _memory_limit_of(task: Task) -> int | None:
+    return None if task.hook else task.run.compiled.memory_limit[task.step.index]
 
 
 def _retryable(body: Any, cause: BaseException) -> bool:
