@@ -77,9 +77,11 @@ class WorkflowEngine:
     """Runs registered workflows in worker processes, checkpointing every step to ``store``.
 
     ``max_workers`` worker processes (default: ``os.cpu_count()``) are started
-    at once and kept warm. ``cancel_signal`` is recorded as the signal another
-    process may send this one to cancel its runs (the process must handle it). ``grace_period`` is how long a stopped step's
-    processes get between SIGTERM and SIGKILL. ``clock`` replaces real time
+    at once and kept warm. ``grace_period`` is how long a stopped step's
+    processes get between SIGTERM and SIGKILL; ``memory_limit`` (bytes) is the
+    default limit of every step. ``cancel_signal`` is recorded as the signal
+    another process may send this one to cancel its runs (the process must
+    handle it). ``clock`` replaces real time
     for the engine's timers (see :mod:`wfaas.testing`). Use it as a context
     manager: on exit it waits for running workflows; on an exception
     (including Ctrl-C) it cancels them.
