@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,13 +39,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
 
 
 def descendants() -> list[psutil.Process]:
-    """Live (non-zombie) descendants of the test process, excluding the forkserver."""
+    """Live (non-zombie) descendants of the test process: workers and what they started.
+
+    The forkserver and multiprocessing's resource tracker (direct children,
+    shared by every engine in the process, stdlib helpers) are left out; the
+    workers forked from the forkserver are not, though their command line is
+    the forkserver's.
+    """
+    me = os.getpid()
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
             if p.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if "forkserver" in " ".join(p.cmdline()):
+            cmd = " ".join(p.cmdline())
+            if p.ppid() == me and ("forkserver" in cmd or "resource_tracker" in cmd):
                 continue
         except psutil.Error:
             continue

@@ -328,7 +328,9 @@ def validate(definition: WorkflowDefinition) -> list[str]:
 
 def _cycles(steps: Sequence[StepDefinition], known: set[str]) -> list[list[str]]:
     """Cycles of the dependency graph, each named once (iterative DFS, no recursion limit)."""
-    graph = {s.id: [d for d in (*s.dependencies, *s.any_dependencies) if d in known and d != s.id] for s in steps}
+    graph: dict[str, list[str]] = {}
+    for s in steps:  # a duplicated id keeps the edges of every copy, so no cycle hides behind it
+        graph.setdefault(s.id, []).extend(d for d in (*s.dependencies, *s.any_dependencies) if d in known and d != s.id)
     color = dict.fromkeys(graph, 0)  # 0 new, 1 on the stack, 2 done
     cycles: list[list[str]] = []
     for root in graph:

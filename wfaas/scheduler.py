@@ -439,7 +439,9 @@ class Scheduler:
             for j, via_any in compiled.dependents[step.index]:
                 steps[j].gate.record(outcome, via_any=via_any)
         for step in steps:
-            if not step.counted and step.gate.check():
+            # record() above may have opened a gate already; check() opens the rest.
+            opened = step.gate.opened or step.gate.check()
+            if opened and not step.counted:
                 self._decide(run, step, mono)
         self._maybe_finish(run)
         return run.iid
