@@ -401,7 +401,17 @@ def body_hash(body: Any) -> str:
         code = getattr(execute, "__code__", None)
     if code is None:
         return type(fn).__qualname__
-    digest = hashlib.sha256(code.co_code)
-    digest.update(repr(code.co_consts).encode(errors="replace"))
-    digest.update(repr(code.co_names).encode(errors="replace"))
+    digest = hashlib.sha256()
+    _hash_code(code, digest)
     return digest.hexdigest()[:16]
+
+
+def _hash_code(code: Any, digest: Any) -> None:
+    # Nested functions' code objects print with their memory address: hash their contents instead.
+    digest.update(code.co_code)
+    digest.update(repr(code.co_names).encode(errors="replace"))
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            _hash_code(const, digest)
+        else:
+            digest.update(repr(const).encode(errors="replace"))

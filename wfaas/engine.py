@@ -106,6 +106,9 @@ class WorkflowEngine:
         self.max_workers = max_workers or os.cpu_count() or 1
         self._definitions: dict[str, Compiled] = {}
         self._lock = threading.Lock()
+        # Where this engine's definitions come from (the CLI's TARGET), saved with each run
+        # so that `wfaas-local resume ID` can load the definition again.
+        self.origin: str | None = None
         self._shutting_down = False
         self._closed = False
         me = psutil.Process()
@@ -174,7 +177,7 @@ class WorkflowEngine:
         iid = uuid.uuid4().hex
         run = Run(iid, compiled, type(data), cls_blob, fields, created_at=self.clock.now())
         run.dirty_fields.update(fields)
-        run.extra = {"class": cls_blob, "fingerprint": compiled.fingerprint}
+        run.extra = {"class": cls_blob, "fingerprint": compiled.fingerprint, "origin": self.origin}
         result: str = self._call(self._scheduler.start_run, run, None, set())
         return result
 

@@ -655,7 +655,7 @@ class Scheduler:
         used = step.attempts - step.budget_start
         forever = sdef.failure_action is FailureAction.RETRY_INDEFINITELY
         will_retry = run.stopping is None and (forever or used < policy.max_attempts) and _retryable(sdef.body, cause)
-        step.error = str(error)
+        step.error = _reason(error)
         self._event(
             ev.StepFailed,
             run,
@@ -687,7 +687,7 @@ class Scheduler:
     def _fail_for_good(self, run: Run, step: StepRun, error: WorkflowError) -> None:
         self._set_status(run, step, S.FAILED)
         step.finished_at = self.clock.now()
-        step.error = str(error)
+        step.error = _reason(error)
         sdef = run.compiled.steps[step.index]
         if sdef.failure_action is FailureAction.CONTINUE_NEXT_STEP:
             self._count_finished(run, step)
@@ -987,6 +987,11 @@ class Scheduler:
 
 def _memory_limit_of(task: Task) -> int | None:
     return None if task.hook else task.run.compiled.memory_limit[task.step.index]
+
+
+def _reason(error: WorkflowError) -> str:
+    """What went wrong, without the step and instance a step record already names."""
+    return str(getattr(error, "reason", None) or error)
 
 
 def _retryable(body: Any, cause: BaseException) -> bool:

@@ -1,0 +1,771 @@
+"""``wfaas-local``: run and inspect workflows from the shell.
+
+Exit codes: 0 the workflow completed (or the command did its job), 1 the
+workflow failed or was cancelled, 2 bad usage or an invalid definition (one
+clear line, never a traceback), 130 Ctrl-C.
+
+A run records its TARGET (``module:attr`` or ``file.py:attr``) with its
+checkpoints, so ``resume ID`` and ``recover`` find the definition again
+without being told. ``cancel ID`` works from another terminal: ``run``
+handles SIGUSR1 by cancelling its run gracefully, and records that signal as
+the run owner's ``cancel_signal``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__, events
+from .definition import WorkflowDefinition, topological_order
+from .errors import InvalidDefinition, SerializationError, StoreError, WorkflowError
+from .states import StepStatus, WorkflowState, WorkflowStatus
+from .store import InMemoryStore, StateStore
+
+DEFAULT_STORE = ".wfaas/runs.sqlite"
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class UsageProblem(click.ClickException):
+    """A usage or definition error: one line on stderr, exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+def fail(message: str) -> NoReturn:
+    raise UsageProblem(message)
+
+
+# -- targets and data ------------------------------------------------------------
+
+
+def load_target(target: str) -> WorkflowDefinition:
+    """The WorkflowDefinition named by ``module:attr`` or ``path/file.py:attr``."""
+    module_part, sep, attr = target.rpartition(":")
+    if not sep or not module_part or not attr:
+        fail(f"target {target!r} must look like package.module:workflow or path/to/file.py:workflow")
+    if module_part.endswith(".py") or os.sep in module_part:
+        path = Path(module_part).resolve()
+        if not path.is_file():
+            fail(f"target {target!r}: no file {module_part}")
+        # Workers import step functions by module name: the file's folder must be on sys.path
+        # before the engine starts its workers.
+        sys.path.insert(0, str(path.parent))
+        module_name = path.stem
+    else:
+        module_name = module_part
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a one-line usage error
+        fail(f"target {target!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}")
+    if not hasattr(module, attr):
+        found = sorted(k for k, v in vars(module).items() if isinstance(v, WorkflowDefinition))
+        hint = f"; it defines: {', '.join(found)}" if found else "; it defines no WorkflowDefinition"
+        fail(f"target {target!r}: module {module_name!r} has no attribute {attr!r}{hint}")
+    value = getattr(module, attr)
+    if callable(value) and not isinstance(value, WorkflowDefinition):
+        try:
+            value = value()
+        except Exception as exc:  # noqa: BLE001 - reported as a usage error
+            fail(f"target {target!r}: calling {attr}() raised {type(exc).__name__}: {exc}")
+    if not isinstance(value, WorkflowDefinition):
+        fail(f"target {target!r}: {attr} is a {type(value).__name__}, not a WorkflowDefinition")
+    problems = value.validate()
+    if problems:
+        fail(f"target {target!r}: invalid workflow {value.id!r}: " + "; ".join(problems))
+    return value
+
+
+def build_data(definition: WorkflowDefinition, data: str | None) -> Any:
+    """The run's data: ``data_type(**fields)`` from JSON (``@file.json`` reads a file)."""
+    fields: dict[str, Any] = {}
+    if data:
+        text = data
+        if data.startswith("@"):
+            try:
+                text = Path(data[1:]).read_text()
+            except OSError as exc:
+                fail(f"--data {data}: cannot read the file: {exc}")
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as exc:
+            fail(f"--data is not valid JSON: {exc}")
+        if not isinstance(fields, dict):
+            fail('--data must be a JSON object, e.g. \'{"input": "hello"}\'')
+    cls = definition.data_type
+    if cls is None:
+        if fields:
+            fail(f"--data given, but workflow {definition.id!r} declares no data_type to build it with")
+        fail(f"workflow {definition.id!r} declares no data_type; the CLI cannot build its data")
+    if dataclasses.is_dataclass(cls):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            fail(
+                f"--data: {cls.__name__} has no field {', '.join(map(repr, unknown))} (fields: {', '.join(sorted(known))})"
+            )
+    try:
+        return cls(**fields)
+    except TypeError as exc:
+        fail(f"--data: cannot build {cls.__name__}: {exc}")
+
+
+def open_store(path: str, *, readonly: bool = False) -> StateStore:
+    if path == ":memory:":
+        return InMemoryStore()
+    from .sqlite_store import SqliteStore
+
+    try:
+        return SqliteStore(path, readonly=readonly)
+    except StoreError as exc:
+        fail(str(exc))
+
+
+def resolve_id(store: StateStore, prefix: str | None) -> str:
+    """A full instance id from a unique prefix; no prefix: the newest run."""
+    ids = store.ids()
+    if prefix is None:
+        if not ids:
+            fail("no runs in this store yet; start one with `wfaas-local run TARGET`")
+        metas = [(store.read_meta(i) or {}, i) for i in ids]
+        return max(metas, key=lambda m: m[0].get("created_at") or datetime.min.replace(tzinfo=UTC))[1]
+    matches = [i for i in ids if i.startswith(prefix)]
+    if not matches:
+        fail(f"no run with id {prefix!r} in this store (`wfaas-local list` shows them)")
+    if len(matches) > 1:
+        fail(f"id prefix {prefix!r} is ambiguous: {', '.join(sorted(matches))}")
+    return matches[0]
+
+
+# -- output ------------------------------------------------------------------------
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _fmt_seconds(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds:.2f}s"
+
+
+def _duration(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return (end - start).total_seconds()
+
+
+def state_json(state: WorkflowState[Any]) -> dict[str, Any]:
+    """A run as plain JSON-able data."""
+    data: Any = state.data
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = {k: v for k, v in vars(data).items()}
+    return {
+        "instance_id": state.instance_id,
+        "workflow_id": state.workflow_id,
+        "status": state.status.name,
+        "error": state.error,
+        "failed_step": state.failed_step,
+        "created_at": state.created_at.isoformat() if state.created_at else None,
+        "updated_at": state.updated_at.isoformat() if state.updated_at else None,
+        "steps": {
+            sid: {
+                "status": s.status.name,
+                "attempts": s.attempts,
+                "started_at": s.started_at.isoformat() if s.started_at else None,
+                "finished_at": s.finished_at.isoformat() if s.finished_at else None,
+                "duration": _duration(s.started_at, s.finished_at),
+                "error": s.error,
+            }
+            for sid, s in state.step_states.items()
+        },
+        "data": json.loads(json.dumps(data, default=repr)),
+    }
+
+
+def print_summary(state: WorkflowState[Any], console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{state.workflow_id} {state.instance_id}: {state.status.name}", title_justify="left")
+    for col in ("step", "status", "attempts", "duration", "error"):
+        table.add_column(col)
+    for sid, s in state.step_states.items():
+        error = (s.error or "").splitlines()[0][:100] if s.error else ""
+        table.add_row(sid, s.status.name, str(s.attempts), _fmt_seconds(_duration(s.started_at, s.finished_at)), error)
+    console.print(table)
+    console.print(f"data: {state.data!r}")
+
+
+class Progress:
+    """Follows a run's events: a live panel on a terminal, one line per event otherwise."""
+
+    def __init__(self, total: int, *, live: bool, quiet: bool, console: Any) -> None:
+        self.total = total
+        self.done = 0
+        self.running: dict[str, tuple[int, float]] = {}
+        self.waiting: dict[str, str] = {}
+        self.retries = 0
+        self.started = time.monotonic()
+        self.quiet = quiet
+        self.console = console
+        self._live: Any = None
+        self._lock = threading.Lock()
+        if live and not quiet:
+            from rich.live import Live
+
+            self._live = Live(get_renderable=self.render, console=console, refresh_per_second=8, transient=True)
+
+    def __enter__(self) -> Progress:
+        if self._live is not None:
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+    def render(self) -> Any:
+        from rich.table import Table
+
+        with self._lock:
+            now = time.monotonic()
+            table = Table.grid(padding=(0, 2))
+            table.add_row(
+                f"[bold]{self.done}/{self.total}[/] steps done",
+                f"elapsed {now - self.started:.1f}s",
+                f"retries {self.retries}",
+            )
+            for sid, (attempt, since) in sorted(self.running.items()):
+                table.add_row(f"  running {sid}", f"attempt {attempt}", f"{now - since:.1f}s")
+            for sid, why in sorted(self.waiting.items()):
+                table.add_row(f"  waiting {sid}", why, "")
+            return table
+
+    def __call__(self, event: events.WorkflowEvent) -> None:
+        with self._lock:
+            line = self._apply(event)
+        if line and self._live is None:
+            important = isinstance(event, (events.WorkflowFailed, events.StepFailed)) and not getattr(
+                event, "will_retry", False
+            )
+            if not self.quiet or important:
+                stamp = event.timestamp.astimezone().strftime("%H:%M:%S")
+                self.console.print(f"{stamp} {line}", markup=False)
+
+    def _apply(self, e: events.WorkflowEvent) -> str:
+        if isinstance(e, events.StepStarted):
+            self.waiting.pop(e.step_id, None)
+            self.running[e.step_id] = (e.attempt, time.monotonic())
+            return f"{e.step_id}: started (attempt {e.attempt})"
+        if isinstance(e, events.StepSucceeded):
+            self.running.pop(e.step_id, None)
+            self.done += 1
+            return f"{e.step_id}: succeeded in {e.duration:.2f}s [{self.done}/{self.total}]"
+        if isinstance(e, events.StepSkipped):
+            self.done += 1
+            return f"{e.step_id}: skipped ({e.reason}) [{self.done}/{self.total}]"
+        if isinstance(e, events.StepFailed):
+            self.running.pop(e.step_id, None)
+            if not e.will_retry:
+                self.done += 1
+            return f"{e.step_id}: attempt {e.attempt} failed: {e.error}" + (" (will retry)" if e.will_retry else "")
+        if isinstance(e, events.StepRetrying):
+            self.retries += 1
+            self.waiting[e.step_id] = f"backoff {e.delay:.2f}s"
+            return f"{e.step_id}: retrying in {e.delay:.2f}s (attempt {e.attempt})"
+        if isinstance(e, events.WorkflowCompleted):
+            return f"workflow completed in {e.duration:.2f}s"
+        if isinstance(e, events.WorkflowFailed):
+            return f"workflow failed at step {e.failed_step}: {e.error}"
+        if isinstance(e, events.WorkflowCancelled):
+            return "workflow cancelled"
+        if isinstance(e, events.WorkflowStarted):
+            return "workflow started"
+        return ""
+
+
+# -- running -------------------------------------------------------------------------
+
+
+@contextmanager
+def _cancel_on_sigusr1(engine: Any, instance_ids: list[str]) -> Iterator[None]:
+    """`wfaas-local cancel ID` from another terminal sends SIGUSR1: cancel gracefully."""
+
+    def handler(signum: int, frame: object) -> None:
+        for iid in list(instance_ids):
+            threading.Thread(target=engine._cancel_quietly, args=(iid, None), daemon=True).start()
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def follow(
+    engine: Any, start: Any, verb: str, definition: WorkflowDefinition, *, quiet: bool, as_json: bool, store_path: str
+) -> int:
+    """Start a run with ``start()``, follow it with progress, print the outcome; returns the exit code."""
+    out = _console(stderr=as_json)
+    progress = Progress(
+        len(definition.steps), live=out.is_terminal and not as_json, quiet=quiet or as_json, console=out
+    )
+    engine.event_bus.subscribe(progress)
+    try:
+        iid = start()
+    except (WorkflowError, TypeError, ValueError) as exc:
+        fail(str(exc).replace("\n", " "))
+    click.echo(f"{verb} {iid}", err=as_json)
+    resume_cmd = f"wfaas-local resume {iid}" + (f" --store {store_path}" if store_path != DEFAULT_STORE else "")
+    code = 0
+    try:
+        with progress, _cancel_on_sigusr1(engine, [iid]):
+            try:
+                engine.wait_for_completion(iid)
+            except WorkflowError:
+                code = EXIT_FAILED
+            engine.event_bus.flush()
+    except KeyboardInterrupt:
+        engine.event_bus.flush()
+        out.print(f"interrupted: the run was cancelled and checkpointed; continue it with: {resume_cmd}", markup=False)
+        return EXIT_INTERRUPTED
+    state = engine.get_status(iid)
+    if as_json:
+        click.echo(json.dumps(state_json(state), indent=2))
+    elif not quiet:
+        print_summary(state, out)
+    if state.status is WorkflowStatus.FAILED:
+        err = _console(stderr=True)
+        err.print(f"FAILED at step {state.failed_step}: {state.error}", markup=False)
+        err.print(f"fix the cause, then continue with: {resume_cmd}", markup=False)
+    elif state.status is WorkflowStatus.CANCELLED:
+        _console(stderr=True).print(f"CANCELLED; continue with: {resume_cmd}", markup=False)
+    return code
+
+
+def _engine(store: StateStore, workers: int | None, origin: str | None) -> Any:
+    from .engine import WorkflowEngine
+
+    engine = WorkflowEngine(store=store, max_workers=workers, cancel_signal=int(signal.SIGUSR1))
+    engine.origin = origin
+    return engine
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wfaas-local")
+def main() -> None:
+    """Run wfaas workflows on this machine and look at their runs.
+
+    \b
+    Example:
+      wfaas-local run examples/quickstart.py:workflow --data '{"input": "hi"}'
+      wfaas-local status
+    """
+
+
+store_option = click.option(
+    "--store", default=DEFAULT_STORE, show_default=True, help="SQLite file holding the runs (:memory: for none)."
+)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--data", help="The data as JSON, or @file.json.")
+@store_option
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: CPU count).")
+@click.option("--quiet", is_flag=True, help="Print only errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final state as JSON on stdout.")
+def run(target: str, data: str | None, store: str, workers: int | None, quiet: bool, as_json: bool) -> None:
+    """Run the workflow TARGET (module:attr or file.py:attr) and wait for it.
+
+    \b
+    Example:
+      wfaas-local run examples/batch_files.py:workflow --workers 2
+    """
+    definition = load_target(target)
+    payload = build_data(definition, data)
+    state_store = open_store(store)
+    engine = _engine(state_store, workers, target)
+    try:
+        try:
+            engine.register_workflow(definition)
+        except InvalidDefinition as exc:
+            fail(str(exc).replace("\n", " "))
+        code = follow(
+            engine,
+            lambda: engine.start_workflow(definition.id, payload),
+            "run",
+            definition,
+            quiet=quiet,
+            as_json=as_json,
+            store_path=store,
+        )
+    finally:
+        _close(engine, state_store)
+    sys.exit(code)
+
+
+def _close(engine: Any, store: StateStore) -> None:
+    try:
+        engine.force_cancel_all(grace=0.0) if engine.active_instances() else None
+    except KeyboardInterrupt:
+        pass
+    engine.close()
+    store.close()
+
+
+@main.command()
+@click.argument("instance_id", metavar="ID")
+@click.option("--force", is_flag=True, help="Resume even if the workflow's steps or dependencies changed.")
+@click.option("--rerun", multiple=True, metavar="STEP", help="Also run STEP and everything downstream again.")
+@store_option
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: CPU count).")
+@click.option("--quiet", is_flag=True, help="Print only errors.")
+def resume(instance_id: str, force: bool, rerun: tuple[str, ...], store: str, workers: int | None, quiet: bool) -> None:
+    """Continue a failed, cancelled or interrupted run; succeeded steps do not run again.
+
+    \b
+    Example:
+      wfaas-local resume 3f2a --rerun clean
+    """
+    state_store = open_store(store)
+    iid = resolve_id(state_store, instance_id)
+    record = state_store.read(iid)
+    assert record is not None
+    origin = record.extra.get("origin")
+    if not origin:
+        fail(f"run {iid} was not started by wfaas-local; resume it from Python with engine.resume({iid!r})")
+    definition = load_target(origin)
+    engine = _engine(state_store, workers, origin)
+    try:
+        engine.register_workflow(definition)
+        code = follow(
+            engine,
+            lambda: engine.resume(iid, rerun=list(rerun), force=force),
+            "resumed",
+            definition,
+            quiet=quiet,
+            as_json=False,
+            store_path=store,
+        )
+    finally:
+        _close(engine, state_store)
+    sys.exit(code)
+
+
+@main.command()
+@store_option
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: CPU count).")
+def recover(store: str, workers: int | None) -> None:
+    """Resume every run whose process died while it was running.
+
+    \b
+    Example:
+      wfaas-local recover --store .wfaas/runs.sqlite
+    """
+    from .engine import owner_alive
+
+    state_store = open_store(store)
+    origins: dict[str, list[str]] = {}
+    for iid in state_store.ids():
+        meta = state_store.read_meta(iid) or {}
+        if meta.get("status") in ("running", "pending") and not owner_alive(meta.get("owner") or {}):
+            record = state_store.read(iid)
+            origin = record.extra.get("origin") if record else None
+            if origin:
+                origins.setdefault(origin, []).append(iid)
+            else:
+                click.echo(f"skipping {iid}: not started by wfaas-local (resume it from Python)", err=True)
+    if not origins:
+        click.echo("nothing to recover")
+        state_store.close()
+        return
+    engine = _engine(state_store, workers, None)
+    code = 0
+    try:
+        definitions = {}
+        for origin in origins:
+            definition = load_target(origin)
+            engine.register_workflow(definition)
+            definitions[origin] = definition
+        recovered = engine.recover()
+        for iid in recovered:
+            click.echo(f"recovered {iid}")
+        for iid in recovered:
+            try:
+                engine.wait_for_completion(iid)
+                click.echo(f"{iid}: COMPLETED")
+            except WorkflowError as exc:
+                click.echo(f"{iid}: {type(exc).__name__}: {exc}", err=True)
+                code = EXIT_FAILED
+    finally:
+        _close(engine, state_store)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("instance_id", metavar="[ID]", required=False)
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+def status(instance_id: str | None, store: str, as_json: bool) -> None:
+    """Show a run's steps (no ID: the newest run). Safe while the run is in progress.
+
+    \b
+    Example:
+      wfaas-local status 3f2a --json
+    """
+    state_store = open_store(store, readonly=True)
+    try:
+        state = state_store.load(resolve_id(state_store, instance_id))
+    finally:
+        state_store.close()
+    if as_json:
+        click.echo(json.dumps(state_json(state), indent=2))
+    else:
+        print_summary(state, _console())
+
+
+@main.command(name="list")
+@store_option
+@click.option("--status", "status_filter", type=click.Choice([s.name for s in WorkflowStatus], case_sensitive=False))
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+def list_runs(store: str, status_filter: str | None, limit: int, as_json: bool) -> None:
+    """List runs, newest first.
+
+    \b
+    Example:
+      wfaas-local list --status FAILED --limit 5
+    """
+    state_store = open_store(store, readonly=True)
+    rows = []
+    for iid in state_store.ids():
+        meta = state_store.read_meta(iid)
+        if meta is None:
+            continue
+        if status_filter and meta["status"] != status_filter.lower():
+            continue
+        rows.append((meta.get("created_at"), iid, meta))
+    state_store.close()
+    rows.sort(key=lambda r: r[0] or datetime.min.replace(tzinfo=UTC), reverse=True)
+    rows = rows[:limit]
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "instance_id": iid,
+                        "workflow_id": m["workflow_id"],
+                        "status": m["status"].upper(),
+                        "created_at": created.isoformat() if created else None,
+                        "error": m.get("error"),
+                    }
+                    for created, iid, m in rows
+                ],
+                indent=2,
+            )
+        )
+        return
+    from rich.table import Table
+
+    table = Table()
+    for col in ("id", "workflow", "status", "created", "error"):
+        table.add_column(col)
+    for created, iid, m in rows:
+        when = created.astimezone().strftime("%Y-%m-%d %H:%M:%S") if created else ""
+        table.add_row(iid, m["workflow_id"], m["status"].upper(), when, (m.get("error") or "")[:60])
+    _console().print(table)
+
+
+@main.command()
+@click.argument("instance_id", metavar="ID")
+@store_option
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the run to stop.")
+def cancel(instance_id: str, store: str, timeout: float) -> None:
+    """Cancel a run in progress, from any terminal: its running steps are stopped.
+
+    \b
+    Example:
+      wfaas-local cancel 3f2a
+    """
+    from .engine import owner_alive
+
+    state_store = open_store(store, readonly=True)
+    try:
+        iid = resolve_id(state_store, instance_id)
+        meta = state_store.read_meta(iid) or {}
+        status_now = WorkflowStatus(meta.get("status", "pending"))
+        if status_now.is_terminal:
+            fail(f"run {iid} has already finished ({status_now.name}); nothing to cancel")
+        owner = meta.get("owner") or {}
+        if not owner_alive(owner):
+            fail(f"run {iid} is not running (its process {owner.get('pid')} is gone); `wfaas-local recover` resumes it")
+        sig = owner.get("cancel_signal")
+        if not sig:
+            fail(f"run {iid} runs in process {owner.get('pid')}, which does not accept remote cancel; stop it there")
+        os.kill(int(owner["pid"]), int(sig))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            meta = state_store.read_meta(iid) or {}
+            if WorkflowStatus(meta["status"]).is_terminal:
+                click.echo(f"run {iid}: {meta['status'].upper()}")
+                return
+            time.sleep(0.05)  # another process writes the store; there is nothing to block on
+        click.echo(f"run {iid} did not stop within {timeout} s", err=True)
+        sys.exit(EXIT_FAILED)
+    finally:
+        state_store.close()
+
+
+@main.command()
+@click.argument("target")
+@click.option("--dot", is_flag=True, help="Print Graphviz dot instead of text.")
+def graph(target: str, dot: bool) -> None:
+    """Draw the DAG of TARGET: each step with what it waits for.
+
+    \b
+    Example:
+      wfaas-local graph examples/dag.py:workflow --dot | dot -Tpng > dag.png
+    """
+    definition = load_target(target)
+    if dot:
+        click.echo(f'digraph "{definition.id}" {{')
+        click.echo("  rankdir=LR;")
+        for s in definition.steps:
+            click.echo(f'  "{s.id}" [label="{s.id}\\n{s.name}"];')
+            for dep in s.dependencies:
+                click.echo(f'  "{dep}" -> "{s.id}";')
+            for dep in s.any_dependencies:
+                click.echo(f'  "{dep}" -> "{s.id}" [style=dashed, label="any"];')
+        click.echo("}")
+        return
+    click.echo(definition.explain())
+    click.echo("")
+    levels: dict[str, int] = {}
+    for s in topological_order(definition):
+        deps = [*s.dependencies, *s.any_dependencies]
+        levels[s.id] = 1 + max((levels[d] for d in deps), default=-1)
+    for level in range(max(levels.values()) + 1):
+        names = [sid for sid, lv in levels.items() if lv == level]
+        click.echo(f"  [{level}] " + "   ".join(names))
+        for s in definition.steps:
+            if levels[s.id] == level:
+                for dep in s.dependencies:
+                    click.echo(f"        {dep} ──all──▶ {s.id}")
+                for dep in s.any_dependencies:
+                    click.echo(f"        {dep} ╌╌any╌╌▶ {s.id}")
+
+
+@main.command()
+@click.argument("target")
+def check(target: str) -> None:
+    """Pre-flight: validate TARGET, serialize every step body and the default data.
+
+    \b
+    Example:
+      wfaas-local check examples/batch_files.py:workflow
+    """
+    import pickle
+
+    import dill
+
+    from .data import encode_fields
+
+    definition = load_target(target)
+    problems = []
+    for s in definition.steps:
+        try:
+            pickle.loads(dill.dumps(s.body, recurse=True))
+        except Exception as exc:  # noqa: BLE001 - each failure is listed
+            problems.append(f"step {s.id!r}: the body cannot be sent to a worker: {type(exc).__name__}: {exc}")
+    size = 0
+    if definition.data_type is not None:
+        try:
+            fields = encode_fields(definition.data_type(), where=f"{definition.data_type.__name__}()")
+            size = sum(map(len, fields.values()))
+        except SerializationError as exc:
+            problems.append(str(exc))
+        except TypeError as exc:
+            problems.append(f"{definition.data_type.__name__}() needs arguments: {exc}")
+    if problems:
+        fail(f"{target}: " + "; ".join(problems))
+    click.echo(f"ok: workflow {definition.id!r}, {len(definition.steps)} steps, default data {size} bytes encoded")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--resume", "resume_id", metavar="ID", help="Plan the resume of this run instead of a new one.")
+@click.option("--data", help="The data as JSON, or @file.json (for run_if).")
+@store_option
+def plan(target: str, resume_id: str | None, data: str | None, store: str) -> None:
+    """Say, for each step, whether it will run, be skipped, wait, or is already done — without running anything.
+
+    \b
+    Example:
+      wfaas-local plan examples/dag.py:workflow --data '{"use_cache": true}'
+    """
+    from .steps import WorkflowContext
+
+    definition = load_target(target)
+    payload = build_data(definition, data)
+    done: dict[str, str] = {}
+    if resume_id:
+        state_store = open_store(store, readonly=True)
+        try:
+            state = state_store.load(resolve_id(state_store, resume_id))
+        finally:
+            state_store.close()
+        payload = state.data
+        done = {
+            sid: s.status.name
+            for sid, s in state.step_states.items()
+            if s.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
+        }
+    now = datetime.now(UTC)
+    for s in topological_order(definition):
+        if s.id in done:
+            click.echo(f"{s.id}: already {done[s.id]} in that run; will not run again")
+            continue
+        why = []
+        if s.dependencies:
+            why.append("after all of " + ", ".join(s.dependencies))
+        if s.any_dependencies:
+            why.append("after the first success of " + ", ".join(s.any_dependencies) + " (or all finished)")
+        verdict = "run"
+        if s.condition is not None:
+            ctx: WorkflowContext[Any] = WorkflowContext(
+                payload, instance_id="plan", workflow_id=definition.id, step_id=s.id, attempt=1
+            )
+            try:
+                holds = bool(s.condition(ctx))
+                verdict = "run" if holds else "skip"
+                why.append(f"run_if is {'true' if holds else 'false'} on the current data")
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                verdict = "fail"
+                why.append(f"run_if raises {type(exc).__name__}: {exc}")
+        if s.delay:
+            why.append(f"then waits {s.delay:g}s")
+        if s.schedule is not None:
+            when = "now (already due)" if s.schedule <= now else s.schedule.isoformat()
+            why.append(f"not before {when}")
+        click.echo(f"{s.id}: {verdict}" + (f" — {'; '.join(why)}" if why else " — no dependencies, starts at once"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
