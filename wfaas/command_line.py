@@ -116,9 +116,8 @@ def build_data(definition: WorkflowDefinition, data: str | None) -> Any:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
-            fail(
-                f"--data: {cls.__name__} has no field {', '.join(map(repr, unknown))} (fields: {', '.join(sorted(known))})"
-            )
+            names, fields_known = ", ".join(map(repr, unknown)), ", ".join(sorted(known))
+            fail(f"--data: {cls.__name__} has no field {names} (fields: {fields_known})")
     try:
         return cls(**fields)
     except TypeError as exc:
