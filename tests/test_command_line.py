@@ -188,7 +188,7 @@ def test_ctrl_c_cancels_prints_resume_and_exits_130(tmp_path: Path) -> None:
 
 def test_cancel_from_another_process(tmp_path: Path, runner: CliRunner) -> None:
     proc = _start(tmp_path)
-    wait_until(lambda: (tmp_path / "go.pid").exists(), 30, "the step to start")
+    wait_until((tmp_path / "go.pid").exists, 30, "the step to start")
     store = str(tmp_path / "r.sqlite")
     iid = json.loads(invoke(runner, "list", "--store", store, "--json").output)[0]["instance_id"]  # type: ignore[attr-defined]
     result = invoke(runner, "cancel", iid[:8], "--store", store)
