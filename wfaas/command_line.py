@@ -225,6 +225,7 @@ class Progress:
         self.console = console
         self._live: Any = None
         self._lock = threading.Lock()
+        self._held: list[str] | None = []  # lines wait until the run id is printed (release)
         if live and not quiet:
             from rich.live import Live
 
@@ -265,7 +266,18 @@ class Progress:
             )
             if not self.quiet or important:
                 stamp = event.timestamp.astimezone().strftime("%H:%M:%S")
+                with self._lock:
+                    if self._held is not None:
+                        self._held.append(f"{stamp} {line}")
+                        return
                 self.console.print(f"{stamp} {line}", markup=False)
+
+    def release(self) -> None:
+        """Print the lines held back so far; from now on print as events come."""
+        with self._lock:
+            held, self._held = self._held or [], None
+        for line in held:
+            self.console.print(line, markup=False)
 
     def _apply(self, e: events.WorkflowEvent) -> str:
         if isinstance(e, events.StepStarted):
@@ -331,6 +343,7 @@ def follow(
     except (WorkflowError, TypeError, ValueError) as exc:
         fail(str(exc).replace("\n", " "))
     click.echo(f"{verb} {iid}", err=as_json)
+    progress.release()
     resume_cmd = f"wfaas-local resume {iid}" + (f" --store {store_path}" if store_path != DEFAULT_STORE else "")
     code = 0
     try:
