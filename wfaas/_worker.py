@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from multiprocessing import parent_process
+from multiprocessing import current_process, parent_process
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -98,6 +98,10 @@ def main(conn: Connection) -> None:
     """The worker loop; returns when told to stop or when the engine closes the pipe."""
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The engine starts workers as daemons (so they die with it); a daemon may not start
+    # processes of its own, but a step may well use multiprocessing. Its children die with
+    # this worker's process group anyway (timeouts, cancel, engine death).
+    current_process()._config["daemon"] = False  # type: ignore[attr-defined]
     threading.Thread(target=_watch_parent, name="wfaas-parent-watch", daemon=True).start()
 
     root = logging.getLogger()

@@ -308,7 +308,14 @@ class WorkflowEngine:
                 ", ".join(bodies),
             )
         cls = data_class(record)
-        run = Run(instance_id, compiled, cls, record.extra["class"], dict(record.fields), created_at=meta["created_at"])
+        run = Run(
+            instance_id,
+            compiled,
+            cls,
+            record.extra["class"],
+            dict(record.resolved_fields()),
+            created_at=meta["created_at"],
+        )
         run.status = status
         run.extra = {"fingerprint": compiled.fingerprint}
         steps = {sid: rec for sid, rec in record.steps.items() if sid in compiled.index}

@@ -23,6 +23,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -200,11 +201,34 @@ def terminate_tree(pid: int, grace: float) -> None:
     for p in procs:
         _signal(p, signal.SIGTERM)
     _signal_group(pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=grace)
+    alive = _wait_gone(procs, grace)
     for p in alive:
         _signal(p, signal.SIGKILL)
     _signal_group(pid, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=5.0)
+    _wait_gone(alive, 5.0)
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited; the ones still running after ``timeout``.
+
+    A zombie counts as gone: a re-parented grandchild may wait a long time for
+    an init that reaps slowly (as in many containers), yet it runs no more.
+    This runs on a kill thread, so polling here blocks nobody.
+    """
+    deadline = time.monotonic() + timeout
+    alive = procs
+    while True:
+        alive = [p for p in alive if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.005)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _signal(proc: psutil.Process, sig: int) -> None:

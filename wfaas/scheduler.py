@@ -59,7 +59,7 @@ from .pool import Exit, Slot, WorkerPool
 from .readiness import Decision, Gate, Outcome, decide
 from .states import StepStatus, WorkflowStatus, check_step_transition, check_workflow_transition
 from .steps import StepExecutor, WorkflowContext, overrides
-from .store import Checkpoint, StateStore
+from .store import TOMBSTONE, Checkpoint, StateStore
 from .watchdog import MemoryWatchdog
 
 log = logging.getLogger("wfaas")
@@ -175,6 +175,8 @@ class Run:
     # each would otherwise cost O(keys) per step.
     live_dicts: dict[str, dict[Any, Any]] = field(default_factory=dict)
     stale_fields: set[str] = field(default_factory=set)
+    # Keys changed since the last checkpoint, written key by key: O(keys changed), not O(dict).
+    deltas: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
     stopping: str | None = None  # "fail" | "cancel"
     inflight: int = 0
     unfinished: int = 0
@@ -284,6 +286,7 @@ class Scheduler:
         self._finished: list[Run] = []
         self._resolve: list[tuple[concurrent.futures.Future[Any], Any]] = []
         self._stopped = False
+        self._committed = 0  # ready-queue entries up to this sequence number are committed
         self._inflight = 0
         self._thread = threading.Thread(target=self._main, name="wfaas-scheduler", daemon=True)
         self._watchdog = MemoryWatchdog(pool, _memory_limit_of, self._over_memory)
@@ -366,9 +369,16 @@ class Scheduler:
                     self._resolve.append((future, result))
 
     def _turn(self) -> None:
+        # Steps that were ready before this turn depend on nothing uncommitted: send them
+        # first, so workers are busy while this turn's checkpoint is written. Steps made
+        # ready by this turn's results wait for the commit.
+        self._send(self._dispatch(up_to=self._committed))
         self._fire_timers(self.clock.monotonic())
-        sends = self._dispatch()
+        self._committed = next(self._seq)
         self._flush()
+        self._send(self._dispatch())
+
+    def _send(self, sends: list[tuple[Slot, bytes]]) -> None:
         for slot, message in sends:
             try:
                 self.pool.send(slot, message)
@@ -499,12 +509,15 @@ class Scheduler:
 
     # -- dispatch ----------------------------------------------------------------
 
-    def _dispatch(self) -> list[tuple[Slot, bytes]]:
+    def _dispatch(self, up_to: int | None = None) -> list[tuple[Slot, bytes]]:
+        """Hand ready steps to idle slots; with ``up_to``, only those queued before that sequence number."""
         if not self._ready:
             return []
         idle = [s for s in self.pool.slots if s.idle]
         sends = []
         while idle and self._ready:
+            if up_to is not None and self._ready[0][2] > up_to:
+                break
             run, step, token = self._ready.popleft()
             if step.queued != token or (run.stopping is not None and not step.hook):
                 continue
@@ -620,19 +633,22 @@ class Scheduler:
         for name, change in changes.items():
             cur = run.dict_value(name) if change.set_keys is not None else None
             if isinstance(cur, dict) and change.set_keys is not None:
+                deltas = run.deltas.setdefault(name, {})
                 for key, blob in change.set_keys.items():
                     cur[key] = pickle.loads(blob)
                     run.key_writes[(name, key)] = mark
+                    deltas[pickle.dumps(key, protocol=5)] = blob
                 for key in change.deleted_keys or ():
                     cur.pop(key, None)
                     run.key_writes[(name, key)] = mark
+                    deltas[pickle.dumps(key, protocol=5)] = TOMBSTONE
                 run.stale_fields.add(name)
             else:
                 run.fields[name] = change.blob
                 run.live_dicts.pop(name, None)
                 run.stale_fields.discard(name)
                 run.field_writes[name] = mark
-            run.dirty_fields.add(name)
+                run.dirty_fields.add(name)
         self._dirty[run.iid] = run
         return None
 
@@ -934,11 +950,15 @@ class Scheduler:
                 "usage": s.usage,
             }
         run.dirty_steps.clear()
-        run.sync()
+        if run.dirty_fields:
+            run.sync()
         fields: dict[str, bytes | None] = {name: run.fields.get(name) for name in run.dirty_fields}
+        # A field written whole this turn already holds its key changes.
+        deltas = {name: d for name, d in run.deltas.items() if name not in fields}
         run.dirty_fields.clear()
+        run.deltas = {}
         extra, run.extra = run.extra, {}
-        return Checkpoint(run.iid, meta, steps, fields, extra)
+        return Checkpoint(run.iid, meta, steps, fields, extra, deltas)
 
     def _store_failed(self, runs: list[Run], exc: Exception) -> None:
         log.error("wfaas could not write a checkpoint; stopping the runs involved", exc_info=exc)

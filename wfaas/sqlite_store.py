@@ -4,7 +4,8 @@ Layout: one table ``wfaas`` of (key TEXT, value BLOB). Per instance::
 
     m/<iid>              meta: status, error, times, owner       (rewritten each turn it changes)
     i/<iid>/s/<step>     one record per step                      (written when that step changes)
-    i/<iid>/f/<field>    one encoded data field                   (written when a step changed it)
+    i/<iid>/f/<field>    one encoded data field                   (written when a step replaced it)
+    i/<iid>/k/<field>/<key hex>  one key of a dict field          (written when a step changed that key)
     i/<iid>/x/<name>     write-once records: data class, definition fingerprint
 
 and ``wfaas/format`` holds the layout version. A scheduler turn is one
@@ -44,6 +45,7 @@ __all__ = ["FORMAT_VERSION", "SqliteStore"]
 FORMAT_VERSION = 1
 _TABLE = "wfaas"
 _HEADER = b"SQLite format 3\x00"
+_ROWS_PER_STATEMENT = 400  # 800 bound parameters, well under SQLite's limit
 
 
 def _encode(value: Any) -> sqlite3.Binary:
@@ -138,26 +140,36 @@ class SqliteStore(StateStore):
     def write(self, checkpoints: list[Checkpoint]) -> None:
         if self.readonly:
             raise StoreError(f"the wfaas store {self.path} was opened read-only")
+        rows: list[tuple[str, sqlite3.Binary]] = []
+        ranges: list[tuple[str, str]] = []  # key ranges to delete first
+        keys: list[str] = []  # single keys to delete
+        for cp in checkpoints:
+            prefix = f"i/{cp.instance_id}/"
+            rows += [(f"{prefix}x/{name}", _encode(value)) for name, value in cp.extra.items()]
+            rows += [(f"{prefix}s/{sid}", _encode(rec)) for sid, rec in cp.steps.items()]
+            for name, blob in cp.fields.items():
+                deltas = f"{prefix}k/{name}/"
+                ranges.append((deltas, deltas[:-1] + "0"))
+                if blob is None:
+                    keys.append(f"{prefix}f/{name}")
+                else:
+                    rows.append((f"{prefix}f/{name}", sqlite3.Binary(blob)))
+            for name, changes in cp.deltas.items():
+                rows += [(f"{prefix}k/{name}/{k.hex()}", sqlite3.Binary(v)) for k, v in changes.items()]
+            if cp.meta is not None:
+                rows.append((f"m/{cp.instance_id}", _encode(cp.meta)))
         with self._lock:
-            db = self._db
-            for cp in checkpoints:
-                iid = cp.instance_id
-                prefix = f"i/{iid}/"
-                for name, value in cp.extra.items():
-                    db[f"{prefix}x/{name}"] = value
-                for sid, rec in cp.steps.items():
-                    db[f"{prefix}s/{sid}"] = rec
-                for name, blob in cp.fields.items():
-                    key = f"{prefix}f/{name}"
-                    if blob is None:
-                        db.conn.execute(f'DELETE FROM "{_TABLE}" WHERE key = ?', (key,))
-                    else:
-                        db.conn.execute(
-                            f'REPLACE INTO "{_TABLE}" (key, value) VALUES (?, ?)', (key, sqlite3.Binary(blob))
-                        )
-                if cp.meta is not None:
-                    db[f"m/{iid}"] = cp.meta
-            db.commit(blocking=True)
+            conn = self._db.conn
+            for low, high in ranges:
+                conn.execute(f'DELETE FROM "{_TABLE}" WHERE key >= ? AND key < ?', (low, high))
+            for key in keys:
+                conn.execute(f'DELETE FROM "{_TABLE}" WHERE key = ?', (key,))
+            # One statement per chunk of rows: every statement is a trip to sqlitedict's thread.
+            for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+                chunk = rows[i : i + _ROWS_PER_STATEMENT]
+                values = ", ".join(["(?, ?)"] * len(chunk))
+                conn.execute(f'REPLACE INTO "{_TABLE}" (key, value) VALUES {values}', [x for row in chunk for x in row])
+            self._db.commit(blocking=True)
 
     def read(self, instance_id: str) -> Record | None:
         with self._lock:
@@ -175,6 +187,9 @@ class SqliteStore(StateStore):
             kind, name = key[len(prefix)], key[len(prefix) + 2 :]
             if kind == "f":
                 record.fields[name] = bytes(value)
+            elif kind == "k":
+                field_name, key_hex = name.rsplit("/", 1)
+                record.deltas.setdefault(field_name, {})[bytes.fromhex(key_hex)] = bytes(value)
             elif kind == "s":
                 record.steps[name] = _decode(value)
             else:

@@ -39,6 +39,13 @@ class Checkpoint:
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)
     fields: dict[str, bytes | None] = field(default_factory=dict)  # None: field removed
     extra: dict[str, Any] = field(default_factory=dict)
+    # Dict fields changed key by key: field -> {encoded key: encoded value, or TOMBSTONE}.
+    # A whole write of a field (in ``fields``) drops that field's earlier deltas.
+    deltas: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+
+
+TOMBSTONE = b""
+"""A delta value meaning "this key was deleted" (an encoded value is never empty)."""
 
 
 @dataclass
@@ -49,17 +56,38 @@ class Record:
     steps: dict[str, dict[str, Any]]
     fields: dict[str, bytes]
     extra: dict[str, Any]
+    deltas: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
 
     def apply(self, cp: Checkpoint) -> None:
         if cp.meta is not None:
             self.meta = cp.meta
         self.steps.update(cp.steps)
         for name, blob in cp.fields.items():
+            self.deltas.pop(name, None)
             if blob is None:
                 self.fields.pop(name, None)
             else:
                 self.fields[name] = blob
+        for name, changes in cp.deltas.items():
+            self.deltas.setdefault(name, {}).update(changes)
         self.extra.update(cp.extra)
+
+    def resolved_fields(self) -> dict[str, bytes]:
+        """Each field's encoding with its key-wise deltas applied."""
+        if not self.deltas:
+            return self.fields
+        fields = dict(self.fields)
+        for name, changes in self.deltas.items():
+            blob = fields.get(name)
+            value = pickle.loads(blob) if blob is not None else {}
+            for key_blob, value_blob in changes.items():
+                key = pickle.loads(key_blob)
+                if value_blob == TOMBSTONE:
+                    value.pop(key, None)
+                else:
+                    value[key] = pickle.loads(value_blob)
+            fields[name] = data_codec.encode_value(value)
+        return fields
 
 
 class StateStore(abc.ABC):
@@ -190,12 +218,13 @@ def data_class(record: Record) -> type:
 def record_to_state(instance_id: str, record: Record) -> WorkflowState[Any]:
     """Decode a record into the public :class:`WorkflowState`."""
     meta = record.meta
-    ctx_blob = record.fields.get(data_codec.CONTEXT_FIELD)
+    fields = record.resolved_fields()
+    ctx_blob = fields.get(data_codec.CONTEXT_FIELD)
     return WorkflowState(
         instance_id=instance_id,
         workflow_id=meta["workflow_id"],
         status=WorkflowStatus(meta["status"]),
-        data=data_codec.build(data_class(record), record.fields),
+        data=data_codec.build(data_class(record), fields),
         step_states={sid: StepState.from_record(rec) for sid, rec in record.steps.items()},
         error=meta.get("error"),
         failed_step=meta.get("failed_step"),
@@ -251,7 +280,8 @@ class InMemoryStore(StateStore):
             record = self._records.get(instance_id)
             if record is None:
                 return None
-            return Record(dict(record.meta), dict(record.steps), dict(record.fields), dict(record.extra))
+            deltas = {name: dict(d) for name, d in record.deltas.items()}
+            return Record(dict(record.meta), dict(record.steps), dict(record.fields), dict(record.extra), deltas)
 
     def read_meta(self, instance_id: str) -> dict[str, Any] | None:
         with self._lock:
