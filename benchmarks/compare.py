@@ -4,7 +4,7 @@
 
 Each repetition runs in a fresh interpreter (``--child``); repetitions of wfaas
 and of the baseline alternate, so load on the machine hits both alike. The
-report gives medians with min–max, ratios to the baseline and the targets of
+report gives medians with min and max, ratios to the baseline and the targets of
 issue 6. ``--quick`` (CI's smoke test) runs one small repetition of each and
 writes to a temporary file unless ``--out`` is given.
 """
@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +124,8 @@ def main() -> None:
         results[name] = {
             system: {key: summarize([r[key] for r in rs]) for key in rs[0]} for system, rs in runs.items() if rs
         }
-        print(
-            f"{name}: {json.dumps({s: {k: round(v['median'], 4) for k, v in f.items()} for s, f in results[name].items()})}"
-        )
+        medians = {s: {k: round(v["median"], 4) for k, v in f.items()} for s, f in results[name].items()}
+        print(f"{name}: {json.dumps(medians)}")
     if not only or "import" in only:
         results["import"] = {"wfaas": {"seconds": summarize([import_time()])}}
     command = "python benchmarks/compare.py " + " ".join(a for a in sys.argv[1:])
@@ -181,9 +180,8 @@ def write_report(out: Path, results: dict[str, Any], command: str, reps: int, se
             _m(results, f"scale_{shape}_10k", "wfaas", "cpu_per_step_us"),
         )
         if one and ten:
-            scale_rows.append(
-                f"| {shape} | {one:.1f} | {ten:.1f} | {ten / one:.2f} | ≤ 1.5 | {'met' if ten / one <= 1.5 else 'MISSED'} |"
-            )
+            verdict = "met" if ten / one <= 1.5 else "MISSED"
+            scale_rows.append(f"| {shape} | {one:.1f} | {ten:.1f} | {ten / one:.2f} | ≤ 1.5 | {verdict} |")
     durable = []
     dc, mc = (
         _m(results, "durable_chain_10k", "wfaas", "cpu_per_step_us"),
@@ -202,7 +200,7 @@ def write_report(out: Path, results: dict[str, Any], command: str, reps: int, se
     lines = [
         "# Benchmark results",
         "",
-        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {machine()}",
         f"- command: `{command}` ({reps} repetition(s) each, fresh interpreter per repetition, wfaas and "
         f"baseline interleaved; {seconds:.0f} s in all)",

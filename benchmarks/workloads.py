@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
-
 from wfaas import SqliteStore, StepDefinition, WorkflowData, WorkflowDefinition, WorkflowEngine
 
 WORKERS = 2
