@@ -233,6 +233,29 @@ class Run:
         return self.live[1]
 
 
+@dataclass(eq=False)
+class Batch:
+    """One turn's checkpoint in flight, and what may happen only once it is committed."""
+
+    mark: int  # ready-queue entries up to this sequence number depend on nothing newer
+    runs: list[Run]
+    events: list[Any]
+    finished: list[Run]
+    resolve: list[tuple[concurrent.futures.Future[Any], Any]]
+    committed: bool = False
+    error: Exception | None = None
+
+    def acknowledge(self, wake: Callable[[], None]) -> Callable[[Exception | None], None]:
+        """The callback a store calls (on any thread) once the checkpoint is committed or failed."""
+
+        def done(error: Exception | None) -> None:
+            self.error = error
+            self.committed = True
+            wake()
+
+        return done
+
+
 class _RemoteTraceback(Exception):
     """The worker's traceback, attached as ``__cause__`` of the step's own exception."""
 
@@ -287,6 +310,7 @@ class Scheduler:
         self._resolve: list[tuple[concurrent.futures.Future[Any], Any]] = []
         self._stopped = False
         self._committed = 0  # ready-queue entries up to this sequence number are committed
+        self._pending: collections.deque[Batch] = collections.deque()  # checkpoints not yet acknowledged
         self._inflight = 0
         self._thread = threading.Thread(target=self._main, name="wfaas-scheduler", daemon=True)
         self._watchdog = MemoryWatchdog(pool, _memory_limit_of, self._over_memory)
@@ -336,7 +360,8 @@ class Scheduler:
 
     def _wait_and_handle(self) -> None:
         deadline = self._timers[0][0] if self._timers else None
-        if deadline is not None and self._inflight == 0 and not self._ready and not self._commands:
+        idle = self._inflight == 0 and not self._ready and not self._commands and not self._pending
+        if deadline is not None and idle:
             self.clock.idle(deadline)
         timeout = 0.0 if self._commands else self.clock.wait_timeout(deadline)
         waitables = self.pool.waitables()
@@ -374,9 +399,10 @@ class Scheduler:
         # ready by this turn's results wait for the commit.
         self._send(self._dispatch(up_to=self._committed))
         self._fire_timers(self.clock.monotonic())
-        self._committed = next(self._seq)
+        self._complete_batches()
         self._flush()
-        self._send(self._dispatch())
+        self._complete_batches()
+        self._send(self._dispatch(up_to=self._committed))
 
     def _send(self, sends: list[tuple[Slot, bytes]]) -> None:
         for slot, message in sends:
@@ -905,26 +931,41 @@ class Scheduler:
     # -- checkpoints -------------------------------------------------------------------
 
     def _flush(self) -> None:
-        if self._dirty:
-            checkpoints = [self._checkpoint(run) for run in self._dirty.values()]
-            try:
-                self.store.write(checkpoints)
-            except Exception as exc:  # noqa: BLE001 - turned into a failed run, never a hung one
-                self._store_failed(list(self._dirty.values()), exc)
-            self._dirty.clear()
-        if self._events:
-            self.bus.publish(self._events)
-            self._events = []
-        for run in self._finished:
-            self.runs.pop(run.iid, None)
-            self.outcomes[run.iid] = Finished(run.status, run.error, run.done)
-            run.done.set()
-            for waiter in run.waiters:
-                waiter.set_result(run.status)
-        self._finished.clear()
-        for future, result in self._resolve:
-            future.set_result(result)
-        self._resolve.clear()
+        """Hand this turn's checkpoint to the store; what depends on it waits in a Batch for the commit."""
+        if self._pending and not self._pending[-1].committed:
+            return  # group commit: changes made meanwhile go out together once this write is done
+        batch = Batch(next(self._seq), list(self._dirty.values()), self._events, self._finished, self._resolve)
+        self._events, self._finished, self._resolve = [], [], []
+        checkpoints = [self._checkpoint(run) for run in self._dirty.values()]
+        self._dirty.clear()
+        self._pending.append(batch)
+        if not checkpoints:
+            batch.committed = True
+            return
+        try:
+            self.store.write_async(checkpoints, batch.acknowledge(self.wake))
+        except Exception as exc:  # noqa: BLE001 - turned into a failed run, never a hung one
+            batch.acknowledge(self.wake)(exc)
+
+    def _complete_batches(self) -> None:
+        """Release, in order, what waited for commits that are done: dependents, events, waiters."""
+        while self._pending and self._pending[0].committed:
+            batch = self._pending.popleft()
+            if batch.error is not None:
+                self._store_failed(batch.runs, batch.error)
+            self._committed = batch.mark
+            if batch.events:
+                self.bus.publish(batch.events)
+            for run in batch.finished:
+                self.runs.pop(run.iid, None)
+                self.outcomes[run.iid] = Finished(run.status, run.error, run.done)
+                run.done.set()
+                for waiter in run.waiters:
+                    waiter.set_result(run.status)
+            for future, result in batch.resolve:
+                future.set_result(result)
+        if self._dirty or self._events or self._finished or self._resolve:
+            self.wake()  # a failed commit changed state: another turn checkpoints it
 
     def _checkpoint(self, run: Run) -> Checkpoint:
         meta = {

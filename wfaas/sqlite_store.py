@@ -28,12 +28,15 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
+import queue
 import sqlite3
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import sqlitedict
 from sqlitedict import SqliteDict
 
 from . import data as data_codec
@@ -45,6 +48,10 @@ __all__ = ["FORMAT_VERSION", "SqliteStore"]
 FORMAT_VERSION = 1
 _TABLE = "wfaas"
 _HEADER = b"SQLite format 3\x00"
+# sqlitedict's in-band commit request and end-of-results marker (it has no public
+# "commit, then tell me" call; these are what its own commit(blocking=True) uses).
+_COMMIT = sqlitedict._REQUEST_COMMIT
+_NO_MORE = sqlitedict._RESPONSE_NO_MORE
 _ROWS_PER_STATEMENT = 400  # 800 bound parameters, well under SQLite's limit
 
 
@@ -101,6 +108,8 @@ class SqliteStore(StateStore):
                 f"the wfaas store {self.path} was written by a newer wfaas (format {version}, this one reads "
                 f"up to {FORMAT_VERSION}); upgrade wfaas (pip install -U wfaas) to use it"
             )
+        self._acks: queue.Queue[Any] = queue.Queue()
+        self._committer: threading.Thread | None = None
         self._closed = False
         atexit.register(self.close)
 
@@ -138,6 +147,47 @@ class SqliteStore(StateStore):
     # -- primitives ----------------------------------------------------------------
 
     def write(self, checkpoints: list[Checkpoint]) -> None:
+        with self._lock:
+            self._enqueue(checkpoints)
+            self._db.commit(blocking=True)
+
+    def write_async(self, checkpoints: list[Checkpoint], done: Callable[[Exception | None], None]) -> None:
+        """Queue the statements and the commit in order; ``done`` runs on the committer thread once committed.
+
+        The scheduler keeps working meanwhile (steps that were already ready get
+        dispatched); only what depends on this checkpoint waits for ``done``.
+        """
+        marker: queue.Queue[Any] = queue.Queue()
+        with self._lock:
+            self._enqueue(checkpoints)
+            self._db.conn.execute(_COMMIT)
+            # Answered by sqlitedict's thread only after the commit queued before it ran.
+            self._db.conn.execute("SELECT 1", res=marker)
+            self._ensure_committer()
+            self._acks.put((marker, done))
+
+    def _ensure_committer(self) -> None:
+        if self._committer is None:
+            self._committer = threading.Thread(target=self._acknowledge, name="wfaas-sqlite-commit", daemon=True)
+            self._committer.start()
+
+    def _acknowledge(self) -> None:
+        while True:
+            item = self._acks.get()
+            if item is None:
+                return
+            marker, done = item
+            while marker.get() != _NO_MORE:
+                pass
+            try:
+                self._db.conn.check_raise_error()
+            except Exception as exc:  # noqa: BLE001 - handed to the scheduler as a failed checkpoint
+                done(exc)
+            else:
+                done(None)
+
+    def _enqueue(self, checkpoints: list[Checkpoint]) -> None:
+        """Queue one turn's statements (the caller holds the lock and queues the commit)."""
         if self.readonly:
             raise StoreError(f"the wfaas store {self.path} was opened read-only")
         rows: list[tuple[str, sqlite3.Binary]] = []
@@ -158,18 +208,16 @@ class SqliteStore(StateStore):
                 rows += [(f"{prefix}k/{name}/{k.hex()}", sqlite3.Binary(v)) for k, v in changes.items()]
             if cp.meta is not None:
                 rows.append((f"m/{cp.instance_id}", _encode(cp.meta)))
-        with self._lock:
-            conn = self._db.conn
-            for low, high in ranges:
-                conn.execute(f'DELETE FROM "{_TABLE}" WHERE key >= ? AND key < ?', (low, high))
-            for key in keys:
-                conn.execute(f'DELETE FROM "{_TABLE}" WHERE key = ?', (key,))
-            # One statement per chunk of rows: every statement is a trip to sqlitedict's thread.
-            for i in range(0, len(rows), _ROWS_PER_STATEMENT):
-                chunk = rows[i : i + _ROWS_PER_STATEMENT]
-                values = ", ".join(["(?, ?)"] * len(chunk))
-                conn.execute(f'REPLACE INTO "{_TABLE}" (key, value) VALUES {values}', [x for row in chunk for x in row])
-            self._db.commit(blocking=True)
+        conn = self._db.conn
+        for low, high in ranges:
+            conn.execute(f'DELETE FROM "{_TABLE}" WHERE key >= ? AND key < ?', (low, high))
+        for key in keys:
+            conn.execute(f'DELETE FROM "{_TABLE}" WHERE key = ?', (key,))
+        # One statement per chunk of rows: every statement is a trip to sqlitedict's thread.
+        for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+            chunk = rows[i : i + _ROWS_PER_STATEMENT]
+            values = ", ".join(["(?, ?)"] * len(chunk))
+            conn.execute(f'REPLACE INTO "{_TABLE}" (key, value) VALUES {values}', [x for row in chunk for x in row])
 
     def read(self, instance_id: str) -> Record | None:
         with self._lock:
@@ -230,6 +278,9 @@ class SqliteStore(StateStore):
             return
         self._closed = True
         atexit.unregister(self.close)
+        if self._committer is not None:
+            self._acks.put(None)
+            self._committer.join(timeout=30)
         with self._lock:
             self._db.close()
 

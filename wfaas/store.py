@@ -111,6 +111,18 @@ class StateStore(abc.ABC):
     def remove(self, instance_id: str) -> bool:
         """Drop an instance; False if it was not there."""
 
+    def write_async(self, checkpoints: list[Checkpoint], done: Callable[[Exception | None], None]) -> None:
+        """Start writing; call ``done(None)`` once committed, ``done(error)`` if not (from any thread).
+
+        Writes must commit in the order they were started. The default writes at once.
+        """
+        try:
+            self.write(checkpoints)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            done(exc)
+        else:
+            done(None)
+
     def read_meta(self, instance_id: str) -> dict[str, Any] | None:
         """Only the instance's meta record (cheaper than ``read`` where a store can)."""
         record = self.read(instance_id)
