@@ -68,6 +68,7 @@ class Slot:
         self.classes: set[str] = set()
         self.snapshot: object = None
         self.last_rss = 0
+        self.eof = False  # its pipe is closed: nothing more will come (the process died)
 
     @property
     def pid(self) -> int | None:
@@ -109,7 +110,7 @@ class WorkerPool:
         child_end.close()
         slot.process, slot.conn = process, parent_end
         slot.task, slot.dying = None, False
-        slot.bodies, slot.classes, slot.snapshot, slot.last_rss = set(), set(), None, 0
+        slot.bodies, slot.classes, slot.snapshot, slot.last_rss, slot.eof = set(), set(), None, 0, False
 
     def waitables(self) -> dict[Any, tuple[str, Slot]]:
         """Every object the scheduler blocks on, mapped to (kind, slot)."""
@@ -119,7 +120,7 @@ class WorkerPool:
                 continue
             if not slot.dying:
                 out[slot.process.sentinel] = ("exit", slot)
-            if slot.task is not None and slot.conn is not None:
+            if slot.task is not None and slot.conn is not None and not slot.eof:
                 out[slot.conn] = ("result", slot)
         return out
 
@@ -134,6 +135,7 @@ class WorkerPool:
         try:
             result: tuple[Any, ...] = pickle.loads(slot.conn.recv_bytes())
         except (EOFError, OSError):
+            slot.eof = True
             return None
         return result
 
@@ -142,15 +144,18 @@ class WorkerPool:
         slot.process.join(timeout=1.0)
         return Exit(slot.process.exitcode, slot.last_rss)
 
-    def kill(self, slot: Slot, grace: float, done: Callable[[Slot, Exit], None]) -> None:
-        """Stop the slot's process tree (SIGTERM, grace, SIGKILL) on a thread; ``done`` once all is dead."""
+    def kill(self, slot: Slot, grace: float, done: Callable[[Slot, Exit], None], exit_: Exit | None = None) -> None:
+        """Stop the slot's process tree (SIGTERM, grace, SIGKILL) on a thread; ``done`` once all is dead.
+
+        ``exit_`` is how the worker ended when it died on its own (then only its group is left to kill).
+        """
         slot.dying = True
         pid = slot.pid
 
         def run() -> None:
             if pid is not None:
                 terminate_tree(pid, grace)
-            done(slot, self.exit_of(slot))
+            done(slot, exit_ or self.exit_of(slot))
 
         threading.Thread(target=run, name=f"wfaas-kill-{slot.index}", daemon=True).start()
 
@@ -171,11 +176,26 @@ class WorkerPool:
             if slot.process is None:
                 continue
             slot.process.join(timeout=0.5 if slot.task is None else 0)
-            if slot.pid is not None and (slot.process.is_alive() or _has_children(slot.pid)):
+            if slot.pid is not None:
+                # Also when the worker exited: what its steps left running must not outlive the engine.
                 terminate_tree(slot.pid, grace)
             slot.process.join(timeout=1.0)
             if slot.conn is not None:
                 slot.conn.close()
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    """Processes of the group a worker leads: what its steps started, even after the worker died."""
+    if pgid == os.getpgid(0):
+        return []
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid:
+                members.append(p)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members
 
 
 def _has_children(pid: int | None) -> bool:
@@ -198,6 +218,7 @@ def terminate_tree(pid: int, grace: float) -> None:
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         procs = []
+    procs += [p for p in _group_members(pid) if p.pid not in {q.pid for q in procs}]
     for p in procs:
         _signal(p, signal.SIGTERM)
     _signal_group(pid, signal.SIGTERM)

@@ -788,7 +788,9 @@ class Scheduler:
         self._release(task)
         run, step = task.run, task.step
         timeout = run.compiled.timeout[step.index]
-        if task.kill_reason == "timeout":
+        if task.kill_reason == "crash":
+            self._crashed(task, exit_)
+        elif task.kill_reason == "timeout":
             error: WorkflowError = StepTimeout(
                 f"timed out after {timeout:g} s; its worker (pid {exit_pid(task)}) and every process it started "
                 f"were stopped ({exit_.describe()})",
@@ -819,15 +821,17 @@ class Scheduler:
             if message is None:
                 break
             self._on_message(slot, message)  # it finished before dying: keep its result
-        task: Task | None = slot.task
         exit_ = self.pool.exit_of(slot)
-        self.pool.spawn(slot)
-        if task is None:
-            return
-        self._release(task)
+        if slot.task is not None:
+            slot.task.kill_reason = "crash"
+        # What the dead worker's step started still runs in its process group: stop it
+        # before anything is retried (never two attempts' processes at once).
+        self.pool.kill(slot, 0.0, self._killed, exit_)
+
+    def _crashed(self, task: Task, exit_: Exit) -> None:
         run, step = task.run, task.step
         hint = ""
-        if exit_.signal_name == "SIGKILL" and exit_.last_rss > 0:
+        if exit_.signal_name == "SIGKILL" and exit_.last_rss >= _OOM_HINT_BYTES:
             hint = f"; probably out of memory (its last measured RSS was {_mib(exit_.last_rss)} MiB)"
         error = WorkerCrashed(
             f"its worker process (pid {exit_pid(task)}) {exit_.describe()}{hint}; other steps were not affected",
@@ -838,7 +842,6 @@ class Scheduler:
             self._fail_for_good(run, step, step.final_error or error)
         else:
             self._attempt_failed(run, step, error, error, None)
-        self._maybe_finish(run)
 
     # -- finishing steps and runs -----------------------------------------------------
 
@@ -1079,6 +1082,11 @@ def _delta(seconds: float) -> Any:
     from datetime import timedelta
 
     return timedelta(seconds=max(0.0, seconds))
+
+
+# A worker SIGKILLed while this large (ten times a fresh worker) was probably the OOM killer's
+# choice: the kernel says nothing to us, so this is a hint, and worded as one.
+_OOM_HINT_BYTES = 256 * 2**20
 
 
 def _mib(n: int) -> str:
