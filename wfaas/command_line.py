@@ -52,6 +52,14 @@ def fail(message: str) -> NoReturn:
 # -- targets and data ------------------------------------------------------------
 
 
+def absolute_target(target: str) -> str:
+    """The target with a file path made absolute, as recorded with a run (resume works from anywhere)."""
+    module_part, sep, attr = target.rpartition(":")
+    if sep and (module_part.endswith(".py") or os.sep in module_part):
+        return f"{Path(module_part).resolve()}:{attr}"
+    return target
+
+
 def load_target(target: str) -> WorkflowDefinition:
     """The WorkflowDefinition named by ``module:attr`` or ``path/file.py:attr``."""
     module_part, sep, attr = target.rpartition(":")
@@ -133,6 +141,28 @@ def open_store(path: str, *, readonly: bool = False) -> StateStore:
         return SqliteStore(path, readonly=readonly)
     except StoreError as exc:
         fail(str(exc))
+
+
+def load_state(store: StateStore, iid: str) -> WorkflowState[Any]:
+    """A run's state; its data decoded where the run's own code can be imported."""
+    from .store import record_to_state
+
+    record = store.read(iid)
+    if record is None:
+        fail(f"no run {iid} in this store")
+    origin = record.extra.get("origin")
+    if origin:
+        module_part = origin.rpartition(":")[0]
+        if module_part.endswith(".py") or os.sep in module_part:
+            sys.path.insert(0, str(Path(module_part).resolve().parent))
+        elif os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+    try:
+        return record_to_state(iid, record)
+    except Exception as exc:  # noqa: BLE001 - show the steps anyway
+        state = record_to_state(iid, record, decode_data=False)
+        state.data = f"(not decodable here: {type(exc).__name__}: {exc})"
+        return state
 
 
 def resolve_id(store: StateStore, prefix: str | None) -> str:
@@ -413,7 +443,7 @@ def run(target: str, data: str | None, store: str, workers: int | None, quiet: b
     definition = load_target(target)
     payload = build_data(definition, data)
     state_store = open_store(store)
-    engine = _engine(state_store, workers, target)
+    engine = _engine(state_store, workers, absolute_target(target))
     try:
         try:
             engine.register_workflow(definition)
@@ -544,7 +574,7 @@ def status(instance_id: str | None, store: str, as_json: bool) -> None:
     """
     state_store = open_store(store, readonly=True)
     try:
-        state = state_store.load(resolve_id(state_store, instance_id))
+        state = load_state(state_store, resolve_id(state_store, instance_id))
     finally:
         state_store.close()
     if as_json:
@@ -740,7 +770,7 @@ def plan(target: str, resume_id: str | None, data: str | None, store: str) -> No
     if resume_id:
         state_store = open_store(store, readonly=True)
         try:
-            state = state_store.load(resolve_id(state_store, resume_id))
+            state = load_state(state_store, resolve_id(state_store, resume_id))
         finally:
             state_store.close()
         payload = state.data

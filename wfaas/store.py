@@ -227,17 +227,20 @@ def data_class(record: Record) -> type:
     return cls
 
 
-def record_to_state(instance_id: str, record: Record) -> WorkflowState[Any]:
-    """Decode a record into the public :class:`WorkflowState`."""
+def record_to_state(instance_id: str, record: Record, *, decode_data: bool = True) -> WorkflowState[Any]:
+    """Decode a record into the public :class:`WorkflowState` (``decode_data=False``: data is None)."""
     meta = record.meta
     fields = record.resolved_fields()
     ctx_blob = fields.get(data_codec.CONTEXT_FIELD)
+    # Steps in definition order (the fingerprint keeps it), whatever order the store returns.
+    order = {sid: i for i, sid in enumerate((record.extra.get("fingerprint") or {}).get("steps", {}))}
+    steps = sorted(record.steps.items(), key=lambda item: order.get(item[0], len(order)))
     return WorkflowState(
         instance_id=instance_id,
         workflow_id=meta["workflow_id"],
         status=WorkflowStatus(meta["status"]),
-        data=data_codec.build(data_class(record), fields),
-        step_states={sid: StepState.from_record(rec) for sid, rec in record.steps.items()},
+        data=data_codec.build(data_class(record), fields) if decode_data else None,
+        step_states={sid: StepState.from_record(rec) for sid, rec in steps},
         error=meta.get("error"),
         failed_step=meta.get("failed_step"),
         created_at=meta.get("created_at"),
