@@ -140,7 +140,10 @@ def main(conn: Connection) -> None:
         except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
             reply = ("error", task_id, _encode_error(exc), _format_tb(exc), collector.records)
         reply = (*reply, _usage(time.perf_counter() - started, cpu0, children0))
-        conn.send_bytes(pickle.dumps(reply, protocol=5))
+        try:
+            conn.send_bytes(pickle.dumps(reply, protocol=5))
+        except OSError:
+            return  # the engine is gone; its parent watch takes the rest of the group down
 
 
 def _run(
