@@ -135,6 +135,7 @@ class ChaosReport:
     kills_by_signal: dict[str, int] = field(default_factory=dict)
     crashed_attempts: int = 0
     retries: int = 0
+    most_attempts: int = 0
     lost: int = 0
     duplicates: int = 0
     redone: int = 0
@@ -162,7 +163,7 @@ class ChaosReport:
             f"  steps succeeded     {self.succeeded}/{self.steps}",
             f"  kills               {self.kills}" + (f" ({by_signal})" if by_signal else ""),
             f"  crashed attempts    {self.crashed_attempts}",
-            f"  retries             {self.retries}",
+            f"  retries             {self.retries} (at most {self.most_attempts} attempts for one step)",
             f"  lost                {self.lost}",
             f"  duplicates          {self.duplicates}",
             f"  leftover processes  {self.leftover_processes}",
@@ -285,6 +286,7 @@ def _check(
             continue
         report.succeeded += 1
         report.retries += max(0, st.attempts - 1)
+        report.most_attempts = max(report.most_attempts, st.attempts)
         won = st.attempts
         if done_data.get(sid) != won or won not in dones:
             report.lost += 1

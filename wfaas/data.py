@@ -87,6 +87,24 @@ def _identity(value: Any) -> Any:
     return value
 
 
+def dill_dumps(value: Any) -> bytes:
+    """dill by value, with the fix below applied to the classes involved."""
+    for cls in type(value).__mro__ if not isinstance(value, type) else value.__mro__:
+        _own_orig_bases(cls)
+    return bytes(dill.dumps(value, protocol=5, recurse=True))
+
+
+def _own_orig_bases(cls: type) -> None:
+    # dill rebuilds a class from ``__orig_bases__`` when it has one, and a plain subclass of
+    # a generic class (class Leaf(Mid) where Mid(StepExecutor[D])) inherits Mid's: the rebuilt
+    # Leaf would skip Mid and lose its methods. Give such a class its own, equal to its bases.
+    if "__orig_bases__" not in cls.__dict__ and hasattr(cls, "__orig_bases__") and cls.__module__ != "typing":
+        try:
+            cls.__orig_bases__ = cls.__bases__
+        except (AttributeError, TypeError):
+            pass  # a builtin or extension type: dill pickles those by reference anyway
+
+
 def encode_value(value: Any) -> bytes:
     """Bytes that any worker can decode with ``pickle.loads``."""
     if type(value) in _PLAIN:
@@ -94,10 +112,10 @@ def encode_value(value: Any) -> bytes:
     try:
         blob = pickle.dumps(value, protocol=5)
     except Exception:  # noqa: BLE001 - any pickling failure means: let dill try
-        return bytes(dill.dumps(value, protocol=5, recurse=True))
+        return dill_dumps(value)
     # pickle stores __main__ objects by reference, which a worker cannot resolve.
     if b"__main__" in blob:
-        return bytes(dill.dumps(value, protocol=5, recurse=True))
+        return dill_dumps(value)
     return blob
 
 

@@ -38,8 +38,6 @@ from datetime import datetime
 from multiprocessing.connection import wait
 from typing import Any
 
-import dill
-
 from . import data as data_codec
 from . import events as ev
 from .clock import Clock
@@ -88,7 +86,7 @@ class Compiled:
         self.timeout = [s.timeout if s.timeout is not None else definition.default_timeout for s in self.steps]
         self.memory_limit = [s.memory_limit or definition.default_memory_limit for s in self.steps]
         self.body_keys = [f"{self.token}/{s.id}" for s in self.steps]
-        self.body_blobs = [dill.dumps(s.body, protocol=5, recurse=True) for s in self.steps]
+        self.body_blobs = [data_codec.dill_dumps(s.body) for s in self.steps]
         self.fingerprint = fingerprint(definition)
 
 
