@@ -165,7 +165,7 @@ def _run(
         error = pickle.loads(error_blob)
         try:
             body.on_failure(ctx, error)
-        except Exception:
+        except Exception:  # a hook never changes the outcome; it is logged
             logging.getLogger("wfaas").exception("on_failure hook of step %r raised", step_id)
         return ("done", task_id, "hook", {}, collector.records)
 
@@ -180,7 +180,7 @@ def _run(
     if result is StepResult.SUCCESS and overrides(body, "on_success"):
         try:
             body.on_success(ctx)
-        except Exception:
+        except Exception:  # a hook never changes the outcome; it is logged
             logging.getLogger("wfaas").exception("on_success hook of step %r raised", step_id)
     return ("done", task_id, result.value, changes, collector.records)
 

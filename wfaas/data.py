@@ -145,7 +145,7 @@ def encode_fields(obj: Any, *, where: str) -> dict[str, bytes]:
         try:
             blob = encode_value(value)
             decode_value(blob)
-        except Exception as exc:
+        except Exception as exc:  # whatever the failure, it is reported with the field's name
             raise SerializationError(
                 f"{where}: field {type(obj).__name__}.{name} ({type(value).__name__}) cannot be sent to a worker: "
                 f"{type(exc).__name__}: {exc}. Declare it `{name}: Any = transient()` and re-create it in "

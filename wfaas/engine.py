@@ -62,7 +62,7 @@ class CleanupHandle:
                 return
             try:
                 self.removed += engine._cleanup(ttl)
-            except Exception:
+            except Exception:  # a failed sweep is retried next interval
                 log.exception("wfaas cleanup sweep failed")
             del engine
             self._stop.wait(interval)

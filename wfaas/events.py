@@ -207,7 +207,7 @@ class EventBus:
                     for deliver in self._subscribers:
                         try:
                             deliver(item)
-                        except Exception:
+                        except Exception:  # a subscriber never fails a workflow
                             log.exception("event subscriber %r raised on %s", deliver, type(item).__name__)
 
 

@@ -302,6 +302,8 @@ class Scheduler:
         ] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_lock = threading.Lock()
         self._dirty: dict[str, Run] = {}
         self._events: list[Any] = []
         self._finished: list[Run] = []
@@ -321,10 +323,15 @@ class Scheduler:
         self._watchdog.start()
 
     def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full, so a wake-up is pending anyway (or we are closed)
+        # Called from any thread (kill threads, commit acknowledgements, a virtual clock),
+        # also after stop(): never write to the descriptor once closed, its number may be reused.
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full, so a wake-up is pending anyway
 
     def submit(self, fn: Callable[..., Any], *args: Any, reply: bool = True) -> concurrent.futures.Future[Any] | None:
         """Run ``fn(*args)`` on the scheduler thread; its result (or error) lands in the returned future."""
@@ -339,8 +346,10 @@ class Scheduler:
         self._watchdog.stop()
         self.submit(self._stop_now, reply=False)
         self._thread.join(timeout=30)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_w = -1
 
     def _stop_now(self) -> None:
         self._stopped = True
@@ -352,7 +361,7 @@ class Scheduler:
             while not self._stopped:
                 self._wait_and_handle()
                 self._turn()
-        except BaseException as exc:
+        except BaseException as exc:  # a dead scheduler must not leave waiters hanging
             log.critical("wfaas scheduler thread crashed; failing every run it owned", exc_info=True)
             self._abandon(exc)
 
@@ -382,7 +391,7 @@ class Scheduler:
             fn, args, future = self._commands.popleft()
             try:
                 result = fn(*args)
-            except BaseException as exc:
+            except BaseException as exc:  # handed to the caller through its future
                 if future is not None:
                     future.set_exception(exc)
                 else:
@@ -1061,7 +1070,7 @@ def _retryable(body: Any, cause: BaseException) -> bool:
         return True
     try:
         return bool(body.is_retryable(cause))
-    except Exception:
+    except Exception:  # a raising is_retryable means: do not retry
         log.exception("is_retryable of %r raised; not retrying", body)
         return False
 

@@ -97,7 +97,7 @@ class SqliteStore(StateStore):
                 self._db.commit()
         except StoreError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # every open failure becomes one clear StoreError
             raise StoreError(
                 f"cannot open the wfaas store {self.path}: {type(exc).__name__}: {exc}. If the file is damaged, "
                 "move it aside (its runs are lost) or restore it from a backup; wfaas never recreates it silently"
