@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -79,3 +80,28 @@ def vengine(clock: VirtualClock) -> Iterator[WorkflowEngine]:
     """A real engine whose timers (delay, backoff, scheduled_at, timeouts) run on ``clock``."""
     with WorkflowEngine(max_workers=2, clock=clock, grace_period=1.0) as eng:
         yield eng
+
+
+# -- fault-test helpers (processes, PID files) ---------------------------------------
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (dead, not yet reaped by its parent) counts as dead."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` so that a reader sees the whole file or none (for PID files written by steps)."""
+    tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def wait_for_text(path: str | os.PathLike[str], timeout: float = 30.0) -> str:
+    """Wait for a file written with :func:`write_atomic` and return its text."""
+    file = Path(path)
+    return str(wait_until(lambda: file.exists() and file.read_text(), timeout, f"file {file}"))

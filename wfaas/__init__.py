@@ -8,8 +8,6 @@ every step. See ``README.md`` for the tour; this module is the whole public API.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from . import events
 from .clock import Clock, SystemClock
 from .data import WorkflowData, transient
@@ -59,14 +57,16 @@ from .states import StepState, StepStatus, WorkflowState, WorkflowStatus
 from .steps import FunctionStep, StepExecutor, StepResult, WorkflowContext
 from .store import InMemoryStore, StateStore
 
-try:
-    __version__ = version("wfaas")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0+unknown"
-
 
 def __getattr__(name: str) -> object:
-    # SqliteStore pulls in sqlitedict; import it only when asked for.
+    # Imported only when asked for: importlib.metadata and sqlitedict cost import time.
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("wfaas")
+        except PackageNotFoundError:  # pragma: no cover - a source tree without install
+            return "0.0.0+unknown"
     if name == "SqliteStore":
         from .sqlite_store import SqliteStore
 

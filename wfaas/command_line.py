@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import click
 
-from . import __version__, events
+from . import events
 from .definition import WorkflowDefinition, topological_order
 from .errors import InvalidDefinition, SerializationError, StoreError, WorkflowError
 from .states import StepStatus, WorkflowState, WorkflowStatus
@@ -410,7 +410,7 @@ def _engine(store: StateStore, workers: int | None, origin: str | None) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="wfaas-local")
+@click.version_option(package_name="wfaas", prog_name="wfaas-local")
 def main() -> None:
     """Run wfaas workflows on this machine and look at their runs.
 

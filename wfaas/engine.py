@@ -109,6 +109,7 @@ class WorkflowEngine:
         # Where this engine's definitions come from (the CLI's TARGET), saved with each run
         # so that `wfaas-local resume ID` can load the definition again.
         self.origin: str | None = None
+        self._class_blobs: dict[type, bytes] = {}
         self._shutting_down = False
         self._closed = False
         me = psutil.Process()
@@ -173,13 +174,20 @@ class WorkflowEngine:
             )
         where = f"start_workflow({workflow_id!r})"
         fields = data_codec.encode_fields(data, where=where)
-        cls_blob = data_codec.encode_value(type(data))
+        cls_blob = self._class_blob(type(data))
         iid = uuid.uuid4().hex
         run = Run(iid, compiled, type(data), cls_blob, fields, created_at=self.clock.now())
         run.dirty_fields.update(fields)
         run.extra = {"class": cls_blob, "fingerprint": compiled.fingerprint, "origin": self.origin}
         result: str = self._call(self._scheduler.start_run, run, None, set())
         return result
+
+    def _class_blob(self, cls: type) -> bytes:
+        # Encoding a class by value costs milliseconds; do it once per class, not per run.
+        blob = self._class_blobs.get(cls)
+        if blob is None:
+            blob = self._class_blobs[cls] = data_codec.encode_value(cls)
+        return blob
 
     def _call(self, fn: Any, *args: Any) -> Any:
         if self._closed:

@@ -85,8 +85,13 @@ class Compiled:
         self.retry: list[RetryPolicy] = [s.retry or definition.default_retry or NO_RETRY for s in self.steps]
         self.timeout = [s.timeout if s.timeout is not None else definition.default_timeout for s in self.steps]
         self.memory_limit = [s.memory_limit or definition.default_memory_limit for s in self.steps]
-        self.body_keys = [f"{self.token}/{s.id}" for s in self.steps]
-        self.body_blobs = [data_codec.dill_dumps(s.body) for s in self.steps]
+        # One encoding per distinct body: a 10,000-step chain of one function sends it once.
+        by_body: dict[int, tuple[str, bytes]] = {}
+        for i, s in enumerate(self.steps):
+            if id(s.body) not in by_body:
+                by_body[id(s.body)] = (f"{self.token}/{i}", data_codec.dill_dumps(s.body))
+        self.body_keys = [by_body[id(s.body)][0] for s in self.steps]
+        self.body_blobs = [by_body[id(s.body)][1] for s in self.steps]
         self.fingerprint = fingerprint(definition)
 
 
@@ -246,10 +251,13 @@ class Batch:
     def acknowledge(self, wake: Callable[[], None]) -> Callable[[Exception | None], None]:
         """The callback a store calls (on any thread) once the checkpoint is committed or failed."""
 
+        scheduler_thread = threading.get_ident()
+
         def done(error: Exception | None) -> None:
             self.error = error
             self.committed = True
-            wake()
+            if threading.get_ident() != scheduler_thread:
+                wake()  # acknowledged inline (in-memory stores) needs no wake-up
 
         return done
 
@@ -410,6 +418,8 @@ class Scheduler:
         self._flush()
         self._complete_batches()
         self._send(self._dispatch(up_to=self._committed))
+        if self._dirty:
+            self.wake()  # what the last dispatch changed (steps now RUNNING) is checkpointed next turn
 
     def _send(self, sends: list[tuple[Slot, bytes]]) -> None:
         for slot, message in sends:

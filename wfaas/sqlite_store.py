@@ -26,6 +26,7 @@ cost of one fsync per scheduler turn.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import pickle
 import queue
@@ -46,6 +47,10 @@ from .store import Checkpoint, Record, StateStore
 __all__ = ["FORMAT_VERSION", "SqliteStore"]
 
 FORMAT_VERSION = 1
+
+# sqlitedict logs every SQLite error with a traceback on stderr before raising it again
+# later; wfaas turns those errors into StoreError sentences, so its own log stays quiet.
+logging.getLogger("sqlitedict").setLevel(logging.CRITICAL)
 _TABLE = "wfaas"
 _HEADER = b"SQLite format 3\x00"
 # sqlitedict's in-band commit request and end-of-results marker (it has no public
@@ -118,6 +123,13 @@ class SqliteStore(StateStore):
         if path.is_dir():
             raise StoreError(f"the wfaas store {path} is a directory; give a file path such as {path / 'runs.sqlite'}")
         if path.exists():
+            if not self.readonly and not os.access(path, os.W_OK):
+                raise StoreError(f"the wfaas store {path} is not writable; fix its permissions or choose another path")
+            if not self.readonly and not os.access(path.parent, os.W_OK | os.X_OK):
+                raise StoreError(
+                    f"the wfaas store {path} is in a directory without write permission ({path.parent}); SQLite "
+                    "keeps its write-ahead log beside the file: make the directory writable or move the store"
+                )
             if path.stat().st_size:
                 with open(path, "rb") as f:
                     if f.read(16) != _HEADER:
@@ -125,8 +137,7 @@ class SqliteStore(StateStore):
                             f"{path} is not a wfaas store (not an SQLite database); choose another --store path, "
                             "or move the file aside"
                         )
-            if not self.readonly and not os.access(path, os.W_OK):
-                raise StoreError(f"the wfaas store {path} is not writable; fix its permissions or choose another path")
+                self._probe()
             return
         if self.readonly:
             raise StoreError(f"no wfaas store at {path}; run a workflow first, or pass the right --store")
@@ -143,6 +154,30 @@ class SqliteStore(StateStore):
         # Runs can hold anything a step wrote: readable by the owner only.
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, stat.S_IRUSR | stat.S_IWUSR)
         os.close(fd)
+
+    def _probe(self) -> None:
+        """Check an existing file with the stdlib driver before sqlitedict's thread touches it.
+
+        A damaged file kills sqlitedict's thread on the first bad page, and every
+        later call then waits forever (sqlitedict#24); SQLite's own quick check
+        finds such pages first, at the cost of reading the file once.
+        """
+        try:
+            probe = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+            try:
+                verdict = probe.execute("PRAGMA quick_check").fetchone()
+            finally:
+                probe.close()
+        except sqlite3.Error as exc:
+            raise StoreError(self._damaged(str(exc))) from exc
+        if not verdict or verdict[0] != "ok":
+            raise StoreError(self._damaged(str(verdict[0] if verdict else "no answer")))
+
+    def _damaged(self, detail: str) -> str:
+        return (
+            f"the wfaas store {self.path} is damaged or not a wfaas store ({detail}); move it aside (its runs "
+            "are lost) or restore it from a backup; wfaas never recreates a store silently"
+        )
 
     # -- primitives ----------------------------------------------------------------
 
@@ -195,6 +230,8 @@ class SqliteStore(StateStore):
         keys: list[str] = []  # single keys to delete
         for cp in checkpoints:
             prefix = f"i/{cp.instance_id}/"
+            if cp.replace:
+                ranges.append((prefix, prefix[:-1] + "0"))
             rows += [(f"{prefix}x/{name}", _encode(value)) for name, value in cp.extra.items()]
             rows += [(f"{prefix}s/{sid}", _encode(rec)) for sid, rec in cp.steps.items()]
             for name, blob in cp.fields.items():

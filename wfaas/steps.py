@@ -54,7 +54,11 @@ class WorkflowContext(Generic[D]):
         self.attempt = attempt
         self._values: dict[str, Any] = values if values is not None else {}
         self._written: dict[str, Any] = {}
-        self.logger = logging.getLogger(f"wfaas.step.{workflow_id}.{step_id}")
+
+    @property
+    def logger(self) -> logging.Logger:
+        """The step's logger, ``wfaas.step.<workflow>.<step>``; its records reach the engine's logging."""
+        return logging.getLogger(f"wfaas.step.{self.workflow_id}.{self.step_id}")
 
     @property
     def idempotency_key(self) -> str:

@@ -42,6 +42,7 @@ class Checkpoint:
     # Dict fields changed key by key: field -> {encoded key: encoded value, or TOMBSTONE}.
     # A whole write of a field (in ``fields``) drops that field's earlier deltas.
     deltas: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+    replace: bool = False  # drop everything held for the instance first (``save``)
 
 
 TOMBSTONE = b""
@@ -270,9 +271,9 @@ def state_to_checkpoint(state: WorkflowState[Any], previous: Record | None) -> C
     if previous:
         for name in previous.fields:
             fields.setdefault(name, None)
-    extra = {"class": data_codec.encode_value(type(state.data))}
+    extra = {**(previous.extra if previous else {}), "class": data_codec.encode_value(type(state.data))}
     steps = {sid: s.to_record() for sid, s in state.step_states.items()}
-    return Checkpoint(state.instance_id, meta, steps, fields, extra)
+    return Checkpoint(state.instance_id, meta, steps, fields, extra, replace=True)
 
 
 class InMemoryStore(StateStore):
@@ -285,7 +286,7 @@ class InMemoryStore(StateStore):
     def write(self, checkpoints: list[Checkpoint]) -> None:
         with self._lock:
             for cp in checkpoints:
-                record = self._records.get(cp.instance_id)
+                record = None if cp.replace else self._records.get(cp.instance_id)
                 if record is None:
                     record = self._records[cp.instance_id] = Record({}, {}, {}, {})
                 record.apply(cp)
