@@ -380,6 +380,7 @@ PROBE = textwrap.dedent(
     from wfaas import SqliteStore, StoreError
     path, options = sys.argv[1], json.loads(sys.argv[2])
     calls = options.pop("calls", ["list_all", "integrity_check"])
+    damage = options.pop("damage_after_open", None)  # (bytes from the end, length): garbage written there
     if options.pop("as_nobody", False):  # a real unprivileged process (the test runs as root)
         os.setgid(65534)
         os.setuid(65534)
@@ -388,6 +389,10 @@ PROBE = textwrap.dedent(
     except StoreError as exc:
         print(json.dumps({"outcome": "StoreError", "message": str(exc), "when": "open"}))
         sys.exit(0)
+    if damage:
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) - damage[0])
+            f.write(bytes(range(256)) * (damage[1] // 256))
     try:
         done = {}
         for call in calls:
@@ -496,6 +501,20 @@ def test_integrity_check_reports_a_damaged_store_instead_of_hanging(tmp_path: Pa
     assert digest(path) == before
 
 
+def test_integrity_check_reports_damage_that_appeared_after_the_store_was_opened(tmp_path: Path) -> None:
+    # integrity_check() is the way to find out that a store went bad (a disk error, another
+    # program writing into it): it must answer, not hang.
+    path = tmp_path / "runs.sqlite"
+    filled_store(path)
+    assert path.stat().st_size > 20 * 4096
+    result = probe(tmp_path, path, timeout=15, calls=["integrity_check"], damage_after_open=[10 * 4096, 8 * 4096])
+    if result["outcome"] == "opened":
+        assert result["integrity_check"] != "ok"
+    else:
+        assert_refused(result, path)
+    assert "Traceback" not in result["stderr"], result["stderr"]
+
+
 def test_a_directory_as_store_path_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "runs"
     folder.mkdir()
@@ -576,6 +595,29 @@ def test_an_existing_store_in_a_directory_without_write_permission_is_refused(lo
     # SQLite needs to create runs.sqlite-wal next to it: the user must be told it is about
     # the directory's permissions, not advised to move a damaged file aside.
     assert "permission" in result["message"] or "writable" in result["message"], result["message"]
+    assert digest(path) == before
+
+
+def test_a_read_only_open_in_a_directory_without_write_permission_never_calls_a_sound_store_damaged(
+    locked_dir: Path,
+) -> None:
+    # `wfaas-local status` on a store the user may read but whose directory they cannot write
+    # (another user's run folder, a read-only mount). SQLite's WAL wants runs.sqlite-shm there.
+    path = locked_dir / "runs.sqlite"
+    filled_store(path, instances=2)
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+    locked_dir.chmod(0o555)
+    before = digest(path)
+    result = probe(locked_dir.parent, path, readonly=True, calls=["list_all"], **unprivileged())
+    if result["outcome"] == "opened":
+        assert result["list_all"] == 2
+    else:
+        # Refusing is acceptable; telling the user a sound store is damaged and to move it
+        # aside ("its runs are lost") is not.
+        assert_refused(result, path)
+        assert "damaged" not in result["message"], result["message"]
+        assert "permission" in result["message"] or "writable" in result["message"], result["message"]
     assert digest(path) == before
 
 

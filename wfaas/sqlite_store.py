@@ -113,6 +113,8 @@ class SqliteStore(StateStore):
                 f"the wfaas store {self.path} was written by a newer wfaas (format {version}, this one reads "
                 f"up to {FORMAT_VERSION}); upgrade wfaas (pip install -U wfaas) to use it"
             )
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
         self._acks: queue.Queue[Any] = queue.Queue()
         self._committer: threading.Thread | None = None
         self._closed = False
@@ -169,6 +171,12 @@ class SqliteStore(StateStore):
             finally:
                 probe.close()
         except sqlite3.Error as exc:
+            if not os.access(self.path.parent, os.W_OK | os.X_OK) or not os.access(self.path, os.R_OK):
+                raise StoreError(
+                    f"cannot open the wfaas store {self.path}: {exc}. SQLite's write-ahead log needs write "
+                    f"permission on the store's directory ({self.path.parent}), also for reading; run as a user "
+                    "who has it, or copy the store elsewhere"
+                ) from exc
             raise StoreError(self._damaged(str(exc))) from exc
         if not verdict or verdict[0] != "ok":
             raise StoreError(self._damaged(str(verdict[0] if verdict else "no answer")))
@@ -256,19 +264,30 @@ class SqliteStore(StateStore):
             values = ", ".join(["(?, ?)"] * len(chunk))
             conn.execute(f'REPLACE INTO "{_TABLE}" (key, value) VALUES {values}', [x for row in chunk for x in row])
 
+    # Reads go through a private stdlib connection: in WAL mode it sees every committed
+    # turn beside the writer, and a page damaged later raises here instead of killing
+    # sqlitedict's thread, after which every call would wait forever (sqlitedict#24).
+
+    def _select(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._read_lock:
+            try:
+                return self._reader.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(self._damaged(str(exc))) from exc
+
     def read(self, instance_id: str) -> Record | None:
-        with self._lock:
-            meta = self._db.get(f"m/{instance_id}")
-            if meta is None:
-                return None
-            prefix = f"i/{instance_id}/"
-            rows = list(
-                self._db.conn.select(
-                    f'SELECT key, value FROM "{_TABLE}" WHERE key >= ? AND key < ?', (prefix, prefix[:-1] + "0")
-                )
-            )
+        prefix = f"i/{instance_id}/"
+        rows = self._select(
+            f'SELECT key, value FROM "{_TABLE}" WHERE key = ? OR (key >= ? AND key < ?)',
+            (f"m/{instance_id}", prefix, prefix[:-1] + "0"),
+        )
+        meta = next((_decode(value) for key, value in rows if key.startswith("m/")), None)
+        if meta is None:
+            return None
         record = Record(meta, {}, {}, {})
         for key, value in rows:
+            if key.startswith("m/"):
+                continue
             kind, name = key[len(prefix)], key[len(prefix) + 2 :]
             if kind == "f":
                 record.fields[name] = bytes(value)
@@ -282,32 +301,34 @@ class SqliteStore(StateStore):
         return record
 
     def read_meta(self, instance_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            meta: dict[str, Any] | None = self._db.get(f"m/{instance_id}")
-            return meta
+        rows = self._select(f'SELECT value FROM "{_TABLE}" WHERE key = ?', (f"m/{instance_id}",))
+        meta: dict[str, Any] | None = _decode(rows[0][0]) if rows else None
+        return meta
 
     def ids(self) -> list[str]:
-        with self._lock:
-            rows = self._db.conn.select(f'SELECT key FROM "{_TABLE}" WHERE key >= ? AND key < ?', ("m/", "m0"))
-            return [key[2:] for (key,) in rows]
+        rows = self._select(f'SELECT key FROM "{_TABLE}" WHERE key >= ? AND key < ?', ("m/", "m0"))
+        return [key[2:] for (key,) in rows]
 
     def remove(self, instance_id: str) -> bool:
+        if self.read_meta(instance_id) is None:
+            return False
+        prefix = f"i/{instance_id}/"
         with self._lock:
-            if self._db.get(f"m/{instance_id}") is None:
-                return False
-            prefix = f"i/{instance_id}/"
             self._db.conn.execute(
                 f'DELETE FROM "{_TABLE}" WHERE (key >= ? AND key < ?) OR key = ?',
                 (prefix, prefix[:-1] + "0", f"m/{instance_id}"),
             )
             self._db.commit(blocking=True)
-            return True
+        return True
 
     def integrity_check(self) -> str:
-        """SQLite's ``PRAGMA integrity_check``: ``"ok"`` for a sound file."""
-        with self._lock:
-            row = self._db.conn.select_one("PRAGMA integrity_check")
-        return str(row[0]) if row else "no answer"
+        """SQLite's ``PRAGMA integrity_check``: ``"ok"`` for a sound file, else what is wrong."""
+        with self._read_lock:
+            try:
+                rows = self._reader.execute("PRAGMA integrity_check").fetchall()
+            except sqlite3.DatabaseError as exc:
+                return str(exc)
+        return "\n".join(str(r[0]) for r in rows) or "no answer"
 
     def close(self) -> None:
         """Commit and close the file (idempotent; also run at interpreter exit)."""
@@ -318,6 +339,9 @@ class SqliteStore(StateStore):
         if self._committer is not None:
             self._acks.put(None)
             self._committer.join(timeout=30)
+        # The reader first: the last connection to close removes the write-ahead log only if it may write.
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 
