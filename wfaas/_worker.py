@@ -32,7 +32,7 @@ from typing import Any
 import dill
 
 from . import data as data_codec
-from .steps import StepExecutor, StepResult, WorkflowContext, overrides
+from .steps import StepExecutor, StepResult, WorkflowContext
 
 
 class _Collector(logging.Handler):
@@ -161,12 +161,17 @@ def _run(
     ctx: WorkflowContext[Any] = WorkflowContext(
         data, instance_id=instance_id, workflow_id=workflow_id, step_id=step_id, attempt=attempt, values=values
     )
-    if hook == "failure":
-        error = pickle.loads(error_blob)
+    if hook is not None:
+        # Hooks run once the outcome is decided (the result merged, or the step failed for good).
         try:
-            body.on_failure(ctx, error)
+            if hook == "failure":
+                error, cause = pickle.loads(error_blob)
+                error.__cause__ = cause
+                body.on_failure(ctx, error)
+            else:
+                body.on_success(ctx)
         except Exception:  # a hook never changes the outcome; it is logged
-            logging.getLogger("wfaas").exception("on_failure hook of step %r raised", step_id)
+            logging.getLogger("wfaas").exception("on_%s hook of step %r raised", hook, step_id)
         return ("done", task_id, "hook", {}, collector.records)
 
     result = body.execute(ctx) if isinstance(body, StepExecutor) else body(ctx)
@@ -176,12 +181,8 @@ def _run(
         raise TypeError(f"step {step_id!r} returned {result!r}; a step returns StepResult.SUCCESS/FAILURE/SKIP or None")
     if result is StepResult.FAILURE:
         return ("done", task_id, "failure", {}, collector.records)
-    changes = data_codec.diff_fields(data, fields, values if ctx._written else None)
-    if result is StepResult.SUCCESS and overrides(body, "on_success"):
-        try:
-            body.on_success(ctx)
-        except Exception:  # a hook never changes the outcome; it is logged
-            logging.getLogger("wfaas").exception("on_success hook of step %r raised", step_id)
+    # ctx.data, not the object built above: a step may assign a new object to it.
+    changes = data_codec.diff_fields(ctx.data, fields, values if ctx._written else None)
     return ("done", task_id, result.value, changes, collector.records)
 
 

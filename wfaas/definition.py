@@ -308,7 +308,12 @@ def validate(definition: WorkflowDefinition) -> list[str]:
         elif step.id in seen:
             problems.append(f"duplicate step id {step.id!r}")
         seen.add(step.id)
-        if not (isinstance(step.body, StepExecutor) or callable(step.body)):
+        if isinstance(step.body, type) and issubclass(step.body, StepExecutor):
+            problems.append(
+                f"step {step.id!r}: the body is the class {step.body.__name__}; "
+                f"pass an instance: {step.body.__name__}()"
+            )
+        elif not (isinstance(step.body, StepExecutor) or callable(step.body)):
             problems.append(
                 f"step {step.id!r}: the body must be callable (fn(ctx)) or a StepExecutor, "
                 f"got {type(step.body).__name__}"

@@ -34,7 +34,7 @@ from .errors import (
 )
 from .events import EventBus
 from .pool import WorkerPool
-from .scheduler import Compiled, Run, Scheduler
+from .scheduler import Compiled, Run, Scheduler, encode_bodies
 from .states import WorkflowState, WorkflowStatus
 from .store import InMemoryStore, StateStore, data_class
 
@@ -136,13 +136,11 @@ class WorkflowEngine:
         problems = definition.validate()
         if definition.id in self._definitions:
             problems.append(f"a workflow with id {definition.id!r} is already registered with this engine")
-        if not problems:
-            try:
-                compiled = Compiled(definition)
-            except Exception as exc:  # noqa: BLE001 - a body dill cannot encode
-                problems.append(f"a step body cannot be sent to a worker: {type(exc).__name__}: {exc}")
+        bodies, unsendable = encode_bodies(definition)
+        problems += unsendable
         if problems:
             raise InvalidDefinition(definition.id, problems)
+        compiled = Compiled(definition, bodies)
         if definition.default_memory_limit is None and self.memory_limit is not None:
             compiled.memory_limit = [m or self.memory_limit for m in compiled.memory_limit]
         with self._lock:

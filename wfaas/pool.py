@@ -159,6 +159,18 @@ class WorkerPool:
 
         threading.Thread(target=run, name=f"wfaas-kill-{slot.index}", daemon=True).start()
 
+    @staticmethod
+    def hurry(slot: Slot) -> None:
+        """SIGKILL a slot that is being stopped, without waiting out its grace period."""
+        if slot.pid is not None:
+            for p in _group_members(slot.pid):
+                _signal(p, signal.SIGKILL)
+            _signal_group(slot.pid, signal.SIGKILL)
+            try:
+                os.kill(slot.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def close(self, grace: float = 2.0) -> None:
         """Stop every worker: ask idle ones to exit, kill busy ones' trees, reap all."""
         if self._closed:

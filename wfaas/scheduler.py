@@ -68,7 +68,8 @@ _ids = itertools.count(1)
 class Compiled:
     """A validated definition as the scheduler walks it: indices, edges, encoded bodies."""
 
-    def __init__(self, definition: WorkflowDefinition) -> None:
+    def __init__(self, definition: WorkflowDefinition, bodies: dict[int, bytes]) -> None:
+        """``bodies``: each distinct step body's encoding, by ``id(body)`` (see ``encode_bodies``)."""
         self.definition = definition
         self.token = f"{definition.id}#{next(_ids)}"
         self.steps: list[StepDefinition] = list(definition.steps)
@@ -85,14 +86,27 @@ class Compiled:
         self.retry: list[RetryPolicy] = [s.retry or definition.default_retry or NO_RETRY for s in self.steps]
         self.timeout = [s.timeout if s.timeout is not None else definition.default_timeout for s in self.steps]
         self.memory_limit = [s.memory_limit or definition.default_memory_limit for s in self.steps]
-        # One encoding per distinct body: a 10,000-step chain of one function sends it once.
-        by_body: dict[int, tuple[str, bytes]] = {}
-        for i, s in enumerate(self.steps):
-            if id(s.body) not in by_body:
-                by_body[id(s.body)] = (f"{self.token}/{i}", data_codec.dill_dumps(s.body))
-        self.body_keys = [by_body[id(s.body)][0] for s in self.steps]
-        self.body_blobs = [by_body[id(s.body)][1] for s in self.steps]
+        # One key per distinct body: a 10,000-step chain of one function sends it to a worker once.
+        self.body_keys = [f"{self.token}/{id(s.body)}" for s in self.steps]
+        self.body_blobs = [bodies[id(s.body)] for s in self.steps]
         self.fingerprint = fingerprint(definition)
+
+
+def encode_bodies(definition: WorkflowDefinition) -> tuple[dict[int, bytes], list[str]]:
+    """Each distinct step body encoded once; and a problem, naming the step, for each that cannot travel."""
+    blobs: dict[int, bytes] = {}
+    problems = []
+    for s in definition.steps:
+        if not isinstance(s, StepDefinition) or id(s.body) in blobs:
+            continue  # validate() reports what is not a StepDefinition
+        try:
+            blobs[id(s.body)] = data_codec.dill_dumps(s.body)
+        except Exception as exc:  # noqa: BLE001 - every failure is listed with its step
+            problems.append(
+                f"step {s.id!r}: its body cannot be sent to a worker process ({type(exc).__name__}: {exc}); "
+                "define it at module level, or keep unpicklable things out of its closure"
+            )
+    return blobs, problems
 
 
 @dataclass(eq=False)
@@ -137,12 +151,12 @@ class StepRun:
     ready_at: float = 0.0  # monotonic: gate opened + delay
     not_before: float | None = None  # monotonic: scheduled_at
     snapshot: Snapshot | None = None  # the data it will start from
-    hook: bool = False  # its on_failure hook is queued or running
+    hook: str | None = None  # "success" / "failure": that hook is queued or running; the step ends after it
 
 
 @dataclass(eq=False)
 class Task:
-    """One attempt (or one on_failure hook) in flight in a worker slot."""
+    """One attempt (or one on_success / on_failure hook) in flight in a worker slot."""
 
     run: Run
     step: StepRun
@@ -150,7 +164,7 @@ class Task:
     attempt: int
     snapshot: Snapshot
     started: float
-    hook: bool = False
+    hook: str | None = None
     kill_reason: str | None = None
     timer: int = 0
     pid: int | None = None
@@ -180,6 +194,7 @@ class Run:
     stale_fields: set[str] = field(default_factory=set)
     # Keys changed since the last checkpoint, written key by key: O(keys changed), not O(dict).
     deltas: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+    field_key_marks: dict[str, tuple[int, str]] = field(default_factory=dict)  # last key-wise write per field
     stopping: str | None = None  # "fail" | "cancel"
     inflight: int = 0
     unfinished: int = 0
@@ -597,8 +612,10 @@ class Scheduler:
         slot.classes.add(cls_key)
         snap_blob = None if slot.snapshot == snap.key else snap.blob
         slot.snapshot = snap.key
-        error_blob = pickle.dumps(step.final_error) if hook else None
-        meta = (run.iid, run.workflow_id, step.sid, step.attempts, "failure" if hook else None, error_blob)
+        # pickle drops __cause__ (the step's own exception): send it beside the error.
+        error = step.final_error
+        error_blob = data_codec.encode_value((error, error.__cause__)) if hook == "failure" and error else None
+        meta = (run.iid, run.workflow_id, step.sid, step.attempts, hook, error_blob)
         message = ("run", id(task), key, body_blob, cls_key, cls_blob, snap.key, snap_blob, meta)
         return pickle.dumps(message, protocol=5)
 
@@ -612,15 +629,17 @@ class Scheduler:
 
     def _on_message(self, slot: Slot, message: tuple[Any, ...]) -> None:
         task: Task = slot.task
+        if slot.dying:
+            # Its step returned while being stopped (it handled SIGTERM): the result is kept,
+            # and nothing is left to wait a grace period for.
+            self.pool.hurry(slot)
         self._release(task)
         run, step = task.run, task.step
         kind, logs, usage = message[0], message[4], message[-1]
         if logs:
             self._events.extend(logs)
         if task.hook:
-            step.hook = False
-            assert step.final_error is not None
-            self._fail_for_good(run, step, step.final_error)
+            self._hook_done(run, step)
             return
         step.usage = usage
         if kind == "done":
@@ -633,6 +652,9 @@ class Scheduler:
             if conflict is not None:
                 self._attempt_failed(run, step, conflict, conflict, usage)
                 return
+            if outcome == "success" and overrides(run.compiled.steps[step.index].body, "on_success"):
+                self._queue_hook(run, step, "success")  # only now is the success certain
+                return
             status = S.SUCCEEDED if outcome == "success" else S.SKIPPED
             self._finish(run, step, status, reason="the step returned StepResult.SKIP", duration=usage["wall"])
         else:
@@ -641,6 +663,22 @@ class Scheduler:
             error = StepFailed(f"{type(exc).__name__}: {exc}", **self._where(run, step))
             error.__cause__ = exc
             self._attempt_failed(run, step, error, exc, usage)
+        self._maybe_finish(run)
+
+    def _queue_hook(self, run: Run, step: StepRun, hook: str) -> None:
+        step.hook = hook
+        step.snapshot = run.snapshot()
+        step.queued = next(self._seq)
+        self._ready.appendleft((run, step, step.queued))
+
+    def _hook_done(self, run: Run, step: StepRun) -> None:
+        """A hook ended (however it ended): the step takes the outcome that was decided before it."""
+        hook, step.hook = step.hook, None
+        if hook == "success":
+            self._finish(run, step, S.SUCCEEDED, duration=(step.usage or {}).get("wall", 0.0))
+        else:
+            assert step.final_error is not None
+            self._fail_for_good(run, step, step.final_error)
         self._maybe_finish(run)
 
     def _where(self, run: Run, step: StepRun) -> dict[str, Any]:
@@ -656,21 +694,26 @@ class Scheduler:
         if not changes:
             return None
         base = task.snapshot.version
+
+        def concurrent(mark: tuple[int, str] | None) -> bool:
+            return mark is not None and mark[0] > base and mark[1] != step.sid
+
         for name, change in changes.items():
             whole = run.field_writes.get(name)
-            concurrent_whole = whole is not None and whole[0] > base and whole[1] != step.sid
             cur = run.dict_value(name) if change.set_keys is not None else None
             if not isinstance(cur, dict):
-                if concurrent_whole and run.field_bytes(name) != change.blob:
-                    return self._conflict(run, step, name, whole[1] if whole else "?")
+                # A whole write conflicts with any concurrent write to the field, key-wise ones included.
+                other = whole if concurrent(whole) else run.field_key_marks.get(name)
+                if concurrent(other) and not _same_encoded(run.field_bytes(name), change.blob):
+                    return self._conflict(run, step, name, other[1] if other else "?")
                 continue
             assert change.set_keys is not None
             for key in (*change.set_keys, *(change.deleted_keys or ())):
-                mark = run.key_writes.get((name, key)) or (whole if concurrent_whole else None)
-                if mark is not None and mark[0] > base and mark[1] != step.sid:
+                mark = run.key_writes.get((name, key)) or (whole if concurrent(whole) else None)
+                if concurrent(mark):
                     old = data_codec.encode_value(cur[key]) if key in cur else None
-                    if change.set_keys.get(key) != old:
-                        return self._conflict(run, step, f"{name}[{key!r}]", mark[1])
+                    if not _same_encoded(change.set_keys.get(key), old):
+                        return self._conflict(run, step, f"{name}[{key!r}]", mark[1] if mark else "?")
         run.version += 1
         mark = (run.version, step.sid)
         for name, change in changes.items():
@@ -685,6 +728,7 @@ class Scheduler:
                     cur.pop(key, None)
                     run.key_writes[(name, key)] = mark
                     deltas[pickle.dumps(key, protocol=5)] = TOMBSTONE
+                run.field_key_marks[name] = mark
                 run.stale_fields.add(name)
             else:
                 run.fields[name] = change.blob
@@ -736,10 +780,7 @@ class Scheduler:
             return
         step.final_error = error
         if overrides(sdef.body, "on_failure") and run.stopping != "cancel":
-            step.hook = True
-            step.snapshot = run.snapshot()
-            step.queued = next(self._seq)
-            self._ready.appendleft((run, step, step.queued))
+            self._queue_hook(run, step, "failure")
             return
         self._fail_for_good(run, step, error)
 
@@ -823,8 +864,8 @@ class Scheduler:
             )
             error.exitcode, error.signal_name = exit_.exitcode, exit_.signal_name
             self._attempt_failed(run, step, error, error, None)
-        elif task.hook:  # cancelled while its on_failure hook ran
-            self._fail_for_good(run, step, step.final_error or StepFailed("cancelled", **self._where(run, step)))
+        elif task.hook:  # cancelled while a hook ran: the outcome was decided before it
+            self._hook_done(run, step)
         else:  # cancelled
             self._set_status(run, step, S.CANCELLED)
             step.finished_at = self.clock.now()
@@ -856,7 +897,7 @@ class Scheduler:
         )
         error.exitcode, error.signal_name = exit_.exitcode, exit_.signal_name
         if task.hook:
-            self._fail_for_good(run, step, step.final_error or error)
+            self._hook_done(run, step)  # a hook that crashed changes no outcome
         else:
             self._attempt_failed(run, step, error, error, None)
 
@@ -1064,6 +1105,19 @@ class Scheduler:
             _, _, future = self._commands.popleft()
             if future is not None:
                 future.set_exception(RuntimeError("the engine's scheduler crashed"))
+
+
+def _same_encoded(a: bytes | None, b: bytes | None) -> bool:
+    """Equal encodings, or equal values whose encodings differ (a set's order, a dict's key order)."""
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    try:
+        x, y = pickle.loads(a), pickle.loads(b)
+        return bool(type(x) is type(y) and x == y)
+    except Exception:  # noqa: BLE001 - an undecodable or uncomparable value is not provably the same
+        return False
 
 
 def _memory_limit_of(task: Task) -> int | None:
