@@ -1,0 +1,226 @@
+"""Signals in the parent: Ctrl-C cancels gracefully; workers ignore SIGINT so only the scheduler decides.
+
+Ctrl-C is sent the way a terminal does: SIGINT to the whole foreground
+process group of a child Python process running an engine (the script below,
+started in a session of its own). Workers lead their own process groups, so
+the signal reaches only the engine's process (and stdlib helpers that ignore
+it); the engine then stops the running step's tree (SIGTERM first: the step
+sees it), marks the run CANCELLED and the program ends with KeyboardInterrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from wfaas import SqliteStore, StepDefinition, StepStatus, WorkflowDefinition, WorkflowEngine, WorkflowStatus
+
+from conftest import Data, alive, descendants, wait_for_text, wait_until, write_atomic
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    yield
+    wait_until(lambda: not descendants(), timeout=5, what="no child process left behind")
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import faulthandler, json, os, signal, subprocess, sys, time
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    from wfaas import SqliteStore, StepDefinition, WorkflowData, WorkflowDefinition, WorkflowEngine
+
+    OUT = Path(sys.argv[1])
+    MODE = sys.argv[2]  # wait | context | twice
+
+
+    @dataclass
+    class D(WorkflowData):
+        pass
+
+
+    def write(name, text):
+        tmp = OUT / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, OUT / name)
+
+
+    def step(ctx):
+        def on_term(signum, frame):
+            # Re-entrant: the engine signals the worker and its group, so this may run nested.
+            with open(OUT / "got_sigterm", "a") as f:
+                f.write("TERM\\n")
+            if MODE != "twice":  # "twice": a step that will not stop on SIGTERM
+                os._exit(0)
+
+        signal.signal(signal.SIGTERM, on_term)
+        child = subprocess.Popen(["sleep", "120"])
+        write("step.json", json.dumps({"worker": os.getpid(), "grandchild": child.pid}))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+    if __name__ == "__main__":
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
+        store = SqliteStore(OUT / "runs.sqlite")
+        grace = 60.0 if MODE == "twice" else 1.0
+        try:
+            with WorkflowEngine(store=store, max_workers=2, grace_period=grace) as engine:
+                wf = WorkflowDefinition("sig", data_type=D).add_step(StepDefinition("s", "s", step))
+                engine.register_workflow(wf)
+                iid = engine.start_workflow("sig", D())
+                write("iid", iid)
+                while not (OUT / "step.json").exists():
+                    time.sleep(0.01)
+                if MODE == "context":
+                    write("waiting", "")
+                    while True:  # the program's own work inside the engine's context
+                        time.sleep(0.01)
+                try:
+                    write("waiting", "")
+                    engine.wait_for_completion(iid)
+                finally:
+                    state = engine.get_status(iid)
+                    write("status.json", json.dumps([state.status.name, state.step_states["s"].status.name]))
+        finally:
+            store.close()
+    """
+)
+
+
+def start(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[bytes], list[psutil.Process], dict[str, int]]:
+    script = tmp_path / "sig_script.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), mode],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a program in a terminal
+    )
+    try:
+        wait_until(lambda: (tmp_path / "waiting").exists() or proc.poll() is not None, 60, "the script to wait")
+        if proc.poll() is not None:
+            raise AssertionError(f"the script ended early: {proc.communicate()[1].decode()}")
+        step = json.loads(wait_for_text(tmp_path / "step.json"))
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc, tree, step
+
+
+def ctrl_c(proc: subprocess.Popen[bytes]) -> None:
+    """What the terminal does on Ctrl-C: SIGINT to the foreground process group."""
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+def finish(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """Wait for the script to end; if it hangs, fail with every thread's stack (faulthandler) and kill it."""
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGUSR1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=2)  # let faulthandler write the stacks
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        raise AssertionError(f"the script did not exit within {timeout} s:\n{err.decode()}") from None
+    return err.decode()
+
+
+def stored_status(tmp_path: Path) -> tuple[WorkflowStatus, StepStatus]:
+    iid = (tmp_path / "iid").read_text()
+    store = SqliteStore(tmp_path / "runs.sqlite")
+    try:
+        state = store.load(iid)
+        return state.status, state.step_states["s"].status
+    finally:
+        store.close()
+
+
+def assert_tree_dead(tree: list[psutil.Process], step: dict[str, int]) -> None:
+    pids = {p.pid for p in tree} | set(step.values())
+    wait_until(lambda: not any(alive(p) for p in pids), 2.0, "the engine's processes to end with it")
+
+
+@pytest.mark.parametrize("mode", ["wait", "context"])
+def test_ctrl_c_cancels_gracefully_and_exits_with_keyboard_interrupt(tmp_path: Path, mode: str) -> None:
+    proc, tree, step = start(tmp_path, mode)
+    ctrl_c(proc)
+    err = finish(proc, timeout=30)
+    assert proc.returncode in (-signal.SIGINT, 130), (proc.returncode, err)
+    assert "KeyboardInterrupt" in err, err
+    # Graceful: the step got SIGTERM (and its own handler ran) rather than a bare SIGKILL.
+    assert (tmp_path / "got_sigterm").exists()
+    assert stored_status(tmp_path) == (WorkflowStatus.CANCELLED, StepStatus.CANCELLED)
+    if mode == "wait":
+        # Seen by the program itself, right after wait_for_completion raised.
+        assert json.loads((tmp_path / "status.json").read_text()) == ["CANCELLED", "CANCELLED"]
+    assert_tree_dead(tree, step)
+
+
+def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
+    """The step ignores SIGTERM and the grace period is 60 s: a second Ctrl-C must not wait for it."""
+    proc, tree, step = start(tmp_path, "twice")
+    ctrl_c(proc)
+    wait_for_text(tmp_path / "got_sigterm")  # the graceful cancel is under way
+    second = time.monotonic()
+    ctrl_c(proc)
+    err = finish(proc, timeout=30)
+    assert time.monotonic() - second < 5, "the second Ctrl-C waited for the grace period"
+    assert proc.returncode in (-signal.SIGINT, 130), (proc.returncode, err)
+    assert "KeyboardInterrupt" in err, err
+    assert stored_status(tmp_path) == (WorkflowStatus.CANCELLED, StepStatus.CANCELLED)
+    assert_tree_dead(tree, step)
+
+
+def sigint_ignored(pid: int) -> bool:
+    """Whether SIGINT is in the process's ignored-signals mask (/proc/PID/status, SigIgn)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    raise AssertionError("no SigIgn line")
+
+
+def test_workers_ignore_sigint(engine: WorkflowEngine, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+
+    def step(ctx: Any) -> None:
+        write_atomic(tmp_path / "pid", str(os.getpid()))
+        deadline = time.monotonic() + 30
+        while not go.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("never released")
+            time.sleep(0.01)
+        time.sleep(0.1)  # a SIGINT that was not ignored would surface here as KeyboardInterrupt
+        ctx.data.value = os.getpid()
+
+    engine.register_workflow(WorkflowDefinition("int", data_type=Data).add_step(StepDefinition("s", "s", step)))
+    iid = engine.start_workflow("int", Data())
+    pid = int(wait_for_text(tmp_path / "pid"))
+    assert sigint_ignored(pid)
+    os.kill(pid, signal.SIGINT)
+    os.killpg(pid, signal.SIGINT)  # a terminal's Ctrl-C would reach the worker's group, if anything
+    go.touch()
+    engine.wait_for_completion(iid, timeout=30)
+    state = engine.get_status(iid)
+    assert state.step_states["s"].attempts == 1
+    assert state.data.value == pid
+    assert alive(pid)
