@@ -261,3 +261,36 @@ def test_examples_run_as_scripts(name: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "completed successfully via workflow" in result.stdout
+
+
+def test_data_from_a_file(runner: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "in.json").write_text('{"input": "from a file"}')
+    result = invoke(
+        runner,
+        "run",
+        f"{EXAMPLES}/quickstart.py:workflow",
+        "--data",
+        f"@{tmp_path}/in.json",
+        "--json",
+        "--store",
+        str(tmp_path / "r.sqlite"),
+    )
+    assert json.loads(result.stdout)["data"]["result"] == "Processed: from a file"  # type: ignore[attr-defined]
+    missing = runner.invoke(main, ["run", f"{EXAMPLES}/quickstart.py:workflow", "--data", "@/no/such.json"])
+    assert missing.exit_code == 2 and "cannot read the file" in missing.output
+
+
+def test_recover_after_kill_9_of_a_run(tmp_path: Path, runner: CliRunner) -> None:
+    proc = _start(tmp_path)
+    wait_until((tmp_path / "go.pid").exists, 30, "the step to start")
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole `wfaas-local run`, no goodbye
+    proc.communicate(timeout=30)
+    store = str(tmp_path / "r.sqlite")
+    (iid,) = [r["instance_id"] for r in json.loads(invoke(runner, "list", "--store", store, "--json").output)]  # type: ignore[attr-defined]
+    assert json.loads(invoke(runner, "status", iid, "--store", store, "--json").output)["status"] == "RUNNING"  # type: ignore[attr-defined]
+    (tmp_path / "go").touch()  # the interrupted step can finish this time
+    result = subprocess.run([*CLI, "recover", "--store", store], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"recovered {iid}" in result.stdout and f"{iid}: COMPLETED" in result.stdout
+    again = subprocess.run([*CLI, "recover", "--store", store], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "nothing to recover" in again.stdout

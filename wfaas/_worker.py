@@ -122,13 +122,22 @@ def main(conn: Connection) -> None:
         if message[0] == "stop":
             return
         _, task_id, body_key, body_blob, cls_key, cls_blob, key, snap_blob, meta = message
-        if body_blob is not None:
-            bodies[body_key] = pickle.loads(body_blob)
-        if cls_blob is not None:
-            classes[cls_key] = pickle.loads(cls_blob)
         if snap_blob is not None:
             snap_key, snap_fields = key, pickle.loads(snap_blob)
         assert snap_key == key, "engine and worker disagree on the data snapshot"
+        try:
+            if body_blob is not None:
+                bodies[body_key] = pickle.loads(body_blob)
+            if cls_blob is not None:
+                classes[cls_key] = pickle.loads(cls_blob)
+        except Exception as exc:  # noqa: BLE001 - reported as the step's error, with what to do
+            error = ImportError(
+                f"the worker cannot load step {meta[2]!r} or its data class: {type(exc).__name__}: {exc}; "
+                "the module that defines it must be importable by the worker (on sys.path when the engine starts)"
+            )
+            failed: tuple[Any, ...] = ("error", task_id, _encode_error(error), _format_tb(exc), [], {"wall": 0.0})
+            conn.send_bytes(pickle.dumps(failed, protocol=5))
+            continue
         collector.records = []
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         ruc = resource.getrusage(resource.RUSAGE_CHILDREN)

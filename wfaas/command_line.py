@@ -538,14 +538,13 @@ def recover(store: str, workers: int | None) -> None:
         click.echo("nothing to recover")
         state_store.close()
         return
+    # Targets first: workers import step modules from the sys.path they start with.
+    definitions = [load_target(origin) for origin in origins]
     engine = _engine(state_store, workers, None)
     code = 0
     try:
-        definitions = {}
-        for origin in origins:
-            definition = load_target(origin)
+        for definition in definitions:
             engine.register_workflow(definition)
-            definitions[origin] = definition
         recovered = engine.recover()
         for iid in recovered:
             click.echo(f"recovered {iid}")
