@@ -46,7 +46,7 @@ from pathlib import Path
 
 import psutil
 
-from . import events
+from . import _threads, events
 from .data import WorkflowData
 from .definition import RetryPolicy, StepDefinition, WorkflowDefinition
 from .engine import WorkflowEngine
@@ -193,7 +193,8 @@ class _Killer:
         self._thread = threading.Thread(target=self._run, name="wfaas-chaos-killer", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        with _threads.signals_blocked():
+            self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import click
 
-from . import events
+from . import _threads, events
 from .definition import WorkflowDefinition, topological_order
 from .errors import InvalidDefinition, SerializationError, StoreError, WorkflowError
 from .states import StepStatus, WorkflowState, WorkflowStatus
@@ -350,7 +350,7 @@ def _cancel_on_sigusr1(engine: Any, instance_ids: list[str]) -> Iterator[None]:
 
     def handler(signum: int, frame: object) -> None:
         for iid in list(instance_ids):
-            threading.Thread(target=engine._cancel_quietly, args=(iid, None), daemon=True).start()
+            _threads.start(engine._cancel_quietly, "wfaas-remote-cancel", iid, None)
 
     previous = signal.signal(signal.SIGUSR1, handler)
     try:

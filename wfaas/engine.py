@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 
+from . import _threads
 from . import data as data_codec
 from . import errors as errors_module
 from .clock import Clock, SystemClock
@@ -53,7 +54,8 @@ class CleanupHandle:
         self._thread = threading.Thread(
             target=self._loop, args=(weakref.ref(engine), ttl, interval), name="wfaas-cleanup", daemon=True
         )
-        self._thread.start()
+        with _threads.signals_blocked():
+            self._thread.start()
 
     def _loop(self, ref: weakref.ref[WorkflowEngine], ttl: float, interval: float) -> None:
         while not self._stop.is_set():

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+from . import _threads
+
 __all__ = [
     "EventBus",
     "EventSubscriber",
@@ -190,8 +192,7 @@ class EventBus:
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="wfaas-events", daemon=True)
-                    self._thread.start()
+                    self._thread = _threads.start(self._run, "wfaas-events")
 
     def _run(self) -> None:
         while True:

@@ -22,7 +22,6 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from . import _worker
+from . import _threads, _worker
 
 
 @dataclass
@@ -157,7 +156,7 @@ class WorkerPool:
                 terminate_tree(pid, grace)
             done(slot, exit_ or self.exit_of(slot))
 
-        threading.Thread(target=run, name=f"wfaas-kill-{slot.index}", daemon=True).start()
+        _threads.start(run, f"wfaas-kill-{slot.index}")
 
     @staticmethod
     def hurry(slot: Slot) -> None:

@@ -38,6 +38,7 @@ from datetime import datetime
 from multiprocessing.connection import wait
 from typing import Any
 
+from . import _threads
 from . import data as data_codec
 from . import events as ev
 from .clock import Clock
@@ -342,7 +343,8 @@ class Scheduler:
     # -- talking to the scheduler from other threads ---------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        with _threads.signals_blocked():
+            self._thread.start()
         self._watchdog.start()
 
     def wake(self) -> None:

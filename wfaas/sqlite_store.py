@@ -40,6 +40,7 @@ from typing import Any
 import sqlitedict
 from sqlitedict import SqliteDict
 
+from . import _threads
 from . import data as data_codec
 from .errors import StoreError
 from .store import Checkpoint, Record, StateStore
@@ -84,16 +85,17 @@ class SqliteStore(StateStore):
         self._lock = threading.Lock()
         self._check_file()
         try:
-            self._db = SqliteDict(
-                str(self.path),
-                tablename=_TABLE,
-                flag="r" if readonly else "c",
-                autocommit=False,
-                journal_mode="WAL",
-                encode=_encode,
-                decode=_decode,
-                outer_stack=False,
-            )
+            with _threads.signals_blocked():  # sqlitedict starts its writer thread here
+                self._db = SqliteDict(
+                    str(self.path),
+                    tablename=_TABLE,
+                    flag="r" if readonly else "c",
+                    autocommit=False,
+                    journal_mode="WAL",
+                    encode=_encode,
+                    decode=_decode,
+                    outer_stack=False,
+                )
             self._db.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.conn.execute("PRAGMA busy_timeout=10000")
             version = self._db.get("wfaas/format")
@@ -211,8 +213,7 @@ class SqliteStore(StateStore):
 
     def _ensure_committer(self) -> None:
         if self._committer is None:
-            self._committer = threading.Thread(target=self._acknowledge, name="wfaas-sqlite-commit", daemon=True)
-            self._committer.start()
+            self._committer = _threads.start(self._acknowledge, "wfaas-sqlite-commit")
 
     def _acknowledge(self) -> None:
         while True:

@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from . import _threads
 from .pool import Slot, WorkerPool
 
 
@@ -56,7 +57,8 @@ class MemoryWatchdog:
         self._thread = threading.Thread(target=self._loop, name="wfaas-memory-watchdog", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        with _threads.signals_blocked():
+            self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
