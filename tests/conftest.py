@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,6 +14,18 @@ import psutil
 import pytest
 from wfaas import WorkflowData, WorkflowEngine
 from wfaas.testing import VirtualClock
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let the programs the Ctrl-C tests start receive SIGINT, as from a terminal.
+
+    A background job of a non-interactive shell (as CI may run us) starts with
+    SIGINT ignored, and an ignored signal stays ignored across exec. A handled
+    signal is reset to its default on exec. (A hook, not module code: workers
+    that load a test's step import this module, and they must keep ignoring it.)
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass
