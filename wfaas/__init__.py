@@ -53,7 +53,7 @@ from .events import (
     WorkflowFailed,
     WorkflowStarted,
 )
-from .states import StepState, StepStatus, WorkflowState, WorkflowStatus
+from .states import Attempt, StepState, StepStatus, WorkflowState, WorkflowStatus
 from .steps import FunctionStep, StepExecutor, StepResult, WorkflowContext
 from .store import InMemoryStore, StateStore
 
@@ -75,6 +75,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "Attempt",
     "Backoff",
     "Cancelled",
     "CleanupHandle",

@@ -84,14 +84,40 @@ def _kill_own_group() -> None:
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
-def _usage(wall: float, cpu0: float, children0: float) -> dict[str, float]:
-    ru_self = resource.getrusage(resource.RUSAGE_SELF)
-    ru_children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {
-        "wall": wall,
-        "cpu": (ru_self.ru_utime + ru_self.ru_stime - cpu0) + (ru_children.ru_utime + ru_children.ru_stime - children0),
-        "max_rss": max(ru_self.ru_maxrss, ru_children.ru_maxrss) * 1024.0,
-    }
+class _Meter:
+    """Wall time, CPU time and peak memory of one step, measured in the worker.
+
+    The kernel's peak-RSS mark (``ru_maxrss``) covers the process's whole life;
+    writing 5 to ``/proc/self/clear_refs`` resets it to the current RSS. That
+    costs a few microseconds, so it is done only after a step raised the mark:
+    a run of small steps pays nothing. Child processes' peak counts when a
+    child that ended during this step set a new one.
+    """
+
+    def __init__(self) -> None:
+        self._raised = False
+
+    def start(self) -> None:
+        if self._raised:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass  # not Linux, or not allowed: the peak stays the process's lifetime peak
+        self._self0 = resource.getrusage(resource.RUSAGE_SELF)
+        self._children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._started = time.perf_counter()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.perf_counter() - self._started
+        ru_self = resource.getrusage(resource.RUSAGE_SELF)
+        ru_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        s0, c0 = self._self0, self._children0
+        self._raised = ru_self.ru_maxrss > s0.ru_maxrss
+        children_peak = ru_children.ru_maxrss if ru_children.ru_maxrss > c0.ru_maxrss else 0
+        cpu = ru_self.ru_utime + ru_self.ru_stime - s0.ru_utime - s0.ru_stime
+        cpu += ru_children.ru_utime + ru_children.ru_stime - c0.ru_utime - c0.ru_stime
+        return {"wall": wall, "cpu": cpu, "max_rss": max(ru_self.ru_maxrss, children_peak) * 1024.0}
 
 
 def main(conn: Connection) -> None:
@@ -109,6 +135,7 @@ def main(conn: Connection) -> None:
     root.addHandler(collector)
     root.setLevel(logging.DEBUG)
 
+    meter = _Meter()
     bodies: dict[str, Any] = {}
     classes: dict[str, type] = {}
     snap_key: object = None
@@ -139,16 +166,12 @@ def main(conn: Connection) -> None:
             conn.send_bytes(pickle.dumps(failed, protocol=5))
             continue
         collector.records = []
-        ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        ruc = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu0 = ru0.ru_utime + ru0.ru_stime
-        children0 = ruc.ru_utime + ruc.ru_stime
-        started = time.perf_counter()
+        meter.start()
         try:
             reply = _run(bodies[body_key], classes[cls_key], snap_fields, meta, task_id, collector)
         except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
             reply = ("error", task_id, _encode_error(exc), _format_tb(exc), collector.records)
-        reply = (*reply, _usage(time.perf_counter() - started, cpu0, children0))
+        reply = (*reply, meter.stop())
         try:
             conn.send_bytes(pickle.dumps(reply, protocol=5))
         except OSError:

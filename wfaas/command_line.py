@@ -32,7 +32,7 @@ import click
 from . import _threads, events
 from .definition import WorkflowDefinition, topological_order
 from .errors import InvalidDefinition, SerializationError, StoreError, WorkflowError
-from .states import StepStatus, WorkflowState, WorkflowStatus
+from .states import Attempt, StepStatus, WorkflowState, WorkflowStatus
 from .store import InMemoryStore, StateStore
 
 DEFAULT_STORE = ".wfaas/runs.sqlite"
@@ -221,6 +221,7 @@ def state_json(state: WorkflowState[Any]) -> dict[str, Any]:
                 "finished_at": s.finished_at.isoformat() if s.finished_at else None,
                 "duration": _duration(s.started_at, s.finished_at),
                 "error": s.error,
+                "history": [attempt_json(a) for a in s.history],
             }
             for sid, s in state.step_states.items()
         },
@@ -228,15 +229,41 @@ def state_json(state: WorkflowState[Any]) -> dict[str, Any]:
     }
 
 
+def attempt_json(attempt: Attempt) -> dict[str, Any]:
+    """One attempt's figures as plain JSON-able data (times as ISO 8601)."""
+    out = attempt.to_record()
+    for key in ("started_at", "finished_at"):
+        out[key] = out[key].isoformat() if out[key] else None
+    return out
+
+
+def _fmt_bytes(n: float | None) -> str:
+    return "" if n is None else f"{n / 2**20:.0f} MiB"
+
+
 def print_summary(state: WorkflowState[Any], console: Any) -> None:
+    """The table of steps: status, attempts, and the last attempt's figures (waits summed over attempts)."""
     from rich.table import Table
 
     table = Table(title=f"{state.workflow_id} {state.instance_id}: {state.status.name}", title_justify="left")
-    for col in ("step", "status", "attempts", "duration", "error"):
-        table.add_column(col)
+    for col in ("step", "status", "attempts", "duration", "cpu", "peak RSS", "waited", "error"):
+        table.add_column(
+            col, justify="right" if col in ("attempts", "duration", "cpu", "peak RSS", "waited") else "left"
+        )
     for sid, s in state.step_states.items():
         error = (s.error or "").splitlines()[0][:100] if s.error else ""
-        table.add_row(sid, s.status.name, str(s.attempts), _fmt_seconds(_duration(s.started_at, s.finished_at)), error)
+        last = s.history[-1] if s.history else None
+        waited = sum(a.waited + a.queued for a in s.history) if s.history else None
+        table.add_row(
+            sid,
+            s.status.name,
+            str(s.attempts),
+            _fmt_seconds(_duration(s.started_at, s.finished_at)),
+            _fmt_seconds(last.cpu if last else None),
+            _fmt_bytes(last.max_rss if last else None),
+            _fmt_seconds(waited),
+            error,
+        )
     console.print(table)
     console.print(f"data: {state.data!r}")
 

@@ -86,7 +86,7 @@ class StepSucceeded(WorkflowEvent):
     step_id: str
     attempt: int
     duration: float
-    usage: dict[str, float] | None = None
+    usage: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class StepFailed(WorkflowEvent):
     attempt: int
     error: str
     will_retry: bool
-    usage: dict[str, float] | None = None
+    usage: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,11 @@ class StepRun:
     finished_at: datetime | None = None
     wait_until: datetime | None = None
     error: str | None = None
-    usage: dict[str, float] | None = None
+    usage: dict[str, Any] | None = None  # the last finished attempt's figures
+    history: list[dict[str, Any]] = field(default_factory=list)  # one Attempt record per finished attempt
+    waited_from: float = 0.0  # monotonic: when its current wait (delay, schedule, backoff) began
+    wait_kind: str | None = None  # "delay", "scheduled", "backoff" or None (no wait)
+    enqueued: float = 0.0  # monotonic: when it joined the ready queue
     timer: int = 0  # the live timer's sequence number; others are stale
     queued: int = 0  # the live ready-queue entry's token; others are stale
     final_error: WorkflowError | None = None
@@ -169,6 +173,9 @@ class Task:
     kill_reason: str | None = None
     timer: int = 0
     pid: int | None = None
+    waited: float = 0.0  # before it: delay / schedule / backoff (of wait_kind)
+    wait_kind: str | None = None
+    queued: float = 0.0  # then: waiting for a free worker
 
 
 @dataclass(eq=False)
@@ -463,7 +470,7 @@ class Scheduler:
             elif kind == "wait":
                 self._decide(target.run_ref, target, now)
             elif kind == "retry" and target.run_ref.stopping is None and target.status is S.WAITING:
-                self._enqueue(target.run_ref, target)
+                self._enqueue(target.run_ref, target, now)
 
     # -- starting runs ---------------------------------------------------------
 
@@ -488,9 +495,10 @@ class Scheduler:
                     continue
                 step.attempts = step.budget_start = rec.get("attempts", 0)
                 step.started_at, step.finished_at = rec.get("started_at"), rec.get("finished_at")
+                step.history = list(rec.get("history") or ())
                 status = S(rec["status"])
                 if status in (S.SUCCEEDED, S.SKIPPED) and step.sid not in reruns:
-                    step.status, step.error, step.usage = status, rec.get("error"), rec.get("usage")
+                    step.status, step.error = status, rec.get("error")
                     done.append(step)
         run.unfinished = len(steps) - len(done)
         for step in done:
@@ -527,6 +535,7 @@ class Scheduler:
             step.not_before = None
             if sdef.schedule is not None:
                 step.not_before = now + (sdef.schedule - self.clock.now()).total_seconds()
+            step.waited_from, step.wait_kind = now, None
         condition = None
         if sdef.condition is not None:
             cond = sdef.condition
@@ -545,11 +554,12 @@ class Scheduler:
         if decision is Decision.WAIT:
             self._set_status(run, step, S.WAITING)
             step.wait_until = self.clock.now() + _delta(due - now)
+            step.wait_kind = "scheduled" if due == step.not_before else "delay"
             step.timer = self._timer(due, "wait", step)
         elif decision is Decision.SKIP:
             self._finish(run, step, S.SKIPPED, reason="run_if was false")
         else:
-            self._enqueue(run, step)
+            self._enqueue(run, step, now)
 
     def _context(self, run: Run, step: StepRun) -> WorkflowContext[Any]:
         values = dict(run.dict_value(data_codec.CONTEXT_FIELD))
@@ -562,7 +572,8 @@ class Scheduler:
             values=values,
         )
 
-    def _enqueue(self, run: Run, step: StepRun) -> None:
+    def _enqueue(self, run: Run, step: StepRun, now: float) -> None:
+        step.enqueued = now
         step.snapshot = run.snapshot()
         step.queued = next(self._seq)
         self._ready.append((run, step, step.queued))
@@ -600,6 +611,9 @@ class Scheduler:
             self._event(ev.StepStarted, run, step.started_at, step_id=step.sid, attempt=step.attempts)
         now = self.clock.monotonic()
         task = Task(run, step, slot, step.attempts, snap, now, hook=hook, pid=slot.pid)
+        if step.wait_kind is not None:
+            task.waited, task.wait_kind = step.enqueued - step.waited_from, step.wait_kind
+        task.queued = now - step.enqueued
         slot.task = task
         run.inflight += 1
         self._inflight += 1
@@ -643,17 +657,19 @@ class Scheduler:
         if task.hook:
             self._hook_done(run, step)
             return
-        step.usage = usage
         if kind == "done":
             outcome, changes = message[2], message[3]
             if outcome == "failure":
                 error: WorkflowError = StepFailed("the step returned StepResult.FAILURE", **self._where(run, step))
-                self._attempt_failed(run, step, error, error, usage)
+                self._end_attempt(task, "failed", usage, error=error)
+                self._attempt_failed(run, step, error, error)
                 return
             conflict = self._merge(run, step, task, changes)
             if conflict is not None:
-                self._attempt_failed(run, step, conflict, conflict, usage)
+                self._end_attempt(task, "failed", usage, error=conflict)
+                self._attempt_failed(run, step, conflict, conflict)
                 return
+            self._end_attempt(task, "succeeded" if outcome == "success" else "skipped", usage)
             if outcome == "success" and overrides(run.compiled.steps[step.index].body, "on_success"):
                 self._queue_hook(run, step, "success")  # only now is the success certain
                 return
@@ -664,8 +680,43 @@ class Scheduler:
             exc.__cause__ = _RemoteTraceback(message[3])
             error = StepFailed(f"{type(exc).__name__}: {exc}", **self._where(run, step))
             error.__cause__ = exc
-            self._attempt_failed(run, step, error, exc, usage)
+            self._end_attempt(task, "failed", usage, error=error)
+            self._attempt_failed(run, step, error, exc)
         self._maybe_finish(run)
+
+    def _end_attempt(
+        self,
+        task: Task,
+        outcome: str,
+        usage: dict[str, float] | None = None,
+        exit_: Exit | None = None,
+        error: WorkflowError | None = None,
+    ) -> None:
+        """Record how an attempt ended and what it cost (an ``Attempt`` record, see states.py)."""
+        step = task.step
+        # A killed worker sent nothing: its RSS as last sampled, if it was (memory limits).
+        sampled = exit_.last_rss if exit_ is not None and exit_.last_rss else None
+        figures: dict[str, Any] = {
+            "wall": usage["wall"] if usage else self.clock.monotonic() - task.started,
+            "cpu": usage.get("cpu") if usage else None,
+            "max_rss": int(usage["max_rss"]) if usage and "max_rss" in usage else sampled,
+            "waited": task.waited,
+            "wait_kind": task.wait_kind,
+            "queued": task.queued,
+            "exitcode": exit_.exitcode if exit_ else None,
+            "signal": exit_.signal_name if exit_ else None,
+        }
+        step.usage = figures
+        step.history.append(
+            {
+                "number": task.attempt,
+                "outcome": outcome,
+                "started_at": step.started_at,
+                "finished_at": self.clock.now(),
+                **figures,
+                "error": _reason(error) if error is not None else None,
+            }
+        )
 
     def _queue_hook(self, run: Run, step: StepRun, hook: str) -> None:
         step.hook = hook
@@ -751,9 +802,7 @@ class Scheduler:
 
     # -- failures ----------------------------------------------------------------
 
-    def _attempt_failed(
-        self, run: Run, step: StepRun, error: WorkflowError, cause: BaseException, usage: dict[str, float] | None
-    ) -> None:
+    def _attempt_failed(self, run: Run, step: StepRun, error: WorkflowError, cause: BaseException) -> None:
         i = step.index
         sdef = run.compiled.steps[i]
         policy = run.compiled.retry[i]
@@ -769,11 +818,12 @@ class Scheduler:
             attempt=step.attempts,
             error=str(error),
             will_retry=will_retry,
-            usage=usage,
+            usage=step.usage,
         )
         if will_retry:
             delay = policy.backoff.delay(used)
             self._set_status(run, step, S.WAITING)
+            step.waited_from, step.wait_kind = self.clock.monotonic(), "backoff"
             step.wait_until = self.clock.now() + _delta(delay)
             step.timer = self._timer(self.clock.monotonic() + delay, "retry", step)
             self._event(
@@ -856,7 +906,8 @@ class Scheduler:
                 f"were stopped ({exit_.describe()})",
                 **self._where(run, step),
             )
-            self._attempt_failed(run, step, error, error, None)
+            self._end_attempt(task, "timed_out", exit_=exit_, error=error)
+            self._attempt_failed(run, step, error, error)
         elif task.kill_reason == "memory":
             error = WorkerCrashed(
                 f"stopped: its worker used {_mib(exit_.last_rss)} MiB, over the step's memory limit of "
@@ -865,13 +916,16 @@ class Scheduler:
                 **self._where(run, step),
             )
             error.exitcode, error.signal_name = exit_.exitcode, exit_.signal_name
-            self._attempt_failed(run, step, error, error, None)
+            self._end_attempt(task, "crashed", exit_=exit_, error=error)
+            self._attempt_failed(run, step, error, error)
         elif task.hook:  # cancelled while a hook ran: the outcome was decided before it
             self._hook_done(run, step)
         else:  # cancelled
             self._set_status(run, step, S.CANCELLED)
             step.finished_at = self.clock.now()
             step.error = "cancelled while running; its process tree was stopped"
+            self._end_attempt(task, "cancelled", exit_=exit_)
+            step.history[-1]["error"] = step.error
         self._maybe_finish(run)
 
     def _on_worker_exit(self, slot: Slot) -> None:
@@ -901,7 +955,8 @@ class Scheduler:
         if task.hook:
             self._hook_done(run, step)  # a hook that crashed changes no outcome
         else:
-            self._attempt_failed(run, step, error, error, None)
+            self._end_attempt(task, "crashed", exit_=exit_, error=error)
+            self._attempt_failed(run, step, error, error)
 
     # -- finishing steps and runs -----------------------------------------------------
 
@@ -1051,7 +1106,7 @@ class Scheduler:
                 "finished_at": s.finished_at,
                 "error": s.error,
                 "wait_until": s.wait_until,
-                "usage": s.usage,
+                "history": list(s.history),  # a copy: the store may encode it after this turn
             }
         run.dirty_steps.clear()
         if run.dirty_fields:

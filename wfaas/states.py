@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from .errors import InvalidStateTransition
 
-__all__ = ["StepState", "StepStatus", "WorkflowState", "WorkflowStatus"]
+__all__ = ["Attempt", "StepState", "StepStatus", "WorkflowState", "WorkflowStatus"]
 
 D = TypeVar("D")
 
@@ -88,9 +88,49 @@ def check_step_transition(instance_id: str, step_id: str, current: StepStatus, n
         raise InvalidStateTransition(f"step {step_id!r} of instance {instance_id}", current, new)
 
 
+# How one attempt ended, as the report colours it.
+OUTCOMES = ("succeeded", "failed", "timed_out", "crashed", "cancelled", "skipped")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a step: how it ended and what it cost.
+
+    ``wall``/``cpu`` in seconds (CPU = user + system, the step's child processes
+    included), ``max_rss`` the peak resident memory in bytes during the attempt
+    (the worker's, or a waited-for child's if larger). For an attempt that was
+    killed (timeout, crash, cancel, memory limit) ``cpu`` and ``max_rss`` are
+    unknown (``None``) and ``wall`` is measured by the engine; ``exitcode`` /
+    ``signal`` say how the worker ended. ``waited`` is the time before it, spent
+    in a delay, ``scheduled_at`` or a retry's backoff (``wait_kind``), and
+    ``queued`` the time it then waited for a free worker.
+    """
+
+    number: int
+    outcome: str
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    wall: float | None = None
+    cpu: float | None = None
+    max_rss: int | None = None
+    waited: float = 0.0
+    wait_kind: str | None = None
+    queued: float = 0.0
+    exitcode: int | None = None
+    signal: str | None = None
+    error: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Attempt:
+        return cls(**rec)
+
+
 @dataclass
 class StepState:
-    """One step of one instance, as last checkpointed."""
+    """One step of one instance, as last checkpointed; ``history`` has one :class:`Attempt` per attempt."""
 
     status: StepStatus = StepStatus.PENDING
     attempts: int = 0
@@ -98,6 +138,7 @@ class StepState:
     finished_at: datetime | None = None
     error: str | None = None
     wait_until: datetime | None = None
+    history: list[Attempt] = field(default_factory=list)
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -107,6 +148,7 @@ class StepState:
             "finished_at": self.finished_at,
             "error": self.error,
             "wait_until": self.wait_until,
+            "history": [a.to_record() for a in self.history],
         }
 
     @classmethod
@@ -118,6 +160,7 @@ class StepState:
             finished_at=rec.get("finished_at"),
             error=rec.get("error"),
             wait_until=rec.get("wait_until"),
+            history=[Attempt.from_record(a) for a in rec.get("history") or ()],
         )
 
 
