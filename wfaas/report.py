@@ -1,0 +1,308 @@
+"""One self-contained HTML file that shows a run: summary, the DAG, a timeline of every attempt.
+
+No server, no network, no script: the page is HTML and inline SVG rendered
+with jinja2 (which escapes every step id and error text), and hovering a bar
+shows its figures through SVG's own ``<title>`` tooltips. The geometry is
+computed here, as plain data, and the template only draws it:
+
+    WorkflowState + dependencies ─▶ summary, dag_layout, timeline ─▶ report.html
+
+Why no plotting library: a Gantt chart is rectangles on a time axis, and the
+DAG is drawn in layers by depth (a step's column is one past its deepest
+dependency), which needs no layout engine. Plotly would draw the same from a
+3.5 MB script embedded in every report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .states import Attempt, StepState, StepStatus, WorkflowState
+
+__all__ = ["COLOURS", "Dependencies", "render_report"]
+
+# step id -> (depends_on, depends_on_any), as the stored definition fingerprint has them
+Dependencies = dict[str, tuple[list[str], list[str]]]
+
+COLOURS = {
+    "succeeded": "#2e9d5b",
+    "failed": "#d64545",
+    "timed_out": "#e08a1e",
+    "crashed": "#8e44ad",
+    "cancelled": "#7f8c8d",
+    "skipped": "#c3c9cd",
+    "running": "#3b82f6",
+    "pending": "#ffffff",
+    "waiting": "#f2d16b",
+}
+
+ROW = 26  # px per timeline row
+LABEL_W = 180  # px for the step ids left of the timeline
+PLOT_W = 860  # px for the time axis
+NODE_W, NODE_H, COL_GAP, ROW_GAP = 150, 30, 60, 14
+
+
+@dataclass
+class Bar:
+    """One drawn interval of a step's row."""
+
+    kind: str  # an attempt outcome, "running", "wait" or "queued"
+    x: float
+    width: float
+    title: str
+    mark: str | None = None  # the signal that killed it, drawn at its end
+
+
+@dataclass
+class Row:
+    step_id: str
+    status: str
+    y: float
+    bars: list[Bar] = field(default_factory=list)
+    note: str = ""  # what a step with no attempt did (skipped by run_if, never started, …)
+
+
+@dataclass
+class Node:
+    step_id: str
+    status: str
+    x: float
+    y: float
+    title: str
+
+
+@dataclass
+class Edge:
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    any_: bool  # a depends_on_any edge (dashed)
+
+
+def render_report(state: WorkflowState[Any], dependencies: Dependencies, now: datetime | None = None) -> str:
+    """The report of one run as a complete HTML document (a run in progress is drawn up to ``now``)."""
+    import jinja2
+
+    now = now or state.updated_at or datetime.now(UTC)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("wfaas", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+    )
+    rows, ticks, height = timeline(state, now)
+    nodes, edges, dag_w, dag_h = dag_layout(state, dependencies)
+    return env.get_template("report.html").render(
+        state=state,
+        summary=summary(state, dependencies, now),
+        rows=rows,
+        ticks=ticks,
+        height=height,
+        nodes=nodes,
+        edges=edges,
+        dag_w=dag_w,
+        dag_h=dag_h,
+        colours=COLOURS,
+        label_w=LABEL_W,
+        plot_w=PLOT_W,
+        row_h=ROW,
+        node_w=NODE_W,
+        node_h=NODE_H,
+        table=[(sid, s, _figures_line(s.history[-1]) if s.history else "") for sid, s in state.step_states.items()],
+        generated=datetime.now(UTC),
+    )
+
+
+# -- the timeline ---------------------------------------------------------------
+
+
+def _span(attempt: Attempt) -> tuple[datetime | None, datetime | None]:
+    """When the attempt's waiting began, and when it ended."""
+    if attempt.started_at is None:
+        return None, attempt.finished_at
+    return attempt.started_at - timedelta(seconds=attempt.waited + attempt.queued), attempt.finished_at
+
+
+def _bounds(state: WorkflowState[Any], now: datetime) -> tuple[datetime, datetime]:
+    starts: list[datetime] = [state.created_at] if state.created_at else []
+    ends: list[datetime] = []
+    for s in state.step_states.values():
+        for a in s.history:
+            begin, end = _span(a)
+            starts += [begin] if begin else []
+            ends += [end] if end else []
+        starts += [s.started_at] if s.started_at else []
+        ends += [t for t in (s.finished_at, s.wait_until) if t]
+        if s.status is StepStatus.RUNNING:
+            ends.append(now)
+    t0 = min(starts) if starts else now
+    t1 = max([*ends, t0])
+    return t0, t1
+
+
+def nice_step(span: float, target_ticks: int = 8) -> float:
+    """A tick interval of 1, 2 or 5 times a power of ten giving about ``target_ticks`` ticks."""
+    raw = max(span, 1e-3) / target_ticks
+    power = 10.0 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+
+
+def timeline(state: WorkflowState[Any], now: datetime) -> tuple[list[Row], list[tuple[float, str]], float]:
+    """Rows of bars (x in px from the left of the plot), the axis ticks, and the plot's height."""
+    t0, t1 = _bounds(state, now)
+    span = max((t1 - t0).total_seconds(), 1e-3)
+    scale = PLOT_W / span
+
+    def x(t: datetime) -> float:
+        return (t - t0).total_seconds() * scale
+
+    rows = []
+    for i, (sid, s) in enumerate(state.step_states.items()):
+        row = Row(sid, s.status.value, i * ROW)
+        for a in s.history:
+            if a.started_at is None or a.finished_at is None:
+                continue
+            wait_from = a.started_at - timedelta(seconds=a.waited + a.queued)
+            queued_from = a.started_at - timedelta(seconds=a.queued)
+            if a.waited > 0:
+                row.bars.append(
+                    Bar(
+                        "wait",
+                        x(wait_from),
+                        a.waited * scale,
+                        f"{sid}: {a.wait_kind} before attempt {a.number}, {_secs(a.waited)}",
+                    )
+                )
+            if a.queued * scale >= 1:
+                row.bars.append(
+                    Bar(
+                        "queued",
+                        x(queued_from),
+                        a.queued * scale,
+                        f"{sid}: attempt {a.number} waited {_secs(a.queued)} for a free worker",
+                    )
+                )
+            title = f"{sid}, attempt {a.number}: {a.outcome.replace('_', ' ')}\n{_figures_line(a)}"
+            if a.error:
+                title += f"\n{a.error}"
+            row.bars.append(Bar(a.outcome, x(a.started_at), x(a.finished_at) - x(a.started_at), title, a.signal))
+        if s.status is StepStatus.RUNNING and s.started_at is not None:
+            row.bars.append(
+                Bar("running", x(s.started_at), x(now) - x(s.started_at), f"{sid}, attempt {s.attempts}: running")
+            )
+        if s.status is StepStatus.WAITING and s.wait_until is not None:
+            row.note = f"waiting until {s.wait_until:%H:%M:%S}"
+        elif not s.history and s.status is not StepStatus.RUNNING:
+            row.note = _no_attempt_note(s)
+        rows.append(row)
+    step = nice_step(span)
+    ticks = [(k * step * scale, _secs(k * step)) for k in range(int(span / step) + 1)]
+    return rows, ticks, max(len(rows), 1) * ROW
+
+
+def _no_attempt_note(s: StepState) -> str:
+    if s.status is StepStatus.SKIPPED:
+        return f"skipped{': ' + s.error if s.error else ''}"
+    notes = {StepStatus.PENDING: "not started", StepStatus.CANCELLED: "cancelled before it started"}
+    return notes.get(s.status, str(s.status.value))
+
+
+def _secs(seconds: float) -> str:
+    if seconds >= 120:
+        return f"{seconds / 60:.1f} min"
+    if seconds >= 10:
+        return f"{seconds:.0f} s"
+    if seconds >= 1 or seconds == 0:
+        return f"{seconds:.3g} s"
+    return f"{seconds * 1000:.3g} ms"
+
+
+def _figures_line(a: Attempt) -> str:
+    parts = [f"wall {_secs(a.wall)}" if a.wall is not None else "wall —"]
+    parts.append(f"cpu {_secs(a.cpu)}" if a.cpu is not None else "cpu —")
+    parts.append(f"peak RSS {a.max_rss / 2**20:.0f} MiB" if a.max_rss else "peak RSS —")
+    if a.waited:
+        parts.append(f"{a.wait_kind} {_secs(a.waited)}")
+    parts.append(f"queued {_secs(a.queued)}")
+    if a.signal:
+        parts.append(f"killed by {a.signal}")
+    elif a.exitcode is not None:
+        parts.append(f"exit code {a.exitcode}")
+    return ", ".join(parts)
+
+
+# -- the DAG ------------------------------------------------------------------------
+
+
+def dag_layout(state: WorkflowState[Any], deps: Dependencies) -> tuple[list[Node], list[Edge], float, float]:
+    """Nodes in columns by depth (one past the deepest dependency), edges between their sides."""
+    depth: dict[str, int] = {}
+    for sid in state.step_states:  # steps come in definition order, dependencies first
+        parents = [*deps.get(sid, ([], []))[0], *deps.get(sid, ([], []))[1]]
+        depth[sid] = 1 + max((depth.get(p, 0) for p in parents), default=-1)
+    columns: dict[int, list[str]] = {}
+    for sid, d in depth.items():
+        columns.setdefault(d, []).append(sid)
+    pos: dict[str, tuple[float, float]] = {}
+    for d, members in columns.items():
+        for k, sid in enumerate(members):
+            pos[sid] = (d * (NODE_W + COL_GAP), k * (NODE_H + ROW_GAP))
+    nodes = []
+    for sid, (x, y) in pos.items():
+        s = state.step_states[sid]
+        nodes.append(Node(sid, s.status.value, x, y, f"{sid}: {s.status.value}, {s.attempts} attempt(s)"))
+    edges = []
+    for sid, (all_deps, any_deps) in deps.items():
+        if sid not in pos:
+            continue
+        for parent, any_ in [(p, False) for p in all_deps] + [(p, True) for p in any_deps]:
+            if parent in pos:
+                (px, py), (cx, cy) = pos[parent], pos[sid]
+                edges.append(Edge(px + NODE_W, py + NODE_H / 2, cx, cy + NODE_H / 2, any_))
+    width = (max(depth.values(), default=0) + 1) * (NODE_W + COL_GAP)
+    height = max((len(m) for m in columns.values()), default=1) * (NODE_H + ROW_GAP)
+    return nodes, edges, width, height
+
+
+# -- the summary -------------------------------------------------------------------
+
+
+def summary(state: WorkflowState[Any], deps: Dependencies, now: datetime) -> dict[str, Any]:
+    """Status, duration, attempts, the slowest steps and the critical path."""
+    t0, t1 = _bounds(state, now)
+    busy = {sid: sum(a.wall or 0.0 for a in s.history) for sid, s in state.step_states.items()}
+    slowest = sorted((item for item in busy.items() if item[1] > 0), key=lambda item: -item[1])[:5]
+    return {
+        "duration": _secs((t1 - t0).total_seconds()),
+        "attempts": sum(s.attempts for s in state.step_states.values()),
+        "retries": sum(max(len(s.history) - 1, 0) for s in state.step_states.values()),
+        "counts": _counts(state),
+        "slowest": [(sid, _secs(seconds)) for sid, seconds in slowest],
+        "critical_path": [(sid, _secs(busy[sid])) for sid in critical_path(state, deps)],
+    }
+
+
+def _counts(state: WorkflowState[Any]) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for s in state.step_states.values():
+        counts[s.status.value] = counts.get(s.status.value, 0) + 1
+    return sorted(counts.items())
+
+
+def critical_path(state: WorkflowState[Any], deps: Dependencies) -> list[str]:
+    """The chain that set the run's length: from the step that finished last, back through the
+    dependency that let each step start (the last of its ``depends_on`` to finish, or the first
+    of its ``depends_on_any``, whichever came later)."""
+    finished = {sid: s.finished_at for sid, s in state.step_states.items() if s.finished_at is not None}
+    if not finished:
+        return []
+    path = [max(finished, key=lambda sid: finished[sid])]
+    while True:
+        all_deps, any_deps = deps.get(path[-1], ([], []))
+        gates = [max((p for p in all_deps if p in finished), key=finished.__getitem__, default=None)]
+        gates.append(min((p for p in any_deps if p in finished), key=finished.__getitem__, default=None))
+        parents = [p for p in gates if p is not None and p not in path]
+        if not parents:
+            return path[::-1]
+        path.append(max(parents, key=finished.__getitem__))
