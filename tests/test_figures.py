@@ -182,3 +182,15 @@ def test_history_is_checkpointed_and_shown_by_status_json(tmp_path: Path) -> Non
     assert "boom" in history[0]["error"]
     text = CliRunner().invoke(main, ["status", state.instance_id, "--store", str(path)]).output
     assert "cpu" in text and "peak RSS" in text
+
+
+def test_a_step_keeps_its_last_hundred_attempts(vengine: WorkflowEngine, tmp_path: Path) -> None:
+    def fails_until_attempt_105(ctx: Any) -> None:
+        if ctx.attempt < 105:
+            raise RuntimeError(f"attempt {ctx.attempt}")
+
+    policy = RetryPolicy(max_attempts=105, backoff=Backoff.fixed(1))
+    state = run_one(vengine, StepDefinition("many", "many", fails_until_attempt_105).with_retry(policy))
+    history = state.step_states["many"].history
+    assert state.step_states["many"].attempts == 105
+    assert len(history) == 100 and history[0].number == 6 and history[-1].outcome == "succeeded"

@@ -133,7 +133,7 @@ def _bounds(state: WorkflowState[Any], now: datetime) -> tuple[datetime, datetim
             starts += [begin] if begin else []
             ends += [end] if end else []
         starts += [s.started_at] if s.started_at else []
-        ends += [t for t in (s.finished_at, s.wait_until) if t]
+        ends += [s.finished_at] if s.finished_at else []  # not wait_until: a wait of hours would squash the rest
         if s.status is StepStatus.RUNNING:
             ends.append(now)
     t0 = min(starts) if starts else now

@@ -717,6 +717,8 @@ class Scheduler:
                 "error": _reason(error) if error is not None else None,
             }
         )
+        if len(step.history) > HISTORY_KEPT:
+            del step.history[0]
 
     def _queue_hook(self, run: Run, step: StepRun, hook: str) -> None:
         step.hook = hook
@@ -1215,6 +1217,8 @@ def _delta(seconds: float) -> Any:
 # A worker SIGKILLed while this large (ten times a fresh worker) was probably the OOM killer's
 # choice: the kernel says nothing to us, so this is a hint, and worded as one.
 _OOM_HINT_BYTES = 256 * 2**20
+# Attempts kept per step: a step retried indefinitely must not make each checkpoint grow without end.
+HISTORY_KEPT = 100
 
 
 def _mib(n: int) -> str:
