@@ -125,7 +125,8 @@ class Attempt:
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Attempt:
-        return cls(**rec)
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in rec.items() if k in known})  # a newer version may record more
 
 
 @dataclass
