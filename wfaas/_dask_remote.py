@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,16 +52,17 @@ class _Child:
 
     process: Any
     conn: multiprocessing.connection.Connection
+    paths: frozenset[str]
     bodies: set[str] = field(default_factory=set)
     classes: set[str] = field(default_factory=set)
     snapshot: object = None
 
     @classmethod
-    def start(cls) -> _Child:
+    def start(cls, paths: tuple[str, ...]) -> _Child:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["wfaas._worker", "dill", "psutil"])
         parent_end, child_end = ctx.Pipe(duplex=True)
-        process = ctx.Process(target=_worker.main, args=(child_end,), name="wfaas-dask-step", daemon=False)
+        process = ctx.Process(target=_child_main, args=(child_end, paths), name="wfaas-dask-step", daemon=False)
         # Dask workers run as daemon processes by default, and a daemon may not start
         # processes; this child dies with the worker anyway (_worker watches its parent).
         config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
@@ -70,7 +73,24 @@ class _Child:
         finally:
             config["daemon"] = daemon
         child_end.close()
-        return cls(process, parent_end)
+        return cls(process, parent_end, frozenset(paths))
+
+    def retire(self) -> None:
+        """Ask an idle child to exit (it lacks a path the driver now has)."""
+        try:
+            self.conn.send_bytes(pickle.dumps(("stop",)))
+        except OSError:
+            pass
+        self.conn.close()
+
+
+def _child_main(conn: multiprocessing.connection.Connection, paths: tuple[str, ...]) -> None:
+    # Step bodies are pickled by reference to their modules: give the child the
+    # driver's sys.path entries that exist here (the same checkout, a shared
+    # filesystem, or this very machine), in the driver's order, before its own.
+    missing = [p for p in paths if p not in sys.path and os.path.isdir(p)]
+    sys.path[:0] = missing
+    _worker.main(conn)
 
 
 @dataclass(eq=False)
@@ -108,7 +128,12 @@ def _wanted() -> bool:
 
 
 def run_step(
-    token: str, version: str, head: tuple[Any, ...], small: dict[str, bytes], large: dict[str, bytes]
+    token: str,
+    version: str,
+    paths: tuple[str, ...],
+    head: tuple[Any, ...],
+    small: dict[str, bytes],
+    large: dict[str, bytes],
 ) -> tuple[Any, ...]:
     """Run one step (a ``_worker`` "run" message whose snapshot is ``small`` + ``large``) in a child.
 
@@ -128,8 +153,11 @@ def run_step(
         return ("reply", pickle.dumps(reply, protocol=5), where)
     with _lock:
         child = _idle.pop() if _idle else None
+    if child is not None and not child.paths.issuperset(paths):
+        child.retire()
+        child = None
     if child is None or not child.process.is_alive():
-        child = _Child.start()
+        child = _Child.start(paths)
     with _lock:
         _prune_tombstones()
         if _stopped.pop(token, None) is not None:

@@ -30,6 +30,7 @@ import multiprocessing.connection
 import os
 import pickle
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -209,7 +210,7 @@ class DaskPool:
         self._scattered: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
         self._closed = False
         self._sender = _threads.start(self._send_loop, "wfaas-dask-send")
-        self._client.subscribe_topic("all", self._on_cluster_event)
+        _listen(self._client, self)
 
     def _dask(self) -> list[DaskSlot]:
         return self.slots  # type: ignore[return-value]
@@ -306,7 +307,7 @@ class DaskPool:
         self._outbox.put(None)
         self._sender.join(timeout=5)
         try:
-            self._client.unsubscribe_topic("all")
+            _listen(self._client, self, stop=True)
             self._client.run(_dask_remote.close_children, on_error="ignore")
         except Exception:  # the cluster may be gone already; nothing is left to stop then
             log.debug("wfaas could not stop the Dask workers' idle step processes", exc_info=True)
@@ -346,8 +347,18 @@ class DaskPool:
                 done, slot.kill_done, slot.token = slot.kill_done, None, None
                 _threads.start(done, f"wfaas-dask-killed-{slot.index}", slot, Exit(None, detail="not started"))
                 return
+            paths = tuple(os.path.abspath(p or os.curdir) for p in sys.path)
             future = self._client.submit(
-                _dask_remote.run_step, token, self._version, head, small, large, key=token, pure=False, retries=0
+                _dask_remote.run_step,
+                token,
+                self._version,
+                paths,
+                head,
+                small,
+                large,
+                key=token,
+                pure=False,
+                retries=0,
             )
             slot.future = future
         future.add_done_callback(lambda f: self._on_done(slot, token, f))
@@ -457,6 +468,31 @@ class DaskPool:
             # Queued in Dask, not running anywhere: cancelled, it never starts (the
             # workers also remember the token as stopped, in case it starts meanwhile).
             slot.future.cancel()
+
+
+# Engines sharing one client share its one handler of the scheduler's "all" topic.
+_listeners: dict[int, list[DaskPool]] = {}
+_listeners_lock = threading.Lock()
+
+
+def _listen(client: Any, pool: DaskPool, *, stop: bool = False) -> None:
+    with _listeners_lock:
+        pools = _listeners.setdefault(id(client), [])
+        first = not pools
+        if stop:
+            pools.remove(pool)
+            if not pools:
+                del _listeners[id(client)]
+                client.unsubscribe_topic("all")
+            return
+        pools.append(pool)
+    if first:
+
+        def handler(event: tuple[float, Any]) -> None:
+            for each in list(_listeners.get(id(client), ())):
+                each._on_cluster_event(event)
+
+        client.subscribe_topic("all", handler)
 
 
 _LEFT = "died (the Dask worker left the cluster)"
