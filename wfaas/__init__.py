@@ -71,6 +71,11 @@ def __getattr__(name: str) -> object:
         from .sqlite_store import SqliteStore
 
         return SqliteStore
+    if name == "DaskBackend":
+        # Imports no distributed until it connects.
+        from .dask_backend import DaskBackend
+
+        return DaskBackend
     raise AttributeError(f"module 'wfaas' has no attribute {name!r}")
 
 
@@ -81,6 +86,7 @@ __all__ = [
     "CleanupHandle",
     "Clock",
     "ContextValueNotFound",
+    "DaskBackend",
     "DataConflict",
     "DefinitionNotFound",
     "EventBus",

@@ -437,12 +437,30 @@ def follow(
     return code
 
 
-def _engine(store: StateStore, workers: int | None, origin: str | None) -> Any:
+def _engine(store: StateStore, workers: int | None, origin: str | None, dask: str | None = None) -> Any:
     from .engine import WorkflowEngine
 
-    engine = WorkflowEngine(store=store, max_workers=workers, cancel_signal=int(signal.SIGUSR1))
+    backend = None
+    if dask is not None:
+        from .dask_backend import DaskBackend
+
+        backend = DaskBackend(dask)
+        try:
+            backend.connect()
+        except (ImportError, OSError, RuntimeError, ValueError) as exc:
+            store.close()
+            fail(f"--dask {dask}: {exc}")
+    engine = WorkflowEngine(store=store, max_workers=workers, cancel_signal=int(signal.SIGUSR1), backend=backend)
     engine.origin = origin
     return engine
+
+
+dask_option = click.option(
+    "--dask",
+    metavar="ADDRESS",
+    help="Run steps on a Dask cluster: its scheduler's address (tcp://host:8786), "
+    "or local[:N] to start a local one of N worker processes. Workers need wfaas installed.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -469,17 +487,21 @@ store_option = click.option(
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: CPU count).")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final state as JSON on stdout.")
-def run(target: str, data: str | None, store: str, workers: int | None, quiet: bool, as_json: bool) -> None:
+@dask_option
+def run(
+    target: str, data: str | None, store: str, workers: int | None, quiet: bool, as_json: bool, dask: str | None
+) -> None:
     """Run the workflow TARGET (module:attr or file.py:attr) and wait for it.
 
     \b
     Example:
       wfaas-local run examples/batch_files.py:workflow --workers 2
+      wfaas-local run examples/batch_files.py:workflow --dask local:2
     """
     definition = load_target(target)
     payload = build_data(definition, data)
     state_store = open_store(store)
-    engine = _engine(state_store, workers, absolute_target(target))
+    engine = _engine(state_store, workers, absolute_target(target), dask)
     try:
         try:
             engine.register_workflow(definition)
@@ -515,7 +537,16 @@ def _close(engine: Any, store: StateStore) -> None:
 @store_option
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: CPU count).")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
-def resume(instance_id: str, force: bool, rerun: tuple[str, ...], store: str, workers: int | None, quiet: bool) -> None:
+@dask_option
+def resume(
+    instance_id: str,
+    force: bool,
+    rerun: tuple[str, ...],
+    store: str,
+    workers: int | None,
+    quiet: bool,
+    dask: str | None,
+) -> None:
     """Continue a failed, cancelled or interrupted run; succeeded steps do not run again.
 
     \b
@@ -530,7 +561,7 @@ def resume(instance_id: str, force: bool, rerun: tuple[str, ...], store: str, wo
     if not origin:
         fail(f"run {iid} was not started by wfaas-local; resume it from Python with engine.resume({iid!r})")
     definition = load_target(origin)
-    engine = _engine(state_store, workers, origin)
+    engine = _engine(state_store, workers, origin, dask)
     try:
         engine.register_workflow(definition)
         code = follow(
@@ -550,7 +581,8 @@ def resume(instance_id: str, force: bool, rerun: tuple[str, ...], store: str, wo
 @main.command()
 @store_option
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: CPU count).")
-def recover(store: str, workers: int | None) -> None:
+@dask_option
+def recover(store: str, workers: int | None, dask: str | None) -> None:
     """Resume every run whose process died while it was running.
 
     \b
@@ -576,7 +608,7 @@ def recover(store: str, workers: int | None) -> None:
         return
     # Targets first: workers import step modules from the sys.path they start with.
     definitions = [load_target(origin) for origin in origins]
-    engine = _engine(state_store, workers, None)
+    engine = _engine(state_store, workers, None, dask)
     code = 0
     try:
         for definition in definitions:

@@ -34,7 +34,7 @@ from .errors import (
     WorkflowError,
 )
 from .events import EventBus
-from .pool import WorkerPool
+from .pool import Backend, Pool, WorkerPool
 from .scheduler import Compiled, Run, Scheduler, encode_bodies
 from .states import WorkflowState, WorkflowStatus
 from .store import InMemoryStore, StateStore, data_class
@@ -84,7 +84,9 @@ class WorkflowEngine:
     default limit of every step. ``cancel_signal`` is recorded as the signal
     another process may send this one to cancel its runs (the process must
     handle it). ``clock`` replaces real time
-    for the engine's timers (see :mod:`wfaas.testing`). Use it as a context
+    for the engine's timers (see :mod:`wfaas.testing`). ``backend`` sends
+    steps elsewhere, e.g. ``DaskBackend("tcp://host:8786")`` (then
+    ``max_workers`` defaults to the cluster's threads). Use it as a context
     manager: on exit it waits for running workflows; on an exception
     (including Ctrl-C) it cancels them.
     """
@@ -99,13 +101,13 @@ class WorkflowEngine:
         memory_limit: int | None = None,
         start_method: str = "forkserver",
         cancel_signal: int | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.store: StateStore = store if store is not None else InMemoryStore()
         self.event_bus = EventBus()
         self.clock: Clock = clock or SystemClock()
         self.grace_period = float(grace_period)
         self.memory_limit = memory_limit
-        self.max_workers = max_workers or os.cpu_count() or 1
         self._definitions: dict[str, Compiled] = {}
         self._lock = threading.Lock()
         # Where this engine's definitions come from (the CLI's TARGET), saved with each run
@@ -118,8 +120,13 @@ class WorkflowEngine:
         # Recorded with every run this engine owns; `cancel_signal` tells another
         # process (wfaas-local cancel) which signal asks this one to cancel its runs.
         self._owner: dict[str, Any] = {"pid": me.pid, "started": me.create_time(), "cancel_signal": cancel_signal}
-        self._pool = WorkerPool(self.max_workers, start_method)
-        self._pool.start()
+        self._pool: Pool
+        if backend is None:
+            self._pool = WorkerPool(max_workers or os.cpu_count() or 1, start_method)
+            self._pool.start()
+        else:
+            self._pool = backend.pool(max_workers)
+        self.max_workers = len(self._pool.slots)
         self._scheduler = Scheduler(self._pool, self.store, self.event_bus, self.clock, self.grace_period, self._owner)
         self._scheduler.start()
         self._finalizer = weakref.finalize(self, _close, self._scheduler, self._pool, self.event_bus, self.grace_period)
@@ -418,7 +425,7 @@ class WorkflowEngine:
         return removed
 
 
-def _close(scheduler: Scheduler, pool: WorkerPool, bus: EventBus, grace: float) -> None:
+def _close(scheduler: Scheduler, pool: Pool, bus: EventBus, grace: float) -> None:
     try:
         scheduler.stop()
     finally:

@@ -25,7 +25,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -34,10 +34,17 @@ from . import _threads, _worker
 
 @dataclass
 class Exit:
-    """How a worker process ended: exit code, or the signal that killed it."""
+    """How a worker process ended: exit code, or the signal that killed it.
+
+    ``where`` names the process in messages when a pid alone would not (a
+    remote worker); ``detail`` replaces the exit code when there is none to
+    tell (the whole remote machine went away).
+    """
 
     exitcode: int | None
     last_rss: int = 0
+    where: str | None = None
+    detail: str | None = None
 
     @property
     def signal_name(self) -> str | None:
@@ -49,6 +56,8 @@ class Exit:
         return None
 
     def describe(self) -> str:
+        if self.detail:
+            return self.detail
         if self.signal_name:
             return f"killed by {self.signal_name}"
         return f"exited with code {self.exitcode}"
@@ -76,6 +85,34 @@ class Slot:
     @property
     def idle(self) -> bool:
         return self.task is None and not self.dying and self.process is not None
+
+
+class Pool(Protocol):
+    """What the scheduler and the memory watchdog use of a pool: ``WorkerPool`` here, ``DaskPool`` remotely.
+
+    Every call but ``kill`` and ``close`` comes from the scheduler thread and
+    must not block; ``waitables`` are what that thread blocks on.
+    """
+
+    slots: list[Slot]
+
+    def start(self) -> None: ...
+    def spawn(self, slot: Slot) -> None: ...
+    def waitables(self) -> dict[Any, tuple[str, Slot]]: ...
+    def send(self, slot: Slot, message: bytes) -> None: ...
+    def receive(self, slot: Slot) -> tuple[Any, ...] | None: ...
+    def exit_of(self, slot: Slot) -> Exit: ...
+    def kill(self, slot: Slot, grace: float, done: Callable[[Slot, Exit], None], exit_: Exit | None = None) -> None: ...
+    def hurry(self, slot: Slot) -> None: ...
+    def close(self, grace: float = 2.0) -> None: ...
+
+
+class Backend(Protocol):
+    """Where steps run, for ``WorkflowEngine(backend=...)``; without one they run in local worker processes."""
+
+    def pool(self, max_workers: int | None) -> Pool:
+        """A started pool of ``max_workers`` slots (``None``: as many as the backend can run at once)."""
+        ...
 
 
 class WorkerPool:

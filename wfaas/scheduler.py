@@ -54,7 +54,7 @@ from .errors import (
     WorkerCrashed,
     WorkflowError,
 )
-from .pool import Exit, Slot, WorkerPool
+from .pool import Exit, Pool, Slot
 from .readiness import Decision, Gate, Outcome, decide
 from .states import StepStatus, WorkflowStatus, check_step_transition, check_workflow_transition
 from .steps import StepExecutor, WorkflowContext, overrides
@@ -310,7 +310,7 @@ class Scheduler:
 
     def __init__(
         self,
-        pool: WorkerPool,
+        pool: Pool,
         store: StateStore,
         bus: ev.EventBus,
         clock: Clock,
@@ -904,7 +904,7 @@ class Scheduler:
             self._crashed(task, exit_)
         elif task.kill_reason == "timeout":
             error: WorkflowError = StepTimeout(
-                f"timed out after {timeout:g} s; its worker (pid {exit_pid(task)}) and every process it started "
+                f"timed out after {timeout:g} s; its worker ({worker_name(task, exit_)}) and every process it started "
                 f"were stopped ({exit_.describe()})",
                 **self._where(run, step),
             )
@@ -950,7 +950,7 @@ class Scheduler:
         if exit_.signal_name == "SIGKILL" and exit_.last_rss >= _OOM_HINT_BYTES:
             hint = f"; probably out of memory (its last measured RSS was {_mib(exit_.last_rss)} MiB)"
         error = WorkerCrashed(
-            f"its worker process (pid {exit_pid(task)}) {exit_.describe()}{hint}; other steps were not affected",
+            f"its worker process ({worker_name(task, exit_)}) {exit_.describe()}{hint}; other steps were not affected",
             **self._where(run, step),
         )
         error.exitcode, error.signal_name = exit_.exitcode, exit_.signal_name
@@ -1225,8 +1225,9 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.0f}"
 
 
-def exit_pid(task: Task) -> str:
-    return str(task.pid)
+def worker_name(task: Task, exit_: Exit) -> str:
+    """The process that ran the task, for messages: its pid here, or what the remote pool called it."""
+    return exit_.where or f"pid {task.pid}"
 
 
 def _owner(meta: dict[str, Any]) -> str:

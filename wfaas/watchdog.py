@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 
 from . import _threads
-from .pool import Slot, WorkerPool
+from .pool import Pool, Slot
 
 
 def tree_rss(pid: int) -> int:
@@ -42,7 +42,7 @@ class MemoryWatchdog:
 
     def __init__(
         self,
-        pool: WorkerPool,
+        pool: Pool,
         limit_of: Callable[[Any], int | None],
         exceeded: Callable[[Slot, Any, int], None],
         *,

@@ -1,0 +1,324 @@
+"""The Dask backend: the same workflows and fault guarantees on a ``distributed`` cluster.
+
+One ``LocalCluster(processes=True, n_workers=2)`` serves the whole module (a
+cluster takes seconds to start). Everything runs on this machine, so the
+tests can see the remote step processes with psutil: a timed-out step's
+process must be gone, and SIGKILL of a step's process or of its whole Dask
+worker must fail only that attempt (``WorkerCrashed``), retried, while a
+concurrent step on the other worker goes on untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+from wfaas import (  # noqa: E402 - only once distributed is known to be there
+    DaskBackend,
+    RetryPolicy,
+    StepDefinition,
+    StepTimeout,
+    WorkflowDefinition,
+    WorkflowEngine,
+    WorkflowStatus,
+    events,
+)
+from wfaas.dask_backend import check_versions  # noqa: E402
+
+from conftest import Data, alive, wait_for_text, wait_until, write_atomic  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+
+pytestmark = [pytest.mark.dask, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    import dask
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    dask_client = distributed.Client(cluster)
+    try:
+        yield dask_client
+    finally:
+        dask_client.close()
+        cluster.close()
+
+
+@pytest.fixture
+def dengine(client: Any) -> Iterator[WorkflowEngine]:
+    client.wait_for_workers(2, timeout=60)  # a worker killed by an earlier test is back
+    with WorkflowEngine(backend=DaskBackend(client), grace_period=1.0) as eng:
+        yield eng
+
+
+def _under_dask_workers(client: Any) -> set[int]:
+    """Every process the Dask workers started (their forkservers, and the step processes forked from them)."""
+    return {p.pid for pid in client.run(os.getpid).values() for p in psutil.Process(pid).children(recursive=True)}
+
+
+# -- the examples --------------------------------------------------------------------
+
+
+def test_examples_give_the_same_data_as_local(dengine: WorkflowEngine, tmp_path: Path) -> None:
+    import batch_files
+    import dag
+    import flaky_service
+    import quickstart
+
+    assert dengine.max_workers == 2  # the cluster's threads
+    runs = {}
+    for module, data in [
+        (quickstart, quickstart.MyData(input="on dask")),
+        (dag, dag.DagData()),
+        (flaky_service, flaky_service.FlakyData()),
+        (batch_files, batch_files.BatchData(workdir=str(tmp_path))),
+    ]:
+        dengine.register_workflow(module.workflow)
+        runs[module.__name__] = dengine.start_workflow(module.workflow.id, data)
+    for iid in runs.values():
+        dengine.wait_for_completion(iid, timeout=90)
+    data = {name: dengine.get_status(iid).data for name, iid in runs.items()}
+    assert data["quickstart"].result == "Processed: on dask"
+    assert (data["dag"].parts, data["dag"].total, data["dag"].source) == ({"a": 1, "b": 2, "c": 3}, 6, "recomputed")
+    assert data["flaky_service"].response.startswith("200 OK after 3 attempts")
+    assert len(data["batch_files"].counts) == batch_files.FILES
+    assert data["batch_files"].report == (tmp_path / "report.txt").read_text().strip()
+    steps = dengine.get_status(runs["flaky_service"]).step_states
+    assert steps["call_service"].attempts == 3
+    assert steps["optional_enrich"].status.value == "failed"
+
+
+# -- large fields --------------------------------------------------------------------
+
+
+def _read_big(ctx: Any) -> None:
+    ctx.data.items[ctx.step_id] = (len(ctx.data.value), ctx.data.value[-1])
+
+
+def test_large_fields_reach_every_step(dengine: WorkflowEngine) -> None:
+    """A 5 MB field (scattered once, not sent with each step) reaches a fan-out and a chain."""
+    wf = WorkflowDefinition("big", "big", data_type=Data)
+    for i in range(4):
+        wf.add_step(StepDefinition(f"fan{i}", "fan", _read_big))
+    wf.add_step(StepDefinition("after", "after", _read_big).depends_on([f"fan{i}" for i in range(4)]))
+    dengine.register_workflow(wf)
+    big = b"x" * (5 * 2**20 - 1) + b"!"
+    iid = dengine.start_workflow("big", Data(value=big))
+    dengine.wait_for_completion(iid, timeout=60)
+    items = dengine.get_status(iid).data.items
+    assert items == {s: (len(big), ord("!")) for s in [*(f"fan{i}" for i in range(4)), "after"]}
+
+
+# -- faults --------------------------------------------------------------------------
+
+
+def _hang(ctx: Any) -> None:
+    write_atomic(ctx.data.value, str(os.getpid()))
+    time.sleep(60)  # in C: only a signal stops it
+
+
+def test_timeout_kills_the_remote_step_process(dengine: WorkflowEngine, client: Any, tmp_path: Path) -> None:
+    wf = WorkflowDefinition("hang", "hang", data_type=Data)
+    wf.add_step(StepDefinition("hang", "hang", _hang).with_timeout(1))
+    dengine.register_workflow(wf)
+    pid_file = tmp_path / "pid"
+    started = time.monotonic()
+    iid = dengine.start_workflow("hang", Data(value=str(pid_file)))
+    pid = int(wait_for_text(pid_file))
+    assert pid in _under_dask_workers(client)
+    with pytest.raises(StepTimeout) as info:
+        dengine.wait_for_completion(iid, timeout=30)
+    assert not alive(pid), "the timed-out step's remote process still runs"
+    assert time.monotonic() - started < 1 + 1.0 + 3.0  # timeout + grace + Dask round trips, with room
+    assert f"pid {pid} on Dask worker tcp://" in str(info.value)
+
+
+def _victim(ctx: Any) -> None:
+    folder = Path(ctx.data.value)
+    if ctx.attempt == 1:
+        write_atomic(folder / "victim.pid", str(os.getpid()))
+        time.sleep(60)
+    write_atomic(folder / "victim.retried", str(ctx.attempt))
+    ctx.data.items["victim"] = ctx.attempt
+
+
+def _bystander(ctx: Any) -> None:
+    folder = Path(ctx.data.value)
+    write_atomic(folder / "bystander.pid", str(os.getpid()))
+    wait_until((folder / "go").exists, timeout=60, what="the test's go-ahead")
+    ctx.data.items["bystander"] = os.getpid()
+
+
+@pytest.mark.parametrize("target", ["step process", "dask worker"])
+def test_a_killed_worker_fails_only_its_step_which_is_retried(
+    dengine: WorkflowEngine, client: Any, tmp_path: Path, target: str
+) -> None:
+    wf = WorkflowDefinition("kill", "kill", data_type=Data)
+    wf.add_step(StepDefinition("victim", "victim", _victim).with_retry(RetryPolicy(max_attempts=3)))
+    wf.add_step(StepDefinition("bystander", "bystander", _bystander))
+    dengine.register_workflow(wf)
+    seen: list[Any] = []
+    dengine.event_bus.subscribe(seen.append)
+    iid = dengine.start_workflow("kill", Data(value=str(tmp_path)))
+    victim = int(wait_for_text(tmp_path / "victim.pid"))
+    bystander = int(wait_for_text(tmp_path / "bystander.pid"))
+    workers = set(client.run(os.getpid).values())
+    owner = next(p.pid for p in psutil.Process(victim).parents() if p.pid in workers)
+    assert owner not in {p.pid for p in psutil.Process(bystander).parents()}, "both steps on one worker"
+    os.kill(victim if target == "step process" else owner, signal.SIGKILL)
+    wait_for_text(tmp_path / "victim.retried")
+    assert alive(bystander)
+    (tmp_path / "go").write_text("go")
+    dengine.wait_for_completion(iid, timeout=60)
+    state = dengine.get_status(iid)
+    assert state.data.items == {"victim": 2, "bystander": bystander}
+    assert (state.step_states["victim"].attempts, state.step_states["bystander"].attempts) == (2, 1)
+    failed = [e for e in seen if isinstance(e, events.StepFailed)]
+    assert len(failed) == 1 and failed[0].step_id == "victim" and failed[0].will_retry
+    assert "WorkerCrashed" in failed[0].error or "worker process" in failed[0].error
+    if target == "dask worker":
+        assert "Dask worker" in failed[0].error and "left the cluster" in failed[0].error
+    else:
+        assert f"pid {victim} on Dask worker" in failed[0].error and "SIGKILL" in failed[0].error
+
+
+# -- connecting and the command line -----------------------------------------------
+
+
+class _FakeClient:
+    def __init__(self, found: dict[str, Any]) -> None:
+        self.found = found
+
+    def run(self, fn: Any) -> dict[str, Any]:
+        return self.found
+
+
+def test_a_version_mismatch_is_refused_with_what_to_install() -> None:
+    import wfaas
+
+    python = "{}.{}".format(*sys.version_info[:2])
+    check_versions(_FakeClient({"tcp://a:1": {"wfaas": wfaas.__version__, "python": python}}))
+    with pytest.raises(RuntimeError) as info:
+        check_versions(
+            _FakeClient(
+                {
+                    "tcp://a:1": {"wfaas": wfaas.__version__, "python": python},
+                    "tcp://b:2": {"wfaas": "0.0.1", "python": python},
+                    "tcp://c:3": {"wfaas": None, "python": python},
+                }
+            )
+        )
+    message = str(info.value)
+    assert f"driver has wfaas {wfaas.__version__}, worker tcp://b:2 has 0.0.1" in message
+    assert "worker tcp://c:3 does not have it" in message
+    assert f"pip install 'wfaas[dask]=={wfaas.__version__}'" in message
+    assert "tcp://a:1" not in message
+
+
+def test_the_real_workers_pass_the_version_check(client: Any) -> None:
+    check_versions(client)
+
+
+def test_cli_runs_on_a_scheduler_address_and_resumes_after_the_driver_died(client: Any, tmp_path: Path) -> None:
+    """`wfaas-local run --dask ADDRESS`; the driver dies mid-step; its remote step dies too; resume finishes."""
+    address = client.scheduler.address
+    store = tmp_path / "runs.sqlite"
+    target = tmp_path / "twostep.py"
+    target.write_text(TWO_STEPS)
+    cli = str(Path(sys.executable).parent / "wfaas-local")
+    data = json.dumps({"folder": str(tmp_path)})
+    driver = subprocess.Popen(
+        [cli, "run", f"{target}:workflow", "--data", data, "--store", str(store), "--dask", address, "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        step = int(wait_for_text(tmp_path / "second.pid", timeout=60))
+        driver.kill()
+        driver.wait(timeout=10)
+        # Its Dask client is gone, so its task is released and the step process killed.
+        wait_until(lambda: not alive(step), timeout=15, what="the dead driver's remote step to be stopped")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=10)
+    (tmp_path / "release").write_text("go")
+    ids = subprocess.run(
+        [cli, "list", "--store", str(store), "--json"], capture_output=True, text=True, timeout=60, check=True
+    )
+    [run] = json.loads(ids.stdout)
+    resumed = subprocess.run(
+        [cli, "resume", run["instance_id"], "--store", str(store), "--dask", address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "COMPLETED" in resumed.stdout
+    first_runs = (tmp_path / "first.count").read_text()
+    assert first_runs == "x", "the step that succeeded before the driver died ran again"
+
+
+TWO_STEPS = """
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from wfaas import StepDefinition, WorkflowData, WorkflowDefinition
+
+
+@dataclass
+class D(WorkflowData):
+    folder: str = ""
+    done: int = 0
+
+
+def first(ctx):
+    with open(Path(ctx.data.folder, "first.count"), "a") as f:
+        f.write("x")
+    ctx.data.done += 1
+
+
+def second(ctx):
+    folder = Path(ctx.data.folder)
+    (folder / "second.tmp").write_text(str(os.getpid()))
+    os.replace(folder / "second.tmp", folder / "second.pid")
+    import time
+
+    while not (folder / "release").exists():
+        time.sleep(0.05)  # the test's signal, in a file: it lives in another process
+    ctx.data.done += 1
+
+
+workflow = (
+    WorkflowDefinition("twostep", "two steps", data_type=D)
+    .add_step(StepDefinition("first", "first", first))
+    .add_step(StepDefinition("second", "second", second).depends_on(["first"]))
+)
+"""
+
+
+def test_importing_wfaas_does_not_import_distributed() -> None:
+    code = "import sys, wfaas; wfaas.DaskBackend; print('distributed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+
+
+_ = WorkflowStatus  # re-exported names used in messages above

@@ -1,0 +1,275 @@
+"""What runs on a Dask worker: each step in a warm child process that wfaas can kill.
+
+Dask cannot stop a task once it runs (it only forgets it), so a Dask task
+here does not run the step itself: it hands the step to a child process of
+the Dask worker, the same ``_worker.main`` loop a local slot runs, and waits
+for its reply, its death, or an order to stop it::
+
+    driver (DaskPool)                     Dask worker process
+    client.submit(run_step, ...)  ----->  run_step: take an idle child (or start one)
+                                            --pipe--> child: _worker.main runs the body
+                                            <--pipe-- ("done" | "error", ...) as bytes
+    future result  <------------------   ("reply", bytes, where)
+    client.run(stop, token, grace) ---->  stop: SIGTERM the child's tree, SIGKILL after grace
+    future result  <------------------   ("exit", exitcode, rss, where, stopped)
+
+The child leads its own process group (``_worker.main``), so stopping it
+stops what the step started; it watches the Dask worker and dies with it. A
+task the driver no longer wants (cancelled, or its client disconnected
+because the driver died) is noticed by polling the worker's own task state,
+and its child is killed: nothing a driver started outlives it.
+
+This module is imported on the workers by name, so workers need wfaas
+installed (the same version: ``DaskBackend`` checks at connect time, and
+``run_step`` again for workers that joined later).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _worker
+from .pool import terminate_tree
+
+# How often a waiting task checks that Dask still wants it: the delay before a
+# cancelled step (or one whose driver died) is killed.
+POLL_SECONDS = 0.1
+# Stop orders for tasks that had not started on this worker are kept this long.
+_TOMBSTONE_SECONDS = 600.0
+
+
+@dataclass(eq=False)
+class _Child:
+    """One warm step process on this Dask worker and what it already holds."""
+
+    process: Any
+    conn: multiprocessing.connection.Connection
+    paths: frozenset[str]
+    bodies: set[str] = field(default_factory=set)
+    classes: set[str] = field(default_factory=set)
+    snapshot: object = None
+
+    @classmethod
+    def start(cls, paths: tuple[str, ...]) -> _Child:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["wfaas._worker", "dill", "psutil"])
+        parent_end, child_end = ctx.Pipe(duplex=True)
+        process = ctx.Process(target=_child_main, args=(child_end, paths), name="wfaas-dask-step", daemon=False)
+        # Dask workers run as daemon processes by default, and a daemon may not start
+        # processes; this child dies with the worker anyway (_worker watches its parent).
+        config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+        daemon = config.get("daemon")
+        config["daemon"] = False
+        try:
+            process.start()
+        finally:
+            config["daemon"] = daemon
+        child_end.close()
+        return cls(process, parent_end, frozenset(paths))
+
+    def retire(self) -> None:
+        """Ask an idle child to exit (it lacks a path the driver now has)."""
+        try:
+            self.conn.send_bytes(pickle.dumps(("stop",)))
+        except OSError:
+            pass
+        self.conn.close()
+
+
+def _child_main(conn: multiprocessing.connection.Connection, paths: tuple[str, ...]) -> None:
+    # Step bodies are pickled by reference to their modules: give the child the
+    # driver's sys.path entries that exist here (the same checkout, a shared
+    # filesystem, or this very machine), in the driver's order, before its own.
+    missing = [p for p in paths if p not in sys.path and os.path.isdir(p)]
+    sys.path[:0] = missing
+    _worker.main(conn)
+
+
+@dataclass(eq=False)
+class _Running:
+    child: _Child
+    stopping: bool = False
+
+
+_lock = threading.Lock()
+_idle: list[_Child] = []
+_running: dict[str, _Running] = {}
+_stopped: dict[str, float] = {}
+
+
+def _address() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except ValueError:  # not in a Dask worker (unit tests call this module directly)
+        return "(no Dask worker)"
+
+
+def _wanted() -> bool:
+    """Whether Dask still wants this task's result (False once cancelled or its client left)."""
+    try:
+        from distributed import get_worker
+        from distributed import utils as dask_utils
+
+        key = getattr(dask_utils, "thread_state").key  # noqa: B009 - not exported; how Dask itself finds the running key
+        ts = get_worker().state.tasks.get(key)
+    except (ValueError, AttributeError):
+        return True
+    return ts is not None and ts.state == "executing"
+
+
+def run_step(
+    token: str,
+    version: str,
+    paths: tuple[str, ...],
+    head: tuple[Any, ...],
+    small: dict[str, bytes],
+    large: dict[str, bytes],
+) -> tuple[Any, ...]:
+    """Run one step (a ``_worker`` "run" message whose snapshot is ``small`` + ``large``) in a child.
+
+    Returns ``("reply", bytes, where)`` with the child's reply as it sent it,
+    ``("exit", exitcode, last_rss, where, stopped)`` when the child died (on
+    its own, or ``stopped`` by ``stop``), or ``("stopped", where)`` when a
+    stop order came before the step started.
+    """
+    where = _address()
+    mine = _own_version()
+    if version != mine:
+        error = RuntimeError(
+            f"driver has wfaas {version}, Dask worker {where} has {mine}: "
+            f"pip install the same version on every worker (pip install 'wfaas[dask]=={version}')"
+        )
+        reply: tuple[Any, ...] = ("error", head[1], _worker._encode_error(error), "", [], {"wall": 0.0})
+        return ("reply", pickle.dumps(reply, protocol=5), where)
+    with _lock:
+        child = _idle.pop() if _idle else None
+    if child is not None and not child.paths.issuperset(paths):
+        child.retire()
+        child = None
+    if child is None or not child.process.is_alive():
+        child = _Child.start(paths)
+    with _lock:
+        _prune_tombstones()
+        if _stopped.pop(token, None) is not None:
+            _idle.append(child)
+            return ("stopped", where)
+        run = _running[token] = _Running(child)
+    where = f"pid {child.process.pid} on Dask worker {where}"
+    try:
+        _, task_id, body_key, body_blob, cls_key, cls_blob, snap_key, _, meta = head
+        if body_key in child.bodies:
+            body_blob = None
+        if cls_key in child.classes:
+            cls_blob = None
+        snap_blob = None if child.snapshot == snap_key else pickle.dumps({**small, **large}, protocol=5)
+        child.bodies.add(body_key)
+        child.classes.add(cls_key)
+        child.snapshot = snap_key
+        message = ("run", task_id, body_key, body_blob, cls_key, cls_blob, snap_key, snap_blob, meta)
+        child.conn.send_bytes(pickle.dumps(message, protocol=5))
+        return _wait(run, where)
+    finally:
+        with _lock:
+            _running.pop(token, None)
+
+
+def _wait(run: _Running, where: str) -> tuple[Any, ...]:
+    child = run.child
+    sentinel = child.process.sentinel
+    last_rss = 0
+    while True:
+        ready = multiprocessing.connection.wait([child.conn, sentinel], POLL_SECONDS)
+        if child.conn in ready:
+            try:
+                reply = child.conn.recv_bytes()
+            except (EOFError, OSError):
+                pass  # it died while answering: the sentinel tells how
+            else:
+                if not run.stopping:
+                    with _lock:
+                        _idle.append(child)
+                else:
+                    # It finished while being stopped: the result stands, and the
+                    # child, told to die, must not take another step.
+                    _finish_stopping(child)
+                return ("reply", reply, where)
+        if sentinel in ready or not child.process.is_alive():
+            child.process.join(1.0)
+            # What the step started still runs in the child's group: stop it too.
+            terminate_tree(child.process.pid, 0.0)
+            child.conn.close()
+            return ("exit", child.process.exitcode, last_rss, where, run.stopping)
+        if not run.stopping and not _wanted():
+            run.stopping = True
+            threading.Thread(target=terminate_tree, args=(child.process.pid, 0.0), daemon=True).start()
+        last_rss = _rss(child.process.pid) or last_rss
+
+
+def _finish_stopping(child: _Child) -> None:
+    def run() -> None:
+        terminate_tree(child.process.pid, 0.0)
+        child.process.join(1.0)
+        child.conn.close()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def stop(token: str, grace: float) -> str | None:
+    """Stop the step ``token`` on this worker (run by ``client.run``); its address if it ran here.
+
+    Runs on the worker's event loop, so the killing happens on a thread. A
+    step not (yet) running here is remembered as stopped, in case it starts.
+    """
+    with _lock:
+        run = _running.get(token)
+        if run is None:
+            _stopped[token] = time.monotonic()
+            return None
+        run.stopping = True
+    threading.Thread(target=terminate_tree, args=(run.child.process.pid, grace), daemon=True).start()
+    return _address()
+
+
+def _prune_tombstones() -> None:
+    old = time.monotonic() - _TOMBSTONE_SECONDS
+    for token in [t for t, when in _stopped.items() if when < old]:
+        del _stopped[token]
+
+
+def _rss(pid: int) -> int:
+    from .watchdog import tree_rss
+
+    return tree_rss(pid)
+
+
+def _own_version() -> str:
+    from . import __version__
+
+    return str(__version__)
+
+
+def close_children() -> int:
+    """Stop this worker's idle children (``client.run`` at driver close); how many there were."""
+    with _lock:
+        children, _idle[:] = list(_idle), []
+    for child in children:
+        try:
+            child.conn.send_bytes(pickle.dumps(("stop",)))
+        except OSError:
+            pass
+    for child in children:
+        child.process.join(1.0)
+        if child.process.is_alive():
+            terminate_tree(child.process.pid, 0.0)
+        child.conn.close()
+    return len(children)
