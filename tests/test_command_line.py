@@ -149,7 +149,7 @@ def test_graph_check_and_plan(runner: CliRunner) -> None:
 
 def test_version_and_help_examples(runner: CliRunner) -> None:
     assert "wfaas-local, version" in invoke(runner, "--version").output  # type: ignore[attr-defined]
-    for command in ("run", "resume", "recover", "status", "list", "cancel", "graph", "check", "plan"):
+    for command in ("run", "resume", "recover", "status", "report", "list", "cancel", "graph", "check", "plan"):
         assert "Example:" in invoke(runner, command, "--help").output  # type: ignore[attr-defined]
 
 
