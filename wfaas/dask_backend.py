@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _dask_remote, _threads, _worker
-from .pool import Exit, Pool, Slot
+from .pool import Exit, Pool, Slot, WorkerPool
 
 __all__ = ["DaskBackend"]
 
@@ -254,13 +254,7 @@ class DaskPool:
         self._outbox.put((slot, token, message))
 
     def receive(self, slot: Slot) -> tuple[Any, ...] | None:
-        assert slot.conn is not None
-        try:
-            result: tuple[Any, ...] = pickle.loads(slot.conn.recv_bytes())
-        except (EOFError, OSError):
-            slot.eof = True
-            return None
-        return result
+        return WorkerPool.receive(slot)  # the reply travels the same local pipe as a local worker's
 
     def exit_of(self, slot: Slot) -> Exit:
         assert isinstance(slot, DaskSlot)
