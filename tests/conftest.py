@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 import pytest
-from wfaas import WorkflowData, WorkflowEngine
+from wfaas import WorkflowData, WorkflowEngine, events
 from wfaas.testing import VirtualClock
 
 
@@ -73,6 +73,32 @@ def descendants() -> list[psutil.Process]:
             continue
         out.append(p)
     return out
+
+
+@pytest.fixture
+def no_leftovers() -> Iterator[None]:
+    """After the test (and its engine), no worker or grandchild is left under the test process.
+
+    The fault-test modules use it for every test: ``pytestmark = pytest.mark.usefixtures("no_leftovers")``.
+    """
+    yield
+    wait_until(lambda: not descendants(), timeout=5, what="no child process left behind")
+
+
+def collect(engine: WorkflowEngine) -> list[events.WorkflowEvent]:
+    """Every event ``engine`` publishes from now on, in a list (``engine.event_bus.flush()`` before reading)."""
+    seen: list[events.WorkflowEvent] = []
+    engine.event_bus.subscribe(seen.append)
+    return seen
+
+
+def wait_for(path: str | os.PathLike[str], timeout: float = 60.0) -> None:
+    """Inside a step: block until ``path`` exists, failing the attempt after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{os.fspath(path)} did not appear within {timeout} s")
+        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -12,20 +12,15 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from wfaas import StepState, StepStatus, WorkflowState, WorkflowStatus
 from wfaas.chaos import ChaosData, ChaosReport, _check, build_workflow, run_chaos
 
-from conftest import descendants, wait_until
+from conftest import descendants
 
-
-@pytest.fixture(autouse=True)
-def _no_leftovers() -> Iterator[None]:
-    yield
-    wait_until(lambda: not descendants(), timeout=5, what="no child process left behind")
+pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 
 @pytest.mark.slow

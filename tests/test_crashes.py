@@ -17,7 +17,6 @@ import resource
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +35,7 @@ from wfaas import (
 
 from conftest import Data, alive, descendants, wait_for_text, wait_until, write_atomic
 
-
-@pytest.fixture(autouse=True)
-def _no_leftovers() -> Iterator[None]:
-    yield
-    wait_until(lambda: not descendants(), timeout=5, what="no child process left behind")
+pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 
 def crash(kind: str, pidfile: Path) -> None:

@@ -33,18 +33,9 @@ from wfaas import (
 )
 from wfaas.testing import VirtualClock
 
-from conftest import Data, alive, descendants, wait_for_text, wait_until, write_atomic
+from conftest import Data, alive, descendants, wait_for, wait_for_text, wait_until, write_atomic
 
 # -- step bodies (they run in worker processes) ----------------------------------------------------
-
-
-def wait_for(path: Path, timeout: float = 60.0) -> None:
-    """Inside a step: block until ``path`` exists, failing the attempt after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.01)
 
 
 def record(ctx: Any) -> None:

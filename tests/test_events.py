@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import os
 import threading
-import time
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
@@ -30,19 +29,11 @@ from wfaas import (
 )
 from wfaas.events import WorkflowEvent
 
-from conftest import Data, wait_for_text, wait_until, write_atomic
+from conftest import Data, wait_for, wait_for_text, wait_until, write_atomic
 
 
 def record(ctx: Any) -> None:
     ctx.data.items[ctx.step_id] = True  # distinct keys: parallel steps never conflict
-
-
-def wait_for(path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.01)
 
 
 class Recorder:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,14 @@ from wfaas import (
     WorkflowStatus,
 )
 
-from conftest import Data, alive, descendants, wait_for_text, wait_until, write_atomic
+from conftest import Data, alive, wait_for_text, write_atomic
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 MiB = 2**20
 LIMIT = 100 * MiB
 TARGET = 600  # MiB the hog tries to reach
 CHUNK = 10  # MiB per allocation
-
-
-@pytest.fixture(autouse=True)
-def _no_leftovers() -> Iterator[None]:
-    yield
-    wait_until(lambda: not descendants(), timeout=5, what="no child process left behind")
 
 
 def eat(progress: Path, target_mib: int = TARGET) -> list[bytes]:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,9 @@ from wfaas import (
 
 from conftest import Data, alive, descendants, wait_for_text, wait_until, write_atomic
 
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
 ORPHAN_DEADLINE = 2.0  # the issue: workers and their children exit within 2 s of the engine's death
-
-
-@pytest.fixture(autouse=True)
-def _no_leftovers() -> Iterator[None]:
-    yield
-    wait_until(lambda: not descendants(), timeout=5, what="no child process left behind")
 
 
 SCRIPT = textwrap.dedent(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from wfaas import (
 )
 from wfaas.readiness import TRUTH_TABLE, Counts, Decision, Gate, Outcome, decide
 
-from conftest import Data, wait_until
+from conftest import Data, collect, wait_for, wait_until
 
 OUTCOMES = list(Outcome)
 
@@ -158,15 +157,6 @@ def test_decide_lets_a_raising_condition_through() -> None:
 # -- helpers for steps ------------------------------------------------------------------------------
 
 
-def wait_for(path: str, timeout: float = 30.0) -> None:
-    """Inside a step: poll for ``path`` with a deadline (a step may wait; the test never sleeps)."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout} s")
-        time.sleep(0.01)
-
-
 def mark(key: str) -> Any:
     """A step that records its id as a dict key (parallel steps writing distinct keys never conflict)."""
 
@@ -199,12 +189,6 @@ def after_file(path: str, body: Any) -> Any:
 
 def status_of(engine: WorkflowEngine, iid: str, step: str) -> StepStatus:
     return engine.get_status(iid).step_states[step].status
-
-
-def collect(engine: WorkflowEngine) -> list[events.WorkflowEvent]:
-    seen: list[events.WorkflowEvent] = []
-    engine.event_bus.subscribe(seen.append)
-    return seen
 
 
 # -- depends_on ---------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from wfaas import (
 )
 from wfaas.testing import VirtualClock
 
-from conftest import Data, wait_until
+from conftest import Data, collect, wait_until
 
 
 def append(path: str | Path, text: str) -> None:
@@ -42,12 +42,6 @@ def append(path: str | Path, text: str) -> None:
 
 def lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
-
-
-def collect(engine: WorkflowEngine) -> list[events.WorkflowEvent]:
-    seen: list[events.WorkflowEvent] = []
-    engine.event_bus.subscribe(seen.append)
-    return seen
 
 
 def of(seen: list[events.WorkflowEvent], kind: type, step: str | None = None) -> list[Any]:

@@ -51,16 +51,7 @@ from wfaas import (
 from wfaas.store import Checkpoint, Record
 from wfaas.testing import VirtualClock
 
-from conftest import Data, alive, descendants, wait_for_text, wait_until, write_atomic
-
-
-def wait_for(path: Path, timeout: float = 60.0) -> None:
-    """Inside a step: block until ``path`` exists, failing the attempt after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.01)
+from conftest import Data, alive, descendants, wait_for, wait_for_text, wait_until, write_atomic
 
 
 def retrying_events(engine: WorkflowEngine) -> list[events.StepRetrying]:

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,9 @@ import psutil
 import pytest
 from wfaas import SqliteStore, StepDefinition, StepStatus, WorkflowDefinition, WorkflowEngine, WorkflowStatus
 
-from conftest import Data, alive, descendants, wait_for_text, wait_until, write_atomic
+from conftest import Data, alive, wait_for_text, wait_until, write_atomic
 
-
-@pytest.fixture(autouse=True)
-def _no_leftovers() -> Iterator[None]:
-    yield
-    wait_until(lambda: not descendants(), timeout=5, what="no child process left behind")
+pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 
 SCRIPT = textwrap.dedent(

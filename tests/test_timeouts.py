@@ -43,7 +43,7 @@ GRACE = 1.0  # the test engine's grace period between SIGTERM and SIGKILL
 TIMEOUT = 1.0  # every hanging step's timeout
 SLACK = 0.5  # the issue's bound: deadline -> StepTimeout <= grace + 0.5 s
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftovers")]
 
 
 @pytest.fixture
@@ -51,13 +51,6 @@ def tengine() -> Iterator[WorkflowEngine]:
     """Two workers and an explicit grace period, so that timings below are stated against it."""
     with WorkflowEngine(max_workers=2, grace_period=GRACE) as eng:
         yield eng
-
-
-@pytest.fixture(autouse=True)
-def _no_leftovers() -> Iterator[None]:
-    """After each test (and its engine) no worker or grandchild is left under the test process."""
-    yield
-    wait_until(lambda: not descendants(), timeout=5, what="no child process left behind")
 
 
 class Recorder:
