@@ -33,7 +33,7 @@ from . import _threads, events
 from .definition import WorkflowDefinition, topological_order
 from .errors import InvalidDefinition, SerializationError, StoreError, WorkflowError
 from .states import Attempt, StepStatus, WorkflowState, WorkflowStatus
-from .store import InMemoryStore, StateStore
+from .store import InMemoryStore, Record, StateStore
 
 DEFAULT_STORE = ".wfaas/runs.sqlite"
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -145,6 +145,11 @@ def open_store(path: str, *, readonly: bool = False) -> StateStore:
 
 def load_state(store: StateStore, iid: str) -> WorkflowState[Any]:
     """A run's state; its data decoded where the run's own code can be imported."""
+    return load_run(store, iid)[0]
+
+
+def load_run(store: StateStore, iid: str) -> tuple[WorkflowState[Any], Record]:
+    """A run's state (as :func:`load_state`) and the stored record it was decoded from."""
     from .store import record_to_state
 
     record = store.read(iid)
@@ -158,11 +163,11 @@ def load_state(store: StateStore, iid: str) -> WorkflowState[Any]:
         elif os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
     try:
-        return record_to_state(iid, record)
+        return record_to_state(iid, record), record
     except Exception as exc:  # noqa: BLE001 - show the steps anyway
         state = record_to_state(iid, record, decode_data=False)
         state.data = f"(not decodable here: {type(exc).__name__}: {exc})"
-        return state
+        return state, record
 
 
 def resolve_id(store: StateStore, prefix: str | None) -> str:
@@ -676,11 +681,10 @@ def report(instance_id: str | None, store: str, output: str | None) -> None:
     state_store = open_store(store, readonly=True)
     try:
         iid = resolve_id(state_store, instance_id)
-        state = load_state(state_store, iid)
-        record = state_store.read(iid)
+        state, record = load_run(state_store, iid)
     finally:
         state_store.close()
-    steps = ((record.extra if record else {}).get("fingerprint") or {}).get("steps", {})
+    steps = (record.extra.get("fingerprint") or {}).get("steps", {})
     dependencies = {sid: (s["depends_on"], s["depends_on_any"]) for sid, s in steps.items()}
     html = render_report(state, dependencies, None if state.status.is_terminal else datetime.now(UTC))
     path = Path(output or f"wfaas-report-{iid[:8]}.html")

@@ -91,11 +91,12 @@ def render_report(state: WorkflowState[Any], dependencies: Dependencies, now: da
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("wfaas", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
     )
-    rows, ticks, height = timeline(state, now)
+    bounds = _bounds(state, now)
+    rows, ticks, height = timeline(state, now, bounds)
     nodes, edges, dag_w, dag_h = dag_layout(state, dependencies)
     return env.get_template("report.html").render(
         state=state,
-        summary=summary(state, dependencies, now),
+        summary=summary(state, dependencies, bounds),
         rows=rows,
         ticks=ticks,
         height=height,
@@ -148,9 +149,11 @@ def nice_step(span: float, target_ticks: int = 8) -> float:
     return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
 
 
-def timeline(state: WorkflowState[Any], now: datetime) -> tuple[list[Row], list[tuple[float, str]], float]:
-    """Rows of bars (x in px from the left of the plot), the axis ticks, and the plot's height."""
-    t0, t1 = _bounds(state, now)
+def timeline(
+    state: WorkflowState[Any], now: datetime, bounds: tuple[datetime, datetime]
+) -> tuple[list[Row], list[tuple[float, str]], float]:
+    """Rows of bars (x in px from the left of the plot, which spans ``bounds``), the axis ticks, the plot's height."""
+    t0, t1 = bounds
     span = max((t1 - t0).total_seconds(), 1e-3)
     scale = PLOT_W / span
 
@@ -268,9 +271,9 @@ def dag_layout(state: WorkflowState[Any], deps: Dependencies) -> tuple[list[Node
 # -- the summary -------------------------------------------------------------------
 
 
-def summary(state: WorkflowState[Any], deps: Dependencies, now: datetime) -> dict[str, Any]:
-    """Status, duration, attempts, the slowest steps and the critical path."""
-    t0, t1 = _bounds(state, now)
+def summary(state: WorkflowState[Any], deps: Dependencies, bounds: tuple[datetime, datetime]) -> dict[str, Any]:
+    """Status, duration (``bounds``: the run's first and last moment), attempts, slowest steps, critical path."""
+    t0, t1 = bounds
     busy = {sid: sum(a.wall or 0.0 for a in s.history) for sid, s in state.step_states.items()}
     slowest = sorted((item for item in busy.items() if item[1] > 0), key=lambda item: -item[1])[:5]
     return {
