@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -144,3 +145,12 @@ def wait_for_text(path: str | os.PathLike[str], timeout: float = 30.0) -> str:
     """Wait for a file written with :func:`write_atomic` and return its text."""
     file = Path(path)
     return str(wait_until(lambda: file.exists() and file.read_text(), timeout, f"file {file}"))
+
+
+def reap(proc: subprocess.Popen[Any]) -> None:
+    """Kill a test's child program if it still runs, wait for it, and close its stdout."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+    if proc.stdout is not None:
+        proc.stdout.close()

@@ -35,6 +35,8 @@ from typing import Any
 import psutil
 import pytest
 
+from conftest import reap
+
 STEPS = [
     "load",
     "parse",
@@ -267,11 +269,7 @@ def crash_trial(folder: Path, number: int, rng: random.Random, expected: dict[st
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        reap(proc)
     # Workers exit on their own once their engine is gone; anything still alive is an orphan.
     _, still_alive = psutil.wait_procs(family, timeout=15)
     result.orphans = [p.pid for p in still_alive]

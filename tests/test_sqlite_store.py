@@ -44,7 +44,7 @@ from wfaas import (
 )
 from wfaas.sqlite_store import FORMAT_VERSION
 
-from conftest import Data, wait_until
+from conftest import Data, reap, wait_until
 
 S, W = StepStatus, WorkflowStatus
 
@@ -682,11 +682,7 @@ def writer_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str,
         try:
             proc.wait(timeout=60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-            if proc.stdout is not None:
-                proc.stdout.close()
+            reap(proc)
 
 
 def succeeded(st: WorkflowState[Any]) -> list[str]:
