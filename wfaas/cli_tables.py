@@ -1,0 +1,150 @@
+"""The CLI's tables, fitted to the terminal: a run's steps (``status``, end of ``run``) and the runs (``list``).
+
+Figures are never wrapped or cut. What does not fit goes under the table
+as text shortened to the width: each failed step's error on its own line.
+A run of thousands of steps is summarised (counts by status, then the steps
+worth looking at), so ``status`` stays fast and readable at any size.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from .cli_text import PIPE_LIMIT, data_text, plural, shorten
+from .states import StepState, StepStatus, WorkflowState
+
+__all__ = ["owner_note", "print_runs", "print_steps", "step_error"]
+
+# Above this many steps, status lists the steps worth a look instead of all of them.
+ROW_LIMIT = 50
+_INTEREST = (StepStatus.FAILED, StepStatus.RUNNING, StepStatus.WAITING, StepStatus.CANCELLED)
+# The engine's error text starts with where it happened; the table already says which run and step.
+_WHERE = re.compile(r"^step '[^']*'(?: \[[^\]]*\])? \(attempt \d+\) of instance \S+ of workflow '[^']*': ")
+
+
+def step_error(error: str) -> str:
+    """A step's error without the where-prefix the heading and the row already give."""
+    return _WHERE.sub("", error, count=1)
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}s"
+
+
+def _duration(start: datetime | None, end: datetime | None) -> float | None:
+    return None if start is None or end is None else (end - start).total_seconds()
+
+
+def _row(sid: str, s: StepState) -> list[str]:
+    last = s.history[-1] if s.history else None
+    waited = sum(a.waited + a.queued for a in s.history) if s.history else None
+    return [
+        sid,
+        s.status.name,
+        str(s.attempts),
+        _seconds(_duration(s.started_at, s.finished_at)),
+        _seconds(last.cpu if last else None),
+        "" if last is None or last.max_rss is None else f"{last.max_rss / 2**20:.0f} MiB",
+        _seconds(waited),
+    ]
+
+
+def owner_note(meta: dict[str, Any], iid: str, store_path: str | None) -> str | None:
+    """For a run recorded RUNNING whose owning process is gone: what happened and what to do."""
+    from .engine import owner_alive
+
+    if meta.get("status") not in ("running", "pending"):
+        return None
+    owner = meta.get("owner") or {}
+    if owner_alive(owner):
+        return None
+    store = f" --store {store_path}" if store_path else ""
+    return f"the process that ran it (pid {owner.get('pid', '?')}) is gone; `wfaas-local recover{store}` continues it"
+
+
+def print_steps(state: WorkflowState[Any], console: Any, *, note: str | None = None) -> None:
+    """The run's heading, its steps' table, their errors, and its data, all within ``console.width``."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    width = console.width
+    states = state.step_states
+    heading = f"{state.workflow_id} {state.instance_id}: {state.status.name}"
+    console.print(Text(heading + (f" ({note})" if note and len(heading) + len(note) < width - 3 else "")))
+    if note and len(heading) + len(note) >= width - 3:
+        console.print(Text(f"  {note}"))
+    shown = list(states.items())
+    if len(shown) > ROW_LIMIT:
+        counts: dict[str, int] = {}
+        for s in states.values():
+            counts[s.status.name] = counts.get(s.status.name, 0) + 1
+        console.print(
+            Text(f"{plural(len(states), 'step')}: " + ", ".join(f"{n} {name}" for name, n in sorted(counts.items())))
+        )
+        interesting = [(sid, s) for sid, s in shown if s.status in _INTEREST]
+        slowest = sorted(
+            ((sid, s) for sid, s in shown if s.started_at and s.finished_at and s.status not in _INTEREST),
+            key=lambda kv: _duration(kv[1].started_at, kv[1].finished_at) or 0.0,
+            reverse=True,
+        )[:5]
+        omitted = len(interesting) - ROW_LIMIT
+        shown = interesting[:ROW_LIMIT] + slowest
+        tail = f"; {omitted} more not shown (`status --json` has every step)" if omitted > 0 else ""
+        console.print(Text(f"shown: failed, running and waiting steps, then the 5 slowest{tail}"))
+    step_width = min(20, max((len(sid) for sid, _ in shown), default=4))
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("step", overflow="fold", min_width=min(step_width, 8), max_width=max(step_width, 8))
+    table.add_column("status", no_wrap=True, min_width=9)
+    for col in ("attempts", "duration", "cpu", "peak RSS", "waited"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for sid, s in shown:
+        table.add_row(*_row(sid, s))
+    console.print(table)
+    errors = [(sid, s.error) for sid, s in shown if s.error]
+    if errors:
+        console.print(Text("errors:"))
+        for sid, error in errors:
+            console.print(Text(shorten(f"  {sid}: {step_error(error)}", width)), soft_wrap=False)
+    limit = width * 2 if console.is_terminal else PIPE_LIMIT
+    console.print(Text("data: " + data_text(state.data, limit - len("data: "))))
+
+
+def print_runs(rows: list[tuple[datetime | None, str, dict[str, Any]]], console: Any, notes: dict[str, str]) -> None:
+    """One line per run: full id, workflow, status, created, duration; errors shortened under the table."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    if not rows:
+        return
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("id", no_wrap=True)
+    table.add_column("workflow", no_wrap=True, overflow="ellipsis", max_width=24)
+    table.add_column("status", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("took", no_wrap=True, justify="right")
+    for created, iid, m in rows:
+        when = created.astimezone().strftime("%m-%d %H:%M") if created else ""
+        took = _duration(created, m.get("updated_at")) if m.get("status") not in ("running", "pending") else None
+        status = m["status"].upper() + ("?" if iid in notes else "")
+        table.add_row(iid, m["workflow_id"], status, when, _took(took))
+    console.print(table)
+    width = console.width
+    for _, iid, m in rows:
+        if iid in notes:
+            console.print(Text(shorten(f"{iid[:8]}: RUNNING? {notes[iid]}", width)), soft_wrap=False)
+        elif m.get("error"):
+            console.print(Text(shorten(f"{iid[:8]}: {step_error(m['error'])}", width)), soft_wrap=False)
+
+
+def _took(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
