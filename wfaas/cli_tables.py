@@ -64,38 +64,67 @@ def owner_note(meta: dict[str, Any], iid: str, store_path: str | None) -> str | 
     return f"the process that ran it (pid {owner.get('pid', '?')}) is gone; `wfaas-local recover{store}` continues it"
 
 
-def print_steps(state: WorkflowState[Any], console: Any, *, note: str | None = None) -> None:
-    """The run's heading, its steps' table, their errors, and its data, all within ``console.width``."""
+class Selection:
+    """Which steps a large run's table shows: counts by status, then the steps worth a look."""
+
+    def __init__(self, steps: list[tuple[str, str, float | None]]) -> None:
+        """``steps``: (step id, status value, duration) of every step, in definition order."""
+        self.total = len(steps)
+        self.counts: dict[str, int] = {}
+        for _, status, _ in steps:
+            self.counts[status] = self.counts.get(status, 0) + 1
+        interest = {s.value for s in _INTEREST}
+        interesting = [sid for sid, status, _ in steps if status in interest]
+        done = [(d, sid) for sid, status, d in steps if status not in interest and d is not None]
+        slowest = [sid for _, sid in sorted(done, reverse=True)[:5]]
+        self.omitted = max(0, len(interesting) - ROW_LIMIT)
+        self.ids = interesting[:ROW_LIMIT] + slowest
+
+    @classmethod
+    def of_records(cls, steps: dict[str, dict[str, Any]]) -> Selection | None:
+        """From a store record's raw steps, before any is decoded (``status`` of a huge run)."""
+        if len(steps) <= ROW_LIMIT:
+            return None
+        return cls(
+            [(sid, r["status"], _duration(r.get("started_at"), r.get("finished_at"))) for sid, r in steps.items()]
+        )
+
+    def lines(self) -> list[str]:
+        counts = ", ".join(f"{n} {StepStatus(v).name}" for v, n in sorted(self.counts.items()))
+        tail = f"; {self.omitted} more not shown (`status --json` has every step)" if self.omitted else ""
+        return [
+            f"{plural(self.total, 'step')}: {counts}",
+            f"shown: failed, running and waiting steps, then the 5 slowest{tail}",
+        ]
+
+
+def print_steps(
+    state: WorkflowState[Any], console: Any, *, note: str | None = None, selection: Selection | None = None
+) -> None:
+    """The run's heading, its steps' table, their errors, and its data, all within ``console.width``.
+
+    With a ``selection`` (or more than ROW_LIMIT steps) only the selected steps are listed.
+    """
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
     width = console.width
     states = state.step_states
-    heading = f"{state.workflow_id} {state.instance_id}: {state.status.name}"
-    console.print(Text(heading + (f" ({note})" if note and len(heading) + len(note) < width - 3 else "")))
-    if note and len(heading) + len(note) >= width - 3:
-        console.print(Text(f"  {note}"))
-    shown = list(states.items())
-    if len(shown) > ROW_LIMIT:
-        counts: dict[str, int] = {}
-        for s in states.values():
-            counts[s.status.name] = counts.get(s.status.name, 0) + 1
-        console.print(
-            Text(f"{plural(len(states), 'step')}: " + ", ".join(f"{n} {name}" for name, n in sorted(counts.items())))
+    console.print(Text(f"{state.workflow_id} {state.instance_id}: {state.status.name}"))
+    if note:  # what to do: wrapped to the width, never cut
+        console.print(Text(f"  {note}"), soft_wrap=False)
+    if selection is None and len(states) > ROW_LIMIT:
+        selection = Selection(
+            [(sid, s.status.value, _duration(s.started_at, s.finished_at)) for sid, s in states.items()]
         )
-        interesting = [(sid, s) for sid, s in shown if s.status in _INTEREST]
-        slowest = sorted(
-            ((sid, s) for sid, s in shown if s.started_at and s.finished_at and s.status not in _INTEREST),
-            key=lambda kv: _duration(kv[1].started_at, kv[1].finished_at) or 0.0,
-            reverse=True,
-        )[:5]
-        omitted = len(interesting) - ROW_LIMIT
-        shown = interesting[:ROW_LIMIT] + slowest
-        tail = f"; {omitted} more not shown (`status --json` has every step)" if omitted > 0 else ""
-        console.print(Text(f"shown: failed, running and waiting steps, then the 5 slowest{tail}"))
+    shown = list(states.items())
+    if selection is not None:
+        shown = [(sid, states[sid]) for sid in selection.ids if sid in states]
+        for line in selection.lines():
+            console.print(Text(line), soft_wrap=False)
     step_width = min(20, max((len(sid) for sid, _ in shown), default=4))
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     table.add_column("step", overflow="fold", min_width=min(step_width, 8), max_width=max(step_width, 8))
     table.add_column("status", no_wrap=True, min_width=9)
     for col in ("attempts", "duration", "cpu", "peak RSS", "waited"):
@@ -120,12 +149,15 @@ def print_runs(rows: list[tuple[datetime | None, str, dict[str, Any]]], console:
 
     if not rows:
         return
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    table.add_column("id", no_wrap=True)
-    table.add_column("workflow", no_wrap=True, overflow="ellipsis", max_width=24)
-    table.add_column("status", no_wrap=True)
-    table.add_column("created", no_wrap=True)
-    table.add_column("took", no_wrap=True, justify="right")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    # Only the workflow's name gives way: ids are pasted back, statuses and times read whole.
+    id_width = max(len(iid) for _, iid, _ in rows)
+    table.add_column("id", no_wrap=True, min_width=id_width)
+    workflow_width = max(8, min(24, console.width - id_width - 9 - 11 - 6 - 4 * 2))
+    table.add_column("workflow", no_wrap=True, overflow="ellipsis", max_width=workflow_width)
+    table.add_column("status", no_wrap=True, min_width=9)
+    table.add_column("created", no_wrap=True, min_width=11)
+    table.add_column("took", no_wrap=True, justify="right", min_width=6)
     for created, iid, m in rows:
         when = created.astimezone().strftime("%m-%d %H:%M") if created else ""
         took = _duration(created, m.get("updated_at")) if m.get("status") not in ("running", "pending") else None
@@ -134,8 +166,8 @@ def print_runs(rows: list[tuple[datetime | None, str, dict[str, Any]]], console:
     console.print(table)
     width = console.width
     for _, iid, m in rows:
-        if iid in notes:
-            console.print(Text(shorten(f"{iid[:8]}: RUNNING? {notes[iid]}", width)), soft_wrap=False)
+        if iid in notes:  # what to do: wrapped to the width, never cut
+            console.print(Text(f"{iid[:8]}: RUNNING? {notes[iid]}"), soft_wrap=False)
         elif m.get("error"):
             console.print(Text(shorten(f"{iid[:8]}: {step_error(m['error'])}", width)), soft_wrap=False)
 

@@ -166,11 +166,11 @@ def load_state(store: StateStore, iid: str) -> WorkflowState[Any]:
     return load_run(store, iid)[0]
 
 
-def load_run(store: StateStore, iid: str) -> tuple[WorkflowState[Any], Record]:
-    """A run's state (as :func:`load_state`) and the stored record it was decoded from."""
+def load_run(store: StateStore, iid: str, record: Record | None = None) -> tuple[WorkflowState[Any], Record]:
+    """A run's state (as :func:`load_state`) and the stored record it was decoded from (or is given)."""
     from .store import record_to_state
 
-    record = store.read(iid)
+    record = record or store.read(iid)
     if record is None:
         fail(f"no run {iid} in this store")
     origin = record.extra.get("origin")
@@ -321,19 +321,20 @@ class Progress:
 
     def render(self) -> Any:
         from rich.table import Table
+        from rich.text import Text
 
         with self._lock:
             now = time.monotonic()
             table = Table.grid(padding=(0, 2))
             table.add_row(
-                f"[bold]{self.done}/{self.total}[/] steps done",
+                f"[bold]{self.done}/{self.total}[/] {'step' if self.total == 1 else 'steps'} done",
                 f"elapsed {now - self.started:.1f}s",
                 f"retries {self.retries}",
             )
             for sid, (attempt, since) in sorted(self.running.items()):
-                table.add_row(f"  running {sid}", f"attempt {attempt}", f"{now - since:.1f}s")
+                table.add_row(Text(f"  running {sid}"), f"attempt {attempt}", f"{now - since:.1f}s")
             for sid, why in sorted(self.waiting.items()):
-                table.add_row(f"  waiting {sid}", why, "")
+                table.add_row(Text(f"  waiting {sid}"), why, "")
             return table
 
     def __call__(self, event: events.WorkflowEvent) -> None:
@@ -692,19 +693,24 @@ def status(instance_id: str | None, store: str, as_json: bool) -> None:
     Example:
       wfaas-local status 3f2a --json
     """
-    from .cli_tables import owner_note
+    from .cli_tables import Selection, owner_note, print_steps
 
     state_store = open_store(store, readonly=True)
     try:
         iid = resolve_id(state_store, instance_id)
-        state, record = load_run(state_store, iid)
+        record = state_store.read(iid)
+        # A run of thousands of steps: decode only the steps the table shows (issue 13, defect 13).
+        selection = None if as_json or record is None else Selection.of_records(record.steps)
+        if selection is not None and record is not None:
+            record.steps = {sid: record.steps[sid] for sid in selection.ids}
+        state, record = load_run(state_store, iid, record)
     finally:
         state_store.close()
     note = owner_note(record.meta, iid, None if store == DEFAULT_STORE else store)
     if as_json:
         click.echo(json.dumps({**state_json(state), "owner_gone": note is not None}, indent=2))
     else:
-        print_summary(state, _console(), note)
+        print_steps(state, _console(), note=note, selection=selection)
 
 
 @main.command()
@@ -744,7 +750,9 @@ def report(instance_id: str | None, store: str, output: str | None) -> None:
         path.write_text(html, encoding="utf-8")
     except OSError as exc:
         fail(f"cannot write the report to {path}: {exc.strerror}; choose another file with -o")
-    click.echo(f"wrote {path} ({state.workflow_id} {iid}: {state.status.name}, {len(state.step_states)} steps)")
+    click.echo(
+        f"wrote {path} ({state.workflow_id} {iid}: {state.status.name}, {plural(len(state.step_states), 'step')})"
+    )
 
 
 @main.command(name="list")
@@ -914,7 +922,8 @@ def check(target: str) -> None:
             problems.append(f"{definition.data_type.__name__}() needs arguments: {exc}")
     if problems:
         fail(f"{target}: " + "; ".join(problems))
-    click.echo(f"ok: workflow {definition.id!r}, {len(definition.steps)} steps, default data {size} bytes encoded")
+    steps, size_text = plural(len(definition.steps), "step"), plural(size, "byte")
+    click.echo(f"ok: workflow {definition.id!r}, {steps}, default data {size_text} encoded")
 
 
 @main.command()
