@@ -499,7 +499,7 @@ def test_wording_and_targets(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_status_of_a_20000_step_run_is_fast_and_short(tmp_path: Path) -> None:
+def test_status_and_report_of_a_20000_step_run_are_fast_and_short(tmp_path: Path) -> None:
     """Tolerance: 1 s of CPU for the whole status command, interpreter start and imports included.
 
     CPU time, not wall time: on a machine shared with other test runs the wall time
@@ -534,3 +534,8 @@ def test_status_of_a_20000_step_run_is_fast_and_short(tmp_path: Path) -> None:
     assert "20000 steps: 20000 SUCCEEDED" in screen and len(screen.splitlines()) < 30
     _fits(screen)
     assert cpu <= 1.0, f"status took {cpu:.2f} s of CPU"
+    report = tmp_path / "report.html"
+    assert cli("report", "--store", store, "-o", str(report)).returncode == 0
+    html = report.read_text()
+    assert "20000 steps: the graph, timeline and table show 200 of them" in html
+    assert len(html) < 1_000_000, len(html)  # it was 26 MB
