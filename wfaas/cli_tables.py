@@ -138,7 +138,8 @@ def print_steps(
         for sid, error in errors:
             console.print(Text(shorten(f"  {sid}: {step_error(error)}", width)), soft_wrap=False)
     limit = width * 2 if console.is_terminal else PIPE_LIMIT
-    console.print(Text("data: " + data_text(state.data, limit - len("data: "))))
+    # Wrapped at words on a terminal; one line for a pipe (grep, a log file).
+    console.print(Text("data: " + data_text(state.data, limit - len("data: "))), soft_wrap=not console.is_terminal)
 
 
 def print_runs(rows: list[tuple[datetime | None, str, dict[str, Any]]], console: Any, notes: dict[str, str]) -> None:

@@ -450,10 +450,12 @@ def follow(
         print_summary(state, out)
     if state.status is WorkflowStatus.FAILED:
         from .cli_tables import step_error
+        from .cli_text import shorten
 
         err = _console(stderr=True)
-        err.print(f"FAILED at step {state.failed_step}: {step_error(state.error or '')}", markup=False)
-        err.print(f"fix the cause, then continue with: {resume_cmd}", markup=False)
+        failed = f"FAILED at step {state.failed_step}: {step_error(state.error or '')}"
+        err.print(shorten(failed, err.width) if err.is_terminal else failed, markup=False)
+        err.print(f"fix the cause, then continue with:\n  {resume_cmd}", markup=False)
     elif state.status is WorkflowStatus.CANCELLED:
         _console(stderr=True).print(f"CANCELLED; continue with: {resume_cmd}", markup=False)
     return code
