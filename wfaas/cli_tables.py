@@ -137,9 +137,13 @@ def print_steps(
         console.print(Text("errors:"))
         for sid, error in errors:
             console.print(Text(shorten(f"  {sid}: {step_error(error)}", width)), soft_wrap=False)
-    limit = width * 2 if console.is_terminal else PIPE_LIMIT
-    # Wrapped at words on a terminal; one line for a pipe (grep, a log file).
-    console.print(Text("data: " + data_text(state.data, limit - len("data: "))), soft_wrap=not console.is_terminal)
+    if not console.is_terminal:  # one line for a pipe (grep, a log file)
+        console.print(Text("data: " + data_text(state.data, PIPE_LIMIT)), soft_wrap=True)
+        return
+    # At most two lines, cut at the width: a repr has few places a word wrap would like.
+    text = "data: " + data_text(state.data, 2 * width - len("data: "))
+    for start in range(0, len(text), width):
+        console.print(Text(text[start : start + width]), soft_wrap=True)
 
 
 def print_runs(rows: list[tuple[datetime | None, str, dict[str, Any]]], console: Any, notes: dict[str, str]) -> None:
