@@ -536,7 +536,7 @@ def run(
     as_json: bool,
     dask: str | None,
 ) -> None:
-    """Run the workflow TARGET (module:attr or file.py:attr) and wait for it.
+    """Run the workflow TARGET (module:attr or file.py:attr; no :attr means :workflow) and wait for it.
 
     \b
     Example:
@@ -667,9 +667,10 @@ def recover(store: str, workers: int | None, quiet: bool, dask: str | None) -> N
         for definition in definitions.values():
             engine.register_workflow(definition)
         # One run after another, each followed as `resume` follows it (issue 13, defect 5).
-        for origin, iids in origins.items():
-            for iid in iids:
-                result = follow(
+        for origin, iid in [(origin, iid) for origin, iids in origins.items() for iid in iids]:
+            code = max(
+                code,
+                follow(
                     engine,
                     lambda iid=iid: engine.resume(iid),
                     "recovered",
@@ -677,8 +678,10 @@ def recover(store: str, workers: int | None, quiet: bool, dask: str | None) -> N
                     quiet=quiet,
                     as_json=False,
                     store_path=store,
-                )
-                code = max(code, result)
+                ),
+            )
+            if code == EXIT_INTERRUPTED:
+                break
     finally:
         _close(engine, state_store)
     sys.exit(code)
