@@ -20,6 +20,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import reap, wait_until
@@ -276,7 +277,8 @@ def test_list_one_line_per_run_full_ids_and_duration(tmp_path: Path) -> None:
     assert lines[0].split() == ["id", "workflow", "status", "created", "took"]
     assert lines[2].startswith(ok) and lines[3].startswith(iid)  # newest first, the whole id
     assert re.search(r"\d+\.\ds$", lines[3]), lines[3]
-    assert len(lines) == 5 and lines[4].startswith(f"{iid[:8]}: ValueError") and lines[4].endswith("…")
+    assert len(lines) == 6 and lines[4] == "errors:"
+    assert lines[5].startswith(f"  {iid[:8]}: ValueError") and lines[5].endswith("…")
     assert cli("status", lines[3].split()[0], "--store", store).returncode == 0  # pasted back as typed
 
 
@@ -380,12 +382,14 @@ def test_owner_killed_status_and_list_name_recover_which_shows_progress(tmp_path
     try:
         wait_until((tmp_path / "go.pid").exists, 30, "the step to start")
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        # Not reaped yet: a zombie, as a killed run stays until its parent (a shell, init) reaps it.
+        wait_until(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE, 30, "the kill")
+        status = cli("status", "--store", store)
+        assert "RUNNING" in status.stdout
+        gone = f"(pid {proc.pid}) is gone; `wfaas-local recover --store {store}`"
+        assert gone in " ".join(status.stdout.split()), status.stdout
     finally:
         reap(proc)
-    status = cli("status", "--store", store)
-    assert "RUNNING" in status.stdout
-    assert f"(pid {proc.pid}) is gone; `wfaas-local recover --store {store}`" in " ".join(status.stdout.split())
     code, screen = cli_tty("list", "--store", store)
     assert code == 0, screen
     _fits(screen)

@@ -170,11 +170,16 @@ def print_runs(rows: list[tuple[datetime | None, str, dict[str, Any]]], console:
         table.add_row(iid, m["workflow_id"], status, when, _took(took))
     console.print(table)
     width = console.width
-    for _, iid, m in rows:
-        if iid in notes:  # what to do: wrapped to the width, never cut
-            console.print(Text(f"{iid[:8]}: RUNNING? {notes[iid]}"), soft_wrap=False)
-        elif m.get("error"):
-            console.print(Text(shorten(f"{iid[:8]}: {step_error(m['error'])}", width)), soft_wrap=False)
+    gone = [iid for _, iid, _ in rows if iid in notes]
+    if gone:
+        console.print(Text("RUNNING?:"))
+    for iid in gone:  # what to do: wrapped to the width, never cut
+        console.print(Text(f"  {iid[:8]}: {notes[iid]}"), soft_wrap=False)
+    errors = [(iid, m["error"]) for _, iid, m in rows if m.get("error") and iid not in notes]
+    if errors:
+        console.print(Text("errors:"))
+    for iid, error in errors:
+        console.print(Text(shorten(f"  {iid[:8]}: {step_error(error)}", width)), soft_wrap=False)
 
 
 def _took(seconds: float | None) -> str:
