@@ -173,10 +173,14 @@ def _key_from_json(key: str, key_tp: Any) -> Any:
 
 def _mismatch_message(cls: type, exc: _Mismatch, given: str) -> str:
     expected = type_name(exc.expected)
-    if isinstance(exc.expected, type) and issubclass(exc.expected, enum.Enum):
-        expected += " (one of " + ", ".join(repr(m.value) for m in exc.expected) + ")"
-    elif exc.expected in (datetime, date):
-        expected += " (an ISO 8601 string, e.g. 2026-01-31" + ("T09:30:00" if exc.expected is datetime else "") + ")"
+    base = exc.expected
+    if typing.get_origin(base) in (typing.Union, types.UnionType):
+        core = [a for a in typing.get_args(base) if a is not type(None)]
+        base = core[0] if len(core) == 1 else base  # Optional[X]: say how to write an X
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        expected += " (one of " + ", ".join(repr(m.value) for m in base) + ")"
+    elif base in (datetime, date):
+        expected += " (an ISO 8601 string, e.g. 2026-01-31" + ("T09:30:00" if base is datetime else "") + ")"
     value = json.dumps(exc.value, default=repr)
     if len(value) > 60:
         value = value[:59] + "…"
@@ -241,10 +245,10 @@ def build_fields(cls: type, data: dict[str, Any], params: typing.Sequence[str]) 
         name = name.strip()
         if not sep or not name:
             raise ParamError(f"--param {param!r}: write it as FIELD=VALUE, e.g. --param count=3")
-        if name not in types_:
+        if name not in types_ and types_:
             raise ParamError(f"--param {name}: {cls.__name__} has no field {name!r} (fields: {known})")
         try:
-            out[name] = parse_param(text, types_[name])
+            out[name] = parse_param(text, types_.get(name, Any))
         except _Mismatch as exc:
             exc.path = name + exc.path
             exc.value = text if exc.path == name else exc.value
