@@ -280,6 +280,8 @@ def test_list_one_line_per_run_full_ids_and_duration(tmp_path: Path) -> None:
     assert len(lines) == 6 and lines[4] == "errors:"
     assert lines[5].startswith(f"  {iid[:8]}: ValueError") and lines[5].endswith("…")
     assert cli("status", lines[3].split()[0], "--store", store).returncode == 0  # pasted back as typed
+    listed = json.loads(cli("list", "--json", "--store", store).stdout)
+    assert [r["instance_id"] for r in listed] == [ok, iid] and all(r["duration"] >= 0 for r in listed)
 
 
 def test_list_of_an_empty_store_says_so(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from .cli_text import PIPE_LIMIT, data_text, plural, shorten
 from .states import StepState, StepStatus, WorkflowState
 
-__all__ = ["owner_note", "print_runs", "print_steps", "step_error"]
+__all__ = ["Selection", "owner_note", "print_runs", "print_steps", "run_duration", "step_error"]
 
 # Above this many steps, status lists the steps worth a look instead of all of them.
 ROW_LIMIT = 50
@@ -165,7 +165,7 @@ def print_runs(rows: list[tuple[datetime | None, str, dict[str, Any]]], console:
     table.add_column("took", no_wrap=True, justify="right", min_width=6)
     for created, iid, m in rows:
         when = created.astimezone().strftime("%m-%d %H:%M") if created else ""
-        took = _duration(created, m.get("updated_at")) if m.get("status") not in ("running", "pending") else None
+        took = run_duration(m)
         status = m["status"].upper() + ("?" if iid in notes else "")
         table.add_row(iid, m["workflow_id"], status, when, _took(took))
     console.print(table)
@@ -180,6 +180,13 @@ def print_runs(rows: list[tuple[datetime | None, str, dict[str, Any]]], console:
         console.print(Text("errors:"))
     for iid, error in errors:
         console.print(Text(shorten(f"  {iid[:8]}: {step_error(error)}", width)), soft_wrap=False)
+
+
+def run_duration(meta: dict[str, Any]) -> float | None:
+    """Seconds from a finished run's start to its end (``None`` while it runs)."""
+    if meta.get("status") in ("running", "pending"):
+        return None
+    return _duration(meta.get("created_at"), meta.get("updated_at"))
 
 
 def _took(seconds: float | None) -> str:

@@ -784,7 +784,7 @@ def list_runs(store: str, status_filter: str | None, limit: int, as_json: bool) 
     state_store.close()
     rows.sort(key=lambda r: r[0] or datetime.min.replace(tzinfo=UTC), reverse=True)
     rows = rows[:limit]
-    from .cli_tables import owner_note
+    from .cli_tables import owner_note, run_duration
 
     if as_json:
         click.echo(
@@ -796,6 +796,7 @@ def list_runs(store: str, status_filter: str | None, limit: int, as_json: bool) 
                         "status": m["status"].upper(),
                         "created_at": created.isoformat() if created else None,
                         "error": m.get("error"),
+                        "duration": run_duration(m),
                         "owner_gone": owner_note(m, iid, None) is not None,
                     }
                     for created, iid, m in rows
