@@ -10,8 +10,14 @@ Messages are pickled tuples over one duplex pipe (see ``pool.py``):
 
     engine -> worker   ("run", task_id, body_key, body_blob?, cls_key, cls_blob?, snap_key, snap_blob?, meta)
                        ("stop",)
-    worker -> engine   ("done", task_id, outcome, changes, logs, usage)
-                       ("error", task_id, exc_blob, traceback_text, logs, usage)
+    worker -> engine   ("done", task_id, outcome, changes, logs, output, usage)
+                       ("error", task_id, exc_blob, traceback_text, logs, output, usage)
+
+``logs`` are the attempt's log records, re-emitted in the engine's logging;
+``output`` is what it printed and logged, as ``capture.py`` keeps it
+(``(lines, cut)``, or None when there was nothing). ``usage`` holds the
+attempt's figures and, under ``"retire"``, why this worker cannot run another
+step (a process state it could not restore): it exits after that reply.
 """
 
 from __future__ import annotations
@@ -32,15 +38,17 @@ from typing import Any
 import dill
 
 from . import data as data_codec
+from .capture import Capture, ProcessState, format_record
 from .steps import StepExecutor, StepResult, WorkflowContext
 
 
 class _Collector(logging.Handler):
     """Keeps the step's log records so the engine can re-emit them in its own logging."""
 
-    def __init__(self) -> None:
+    def __init__(self, capture: Capture) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[dict[str, Any]] = []
+        self.capture = capture
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -60,6 +68,7 @@ class _Collector(logging.Handler):
         if record.exc_info:
             item["exc_text"] = "".join(traceback.format_exception(*record.exc_info))
         self.records.append(item)
+        self.capture.record(record.created, record.levelno, format_record(record))
 
 
 def _watch_parent() -> None:
@@ -130,10 +139,12 @@ def main(conn: Connection) -> None:
     current_process()._config["daemon"] = False  # type: ignore[attr-defined]
     threading.Thread(target=_watch_parent, name="wfaas-parent-watch", daemon=True).start()
 
+    capture = Capture()
     root = logging.getLogger()
-    collector = _Collector()
+    collector = _Collector(capture)
     root.addHandler(collector)
     root.setLevel(logging.DEBUG)
+    state = ProcessState()  # what every attempt starts from
 
     meter = _Meter()
     bodies: dict[str, Any] = {}
@@ -166,16 +177,23 @@ def main(conn: Connection) -> None:
             conn.send_bytes(pickle.dumps(failed, protocol=5))
             continue
         collector.records = []
+        capture.start()
         meter.start()
         try:
             reply = _run(bodies[body_key], classes[cls_key], snap_fields, meta, task_id, collector)
         except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
             reply = ("error", task_id, _encode_error(exc), _format_tb(exc), collector.records)
-        reply = (*reply, meter.stop())
+        usage: dict[str, Any] = meter.stop()
+        lines, cut, retire = capture.stop(state)
+        if retire is not None:
+            usage["retire"] = retire
+        reply = (*reply, (lines, cut) if lines or cut else None, usage)
         try:
             conn.send_bytes(pickle.dumps(reply, protocol=5))
         except OSError:
             return  # the engine is gone; its parent watch takes the rest of the group down
+        if retire is not None:
+            return  # the engine starts a fresh worker in this one's place
 
 
 def _run(
@@ -228,7 +246,11 @@ def _encode_error(exc: BaseException) -> bytes:
 
 
 def _format_tb(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    """The step's traceback as text, from the step's own frames (this module's are left out)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 class RemoteError(Exception):
