@@ -274,7 +274,9 @@ def format_record(record: logging.LogRecord) -> str:
         message = record.getMessage()
     except Exception:  # noqa: BLE001 - a bad format string must not fail the step
         message = str(record.msg)
-    text = f"{record.levelname} {record.name}: {message}"
+    # A step's own logger (ctx.logger) is named after the step, which every line shows anyway.
+    name = "" if record.name.startswith("wfaas.step.") else f" {record.name}"
+    text = f"{record.levelname}{name}: {message}"
     if record.exc_info:
         import traceback
 
