@@ -78,12 +78,10 @@ class ProcessState:
         self.environ = dict(os.environ)
         self._environ_data = dict(_environ_data())
         self.path = list(sys.path)
-        self.handlers: dict[int, Any] = {}
-        for sig in _SIGNALS:
-            handler = _signal.getsignal(sig)
-            if handler is not None:  # None: set outside Python, which Python cannot set back
-                self.handlers[sig] = handler
-        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        # A signal whose handler was set outside Python (getsignal: None) cannot be set back from Python.
+        self.signals = [sig for sig in _SIGNALS if _signal.getsignal(sig) is not None]
+        self.handlers = list(map(_signal.getsignal, self.signals))
+        self.mask = _signal.pthread_sigmask(signal.SIG_BLOCK, [])
         self.umask = os.umask(0o22)
         os.umask(self.umask)
         # Copies of the standard descriptors, above the range a step is likely to close.
@@ -101,7 +99,9 @@ class ProcessState:
                 os.dup2(copy, fd)
             except OSError as exc:
                 problem = f"its standard file descriptor {fd} cannot be restored ({exc})"
-        self._restore_stdio()
+        stdio = self.stdio
+        if (sys.stdin, sys.stdout, sys.stderr) != stdio or any(s is None or s.closed for s in stdio):
+            self._restore_stdio()
         if self.cwd is not None:
             try:
                 if os.getcwd() != self.cwd:
@@ -116,10 +116,12 @@ class ProcessState:
             os.environ.update(self.environ)
         if sys.path != self.path:
             sys.path[:] = self.path
-        for sig, handler in self.handlers.items():
-            if _signal.getsignal(sig) is not handler:
-                signal.signal(sig, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+        # One comparison in C for the common case: no handler changed.
+        if list(map(_signal.getsignal, self.signals)) != self.handlers:
+            for sig, handler in zip(self.signals, self.handlers, strict=True):
+                if _signal.getsignal(sig) is not handler:
+                    signal.signal(sig, handler)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         signal.setitimer(signal.ITIMER_REAL, 0)  # an alarm a step set must not fire in the next one
         os.umask(self.umask)
         root = logging.getLogger()
