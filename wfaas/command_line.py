@@ -976,7 +976,8 @@ def logs(instance_id: str, step: str | None, attempt: int | None, follow: bool, 
         iid = resolve_id(state_store, instance_id)
         record = state_store.read(iid)
         if step is not None and record is not None and step not in record.steps:
-            fail(f"run {iid} has no step {step!r}; its steps: {', '.join(record.steps)}")
+            known = (record.extra.get("fingerprint") or {}).get("steps") or record.steps  # in definition order
+            fail(f"run {iid} has no step {step!r}; its steps: {', '.join(known)}")
         try:
             found = _cli_logs.print_logs(state_store, iid, step, attempt, follow, click.echo)
         except KeyboardInterrupt:
