@@ -173,7 +173,7 @@ def main(conn: Connection) -> None:
                 f"the worker cannot load step {meta[2]!r} or its data class: {type(exc).__name__}: {exc}; "
                 "the module that defines it must be importable by the worker (on sys.path when the engine starts)"
             )
-            failed: tuple[Any, ...] = ("error", task_id, _encode_error(error), _format_tb(exc), [], {"wall": 0.0})
+            failed: tuple[Any, ...] = ("error", task_id, _encode_error(error), _format_tb(exc), [], None, {"wall": 0.0})
             conn.send_bytes(pickle.dumps(failed, protocol=5))
             continue
         collector.records = []
