@@ -33,7 +33,7 @@ def _chdir(ctx: WorkflowContext[Data]) -> None:
 
 def _environment(ctx: WorkflowContext[Data]) -> None:
     os.environ["WFAAS_POISON"] = "1"
-    os.environ.pop("WFAAS_TEST_KEEP", None)
+    os.environ.pop("PATH", None)
 
 
 def _signals(ctx: WorkflowContext[Data]) -> None:
@@ -56,7 +56,7 @@ def _look(ctx: WorkflowContext[Data]) -> None:
         "pid": os.getpid(),
         "cwd": os.getcwd(),
         "poison_env": os.environ.get("WFAAS_POISON"),
-        "keep_env": os.environ.get("WFAAS_TEST_KEEP"),
+        "path_env": os.environ.get("PATH"),
         "sigterm": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
         "sigusr2": signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL,
         "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
@@ -66,12 +66,13 @@ def _look(ctx: WorkflowContext[Data]) -> None:
 
 
 def _pid(ctx: WorkflowContext[Data]) -> None:
+    # What a fresh worker starts with (the environment is the forkserver's, not the test's).
     ctx.data.value = os.getpid()
+    ctx.data.log = [os.getcwd(), os.environ["PATH"]]
 
 
 @pytest.fixture
-def one_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[WorkflowEngine]:
-    monkeypatch.setenv("WFAAS_TEST_KEEP", "kept")
+def one_worker() -> Iterator[WorkflowEngine]:
     with WorkflowEngine(max_workers=1, grace_period=1.0) as eng:
         yield eng
 
@@ -98,8 +99,8 @@ def test_the_next_step_on_the_worker_sees_the_state_it_started_with(
     data = _run(one_worker, poison)
     seen = data.items
     assert seen["pid"] == data.value, "the steps ran on one warm worker"
-    assert seen["cwd"] == os.getcwd()
-    assert seen["poison_env"] is None and seen["keep_env"] == "kept"
+    assert seen["cwd"] == data.log[0]
+    assert seen["poison_env"] is None and seen["path_env"] == data.log[1]
     assert seen["sigterm"] and seen["sigusr2"]
     assert int(signal.SIGHUP) not in seen["blocked"]
     assert seen["itimer"] == 0

@@ -22,6 +22,7 @@ step (a process state it could not restore): it exits after that reply.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -139,6 +140,9 @@ def main(conn: Connection) -> None:
     current_process()._config["daemon"] = False  # type: ignore[attr-defined]
     threading.Thread(target=_watch_parent, name="wfaas-parent-watch", daemon=True).start()
 
+    # Line by line, as on a terminal: a print reaches the capture (and its time stamp) when it is made.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     capture = Capture()
     root = logging.getLogger()
     collector = _Collector(capture)

@@ -178,6 +178,7 @@ class Capture:
         self._cut = 0
         self._partial = b""
         self._partial_at = 0.0
+        self._last = 0.0
         self._reader = threading.Thread(target=self._read_forever, name="wfaas-capture", daemon=True)
         self._reader.start()
 
@@ -188,6 +189,7 @@ class Capture:
             self._lines = collections.deque()
             self._size = self._cut = 0
             self._partial = b""
+            self._last = 0.0
         os.dup2(self._w, 1)
         os.dup2(self._w, 2)
 
@@ -207,8 +209,9 @@ class Capture:
         return lines, cut, problem
 
     def record(self, when: float, level: int, text: str) -> None:
-        """Add a log record's text (any thread)."""
+        """Add a log record's text (any thread), after what was printed before it."""
         with self._lock:
+            self._drain()
             self._add(when, level, text)
 
     def _read_forever(self) -> None:
@@ -250,6 +253,9 @@ class Capture:
             self._partial = b""
 
     def _add(self, when: float, level: int, text: str) -> None:
+        # Lines are stamped when read, records when made: keep the times in the order things
+        # were written, so that sorting by time never puts a record before a line printed first.
+        when = self._last = max(when, self._last)
         if len(text) > LIMIT:
             self._cut += len(text) - LIMIT
             text = text[-LIMIT:]
