@@ -24,7 +24,7 @@ from wfaas import (
 )
 from wfaas.capture import LIMIT, OUTPUT
 
-from conftest import Data, collect
+from conftest import Data, collect, wait_for, wait_until
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -109,8 +109,9 @@ def test_output_records_and_traceback_are_kept_per_attempt(store: StateStore) ->
         assert "_worker.py" not in tb  # the worker's own frames are left out
         assert second.traceback is None
         outputs = [e for e in seen if isinstance(e, events.StepOutput)]
-        assert [(e.step_id, e.attempt) for e in outputs] == [("talk", 1), ("talk", 2)]
-        assert outputs[0].lines == tuple(logs[0].lines)
+        for log in logs:  # published live and at the end: every line once, in order
+            published = [line for e in outputs if e.attempt == log.attempt for line in e.lines]
+            assert published == log.lines
     finally:
         engine.close()
 
@@ -150,3 +151,30 @@ def test_logs_are_removed_with_their_run(tmp_path: Path) -> None:
         assert store.read_logs(iid) == []
     finally:
         store.close()
+
+
+def _announce_then_wait(ctx: WorkflowContext[Data]) -> None:
+    print("started", flush=True)
+    wait_for(ctx.data.value)
+    print("finished")
+
+
+def test_lines_are_published_while_the_attempt_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "go"
+    wf = WorkflowDefinition("live", data_type=Data).add_step(StepDefinition("slow", "Slow", _announce_then_wait))
+    with WorkflowEngine(max_workers=1, grace_period=1.0) as engine:
+        seen = collect(engine)
+        engine.register_workflow(wf)
+        iid = engine.start_workflow(wf.id, Data(value=str(marker)))
+
+        def published() -> list[str]:
+            return [text for e in list(seen) if isinstance(e, events.StepOutput) for _, _, text in e.lines]
+
+        wait_until(lambda: "started" in published(), timeout=30, what="the line printed before the step waits")
+        assert engine.get_status(iid).step_states["slow"].status.name == "RUNNING"
+        marker.touch()
+        engine.wait_for_completion(iid, timeout=60)
+        engine.event_bus.flush()
+        assert published() == ["started", "finished"]  # each line once
+        (log,) = engine.store.read_logs(iid)
+        assert [text for _, _, text in log.lines] == ["started", "finished"]

@@ -90,7 +90,7 @@ def _child_main(conn: multiprocessing.connection.Connection, paths: tuple[str, .
     # filesystem, or this very machine), in the driver's order, before its own.
     missing = [p for p in paths if p not in sys.path and os.path.isdir(p)]
     sys.path[:0] = missing
-    _worker.main(conn)
+    _worker.main(conn, live_output=False)  # one reply per step: run_step returns it as the task's result
 
 
 @dataclass(eq=False)

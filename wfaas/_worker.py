@@ -10,12 +10,14 @@ Messages are pickled tuples over one duplex pipe (see ``pool.py``):
 
     engine -> worker   ("run", task_id, body_key, body_blob?, cls_key, cls_blob?, snap_key, snap_blob?, meta)
                        ("stop",)
-    worker -> engine   ("done", task_id, outcome, changes, logs, output, usage)
+    worker -> engine   ("out", task_id, lines)       (0 or more while the step runs)
+                       ("done", task_id, outcome, changes, logs, output, usage)
                        ("error", task_id, exc_blob, traceback_text, logs, output, usage)
 
 ``logs`` are the attempt's log records, re-emitted in the engine's logging;
 ``output`` is what it printed and logged, as ``capture.py`` keeps it
-(``(lines, cut)``, or None when there was nothing). ``usage`` holds the
+(``(lines, cut, fresh)``: ``lines[fresh:]`` were not sent in an "out"
+message; or None when there was nothing). ``usage`` holds the
 attempt's figures and, under ``"retire"``, why this worker cannot run another
 step (a process state it could not restore): it exits after that reply.
 """
@@ -130,8 +132,12 @@ class _Meter:
         return {"wall": wall, "cpu": cpu, "max_rss": max(ru_self.ru_maxrss, children_peak) * 1024.0}
 
 
-def main(conn: Connection) -> None:
-    """The worker loop; returns when told to stop or when the engine closes the pipe."""
+def main(conn: Connection, live_output: bool = True) -> None:
+    """The worker loop; returns when told to stop or when the engine closes the pipe.
+
+    With ``live_output``, what a step prints is also sent while it runs
+    (``("out", task_id, lines)`` messages before its reply).
+    """
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The engine starts workers as daemons (so they die with it); a daemon may not start
@@ -143,7 +149,17 @@ def main(conn: Connection) -> None:
     # Line by line, as on a terminal: a print reaches the capture (and its time stamp) when it is made.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
-    capture = Capture()
+    send_lock = threading.Lock()  # the capture's thread sends output while the step runs
+    task: list[int] = [0]
+
+    def forward(lines: list[Any]) -> None:
+        try:
+            with send_lock:
+                conn.send_bytes(pickle.dumps(("out", task[0], lines), protocol=5))
+        except OSError:
+            pass  # the engine is gone; the reply's send finds out too
+
+    capture = Capture(forward if live_output else None)
     root = logging.getLogger()
     collector = _Collector(capture)
     root.addHandler(collector)
@@ -181,6 +197,7 @@ def main(conn: Connection) -> None:
             conn.send_bytes(pickle.dumps(failed, protocol=5))
             continue
         collector.records = []
+        task[0] = task_id
         capture.start()
         meter.start()
         try:
@@ -188,12 +205,13 @@ def main(conn: Connection) -> None:
         except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
             reply = ("error", task_id, _encode_error(exc), _format_tb(exc), collector.records)
         usage: dict[str, Any] = meter.stop()
-        lines, cut, retire = capture.stop(state)
+        lines, cut, fresh, retire = capture.stop(state)
         if retire is not None:
             usage["retire"] = retire
-        reply = (*reply, (lines, cut) if lines or cut else None, usage)
+        reply = (*reply, (lines, cut, fresh) if lines or cut else None, usage)
         try:
-            conn.send_bytes(pickle.dumps(reply, protocol=5))
+            with send_lock:
+                conn.send_bytes(pickle.dumps(reply, protocol=5))
         except OSError:
             return  # the engine is gone; its parent watch takes the rest of the group down
         if retire is not None:

@@ -25,6 +25,7 @@ import _signal  # type: ignore[import-not-found]  # getsignal without the enum c
 import collections
 import errno
 import io
+import itertools
 import logging
 import os
 import select
@@ -32,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,14 +164,26 @@ def _dup_high(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)
 
 
+# While an attempt runs, its new lines are handed to ``forward`` at most this often.
+FORWARD_INTERVAL = 0.1
+
+
 class Capture:
     """Sends fds 1 and 2 to a pipe during each attempt; a thread turns what arrives into timestamped lines.
 
     Log records are added by :meth:`record` (a logging handler calls it).
     Everything is bounded to the last :data:`LIMIT` characters per attempt.
+    With ``forward``, lines are also handed over while the attempt runs
+    (``forward(lines)``, at most every :data:`FORWARD_INTERVAL` seconds, never
+    after :meth:`stop` began), so that they can be shown as they come.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, forward: Callable[[list[LogLine]], None] | None = None) -> None:
+        self._forward = forward
+        self._active = False
+        self._total = 0  # lines added this attempt
+        self._sent = 0  # of which handed to forward
+        self._due = 0.0
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._r, False)
         self._lock = threading.Lock()
@@ -190,39 +204,64 @@ class Capture:
             self._size = self._cut = 0
             self._partial = b""
             self._last = 0.0
+            self._total = self._sent = 0
+            self._due = 0.0
+            self._active = True
         os.dup2(self._w, 1)
         os.dup2(self._w, 2)
 
-    def stop(self, state: ProcessState) -> tuple[list[LogLine], int, str | None]:
-        """End the attempt's capture: (lines, characters cut, what could not be restored or None)."""
+    def stop(self, state: ProcessState) -> tuple[list[LogLine], int, int, str | None]:
+        """End the attempt's capture.
+
+        Returns (lines, characters cut, index of the first line not yet
+        forwarded, what could not be restored or None).
+        """
         _flush_stdio()
         problem = state.restore()
         if not self._reader.is_alive():
             problem = "a step closed the pipe that captures its output"
         with self._lock:
+            self._active = False
             self._drain()
             if self._partial:
                 self._add(self._partial_at, OUTPUT, self._partial.decode(errors="replace"))
                 self._partial = b""
             lines, cut = list(self._lines), self._cut
+            fresh = max(0, len(lines) - (self._total - self._sent))
             self._lines = collections.deque()
-        return lines, cut, problem
+        return lines, cut, fresh, problem
 
     def record(self, when: float, level: int, text: str) -> None:
         """Add a log record's text (any thread), after what was printed before it."""
         with self._lock:
             self._drain()
             self._add(when, level, text)
+            self._maybe_forward()
 
     def _read_forever(self) -> None:
         poller = select.poll()
         poller.register(self._r, select.POLLIN)
+        timeout: float | None = None
         while True:
-            events = poller.poll()
+            events = poller.poll(None if timeout is None else timeout * 1000)
             if any(mask & select.POLLNVAL for _, mask in events):
                 return  # a step closed the pipe; the worker is replaced (see ``stop``)
             with self._lock:
                 self._drain()
+                timeout = self._maybe_forward()
+
+    def _maybe_forward(self) -> float | None:
+        """Hand new lines over if it is time (lock held); else how long until it is, or None (nothing to do)."""
+        if self._forward is None or not self._active or self._sent == self._total:
+            return None
+        wait = self._due - time.monotonic()
+        if wait > 0:
+            return wait
+        new = list(itertools.islice(self._lines, max(0, len(self._lines) - (self._total - self._sent)), None))
+        self._sent, self._due = self._total, time.monotonic() + FORWARD_INTERVAL
+        if new:
+            self._forward(new)
+        return None
 
     def _drain(self) -> None:
         """Read what the pipe holds (the caller holds the lock, so the reader thread is not mid-read)."""
@@ -260,6 +299,7 @@ class Capture:
             self._cut += len(text) - LIMIT
             text = text[-LIMIT:]
         self._lines.append((when, level, text))
+        self._total += 1
         self._size += len(text) + 1
         while self._size > LIMIT:
             dropped = self._lines.popleft()

@@ -120,7 +120,7 @@ class StepSkipped(WorkflowEvent):
 
 @dataclass(frozen=True)
 class StepOutput(WorkflowEvent):
-    """What an attempt printed (stdout, stderr) and logged, once it ended.
+    """Lines an attempt printed (stdout, stderr) or logged: a few at a time while it runs, the rest when it ends.
 
     ``lines`` are ``(time.time(), level, text)``: level 0 for a printed line,
     else the log record's level. ``wfaas-local logs`` reads the same lines

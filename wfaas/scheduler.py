@@ -676,6 +676,12 @@ class Scheduler:
 
     def _on_message(self, slot: Slot, message: tuple[Any, ...]) -> None:
         task: Task = slot.task
+        if message[0] == "out":  # lines the step printed while it runs; its reply follows
+            run, step = task.run, task.step
+            self._event(
+                ev.StepOutput, run, self.clock.now(), step_id=step.sid, attempt=task.attempt, lines=tuple(message[2])
+            )
+            return
         if slot.dying:
             # Its step returned while being stopped (it handled SIGTERM): the result is kept,
             # and nothing is left to wait a grace period for.
@@ -758,13 +764,15 @@ class Scheduler:
         if len(step.history) > HISTORY_KEPT:
             del step.history[0]
 
-    def _keep_output(self, task: Task, lines: list[Any], cut: int) -> None:
-        """What an attempt (or hook) printed and logged: checkpointed with it, and published for the CLI."""
+    def _keep_output(self, task: Task, lines: list[Any], cut: int, fresh: int = 0) -> None:
+        """What an attempt (or hook) printed and logged: checkpointed with it; what was not sent live, published."""
         run, step = task.run, task.step
         part = f"on_{task.hook}" if task.hook else ""
         run.logs[(step.sid, task.attempt, part)] = AttemptLog(step.sid, task.attempt, lines, cut, part)
         self._dirty[run.iid] = run
-        self._event(ev.StepOutput, run, self.clock.now(), step_id=step.sid, attempt=task.attempt, lines=tuple(lines))
+        if fresh < len(lines):
+            new = tuple(lines[fresh:])
+            self._event(ev.StepOutput, run, self.clock.now(), step_id=step.sid, attempt=task.attempt, lines=new)
 
     def _queue_hook(self, run: Run, step: StepRun, hook: str) -> None:
         step.hook = hook
