@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ PROGRAM = textwrap.dedent(
         ctx.logger.info("fetched in 0.2 s")
 
     def wait(ctx):
+        print("waiting for the marker")
         deadline = time.monotonic() + 60
         while ctx.data.marker and not os.path.exists(ctx.data.marker) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -90,7 +92,7 @@ def test_run_prints_steps_output_prefixed_and_the_failed_steps_traceback(program
     assert re.search(r"^\d\d:\d\d:\d\d parse \| WARNING: count is a string: 'three'$", out, re.M), out
     assert "fetched in 0.2 s" not in out  # an INFO record: shown with -v only
     assert "traceback of step parse (attempt 2):" in err
-    assert f'File "{program}", line 26, in parse' in err
+    assert f'File "{program}", line 27, in parse' in err
     assert "return int(value) * 2" in err
     assert "ValueError: invalid literal for int() with base 10: 'three'" in err
     assert "_worker.py" not in err
@@ -115,6 +117,7 @@ def test_logs_prints_every_attempts_lines_with_time_step_and_attempt(program: Pa
         ("fetch", 1, "fetching 3 records"),
         ("fetch", 1, "slow server"),
         ("fetch", 1, "raw line from fd 1"),
+        ("wait", 1, "waiting for the marker"),
         ("wait", 1, "waited"),
         ("parse", 1, "WARNING: count is a string: 'three'"),
         ("parse", 2, "WARNING: count is a string: 'three'"),
@@ -126,6 +129,23 @@ def test_logs_prints_every_attempts_lines_with_time_step_and_attempt(program: Pa
     missing = cli("logs", iid, "nosuch", cwd=program.parent)
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"Error: run {iid} has no step 'nosuch'; its steps: fetch, wait, parse"
+
+
+def _reader(fd: int) -> Callable[[], str]:
+    """A non-blocking reader of a child's output: each call returns everything read so far."""
+    os.set_blocking(fd, False)
+    seen = ""
+
+    def read() -> str:
+        nonlocal seen
+        try:
+            while chunk := os.read(fd, 65536):
+                seen += chunk.decode()
+        except BlockingIOError:
+            pass
+        return seen
+
+    return read
 
 
 def test_logs_follow_streams_a_run_in_progress_and_ends_with_it(program: Path, tmp_path: Path) -> None:
@@ -141,30 +161,22 @@ def test_logs_follow_streams_a_run_in_progress_and_ends_with_it(program: Path, t
     try:
         assert run.stdout is not None
         iid = run.stdout.readline().split()[1]
+        # The run shows a step's line while the step still runs.
+        run_out = _reader(run.stdout.fileno())
+        wait_until(lambda: re.search(r"wait \| waiting for the marker", run_out()), timeout=60, what="the live line")
+        assert "waited" not in run_out()
         follow = subprocess.Popen(
             [*CLI, "logs", iid, "--follow"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         assert follow.stdout is not None
-        fd = follow.stdout.fileno()
-        os.set_blocking(fd, False)
-        seen = ""
-
-        def read() -> str:
-            nonlocal seen
-            try:
-                while chunk := os.read(fd, 65536):
-                    seen += chunk.decode()
-            except BlockingIOError:
-                pass
-            return seen
-
+        read = _reader(follow.stdout.fileno())
         wait_until(lambda: "raw line from fd 1" in read(), timeout=60, what="fetch's lines while the run waits")
         assert follow.poll() is None, "follow goes on while the run does"
-        assert "waited" not in seen
+        assert "waited" not in read()
         marker.touch()
         follow.wait(timeout=60)
         assert follow.returncode == 0
-        read()
+        seen = read()
         assert "wait 1 waited" in seen and "parse 2 WARNING: count is a string" in seen
         run.wait(timeout=60)
     finally:
@@ -186,7 +198,7 @@ def test_status_step_shows_attempts_with_errors_and_tracebacks(program: Path) ->
     assert "return int(value) * 2" in out
     whole = json.loads(cli("status", iid, "--json", cwd=program.parent).stdout)
     tb = whole["steps"]["parse"]["history"][-1]["traceback"]
-    assert tb.startswith("Traceback") and "line 29, in double" in tb
+    assert tb.startswith("Traceback") and "line 30, in double" in tb
     assert whole["steps"]["fetch"]["history"][0]["traceback"] is None
     step = json.loads(cli("status", iid, "--step", "parse", "--json", cwd=program.parent).stdout)
     assert step["history"][0]["traceback"].startswith("Traceback")
