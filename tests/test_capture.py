@@ -178,3 +178,24 @@ def test_lines_are_published_while_the_attempt_runs(tmp_path: Path) -> None:
         assert published() == ["started", "finished"]  # each line once
         (log,) = engine.store.read_logs(iid)
         assert [text for _, _, text in log.lines] == ["started", "finished"]
+
+
+def _fail_until_fifth(ctx: WorkflowContext[Data]) -> None:
+    print(f"attempt {ctx.attempt}")
+    if ctx.attempt < 5:
+        raise RuntimeError("not yet")
+
+
+def test_logs_are_kept_for_the_attempts_the_history_keeps(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wfaas import scheduler
+
+    monkeypatch.setattr(scheduler, "HISTORY_KEPT", 2)
+    wf = WorkflowDefinition("retried", data_type=Data).add_step(
+        StepDefinition("flaky", "Flaky", _fail_until_fifth).with_retry(RetryPolicy(max_attempts=5))
+    )
+    engine, iid, _ = _run(store, wf)
+    try:
+        assert [a.number for a in engine.get_status(iid).step_states["flaky"].history] == [4, 5]
+        assert [(log.attempt, log.lines[0][2]) for log in store.read_logs(iid)] == [(4, "attempt 4"), (5, "attempt 5")]
+    finally:
+        engine.close()

@@ -216,7 +216,7 @@ class Run:
     dirty_fields: set[str] = field(default_factory=set)
     extra: dict[str, Any] = field(default_factory=dict)
     waiters: list[concurrent.futures.Future[Any]] = field(default_factory=list)
-    logs: dict[tuple[str, int, str], AttemptLog] = field(default_factory=dict)  # captured since the last checkpoint
+    logs: dict[tuple[str, int, str], AttemptLog | None] = field(default_factory=dict)  # since the last checkpoint
     done: threading.Event = field(default_factory=threading.Event)
     grace: float | None = None
 
@@ -769,6 +769,9 @@ class Scheduler:
         run, step = task.run, task.step
         part = f"on_{task.hook}" if task.hook else ""
         run.logs[(step.sid, task.attempt, part)] = AttemptLog(step.sid, task.attempt, lines, cut, part)
+        if not part and task.attempt > HISTORY_KEPT:
+            # Logs are kept for the attempts the history keeps: a step retried forever stays bounded.
+            run.logs[(step.sid, task.attempt - HISTORY_KEPT, "")] = None
         self._dirty[run.iid] = run
         if fresh < len(lines):
             new = tuple(lines[fresh:])

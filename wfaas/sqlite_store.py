@@ -265,7 +265,11 @@ class SqliteStore(StateStore):
                 rows += [(f"{prefix}k/{name}/{k.hex()}", sqlite3.Binary(v)) for k, v in changes.items()]
             if cp.meta is not None:
                 rows.append((f"m/{cp.instance_id}", _encode(cp.meta)))
-            rows += [(_log_key(cp.instance_id, *key), _encode(log)) for key, log in cp.logs.items()]
+            for (sid, number, part), log in cp.logs.items():
+                if log is None:
+                    keys.append(_log_key(cp.instance_id, sid, number, part))
+                else:
+                    rows.append((_log_key(cp.instance_id, sid, number, part), _encode(log)))
         conn = self._db.conn
         for low, high in ranges:
             conn.execute(f'DELETE FROM "{_TABLE}" WHERE key >= ? AND key < ?', (low, high))

@@ -44,8 +44,9 @@ class Checkpoint:
     # A whole write of a field (in ``fields``) drops that field's earlier deltas.
     deltas: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
     replace: bool = False  # drop everything held for the instance first (``save``)
-    # What attempts printed and logged, by (step, attempt, part): kept beside the records, read by ``read_logs``.
-    logs: dict[tuple[str, int, str], AttemptLog] = field(default_factory=dict)
+    # What attempts printed and logged, by (step, attempt, part): kept beside the records, read by
+    # ``read_logs``; None removes that attempt's log.
+    logs: dict[tuple[str, int, str], AttemptLog | None] = field(default_factory=dict)
 
 
 TOMBSTONE = b""
@@ -302,7 +303,12 @@ class InMemoryStore(StateStore):
                     record = self._records[cp.instance_id] = Record({}, {}, {}, {})
                 record.apply(cp)
                 if cp.logs:
-                    self._logs.setdefault(cp.instance_id, {}).update(cp.logs)
+                    logs = self._logs.setdefault(cp.instance_id, {})
+                    for key, log in cp.logs.items():
+                        if log is None:
+                            logs.pop(key, None)
+                        else:
+                            logs[key] = log
 
     def read_logs(self, instance_id: str, step_id: str | None = None) -> list[AttemptLog]:
         with self._lock:
