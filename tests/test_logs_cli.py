@@ -36,6 +36,7 @@ PROGRAM = textwrap.dedent(
         print("fetching 3 records")
         print("slow server", file=sys.stderr)
         os.write(1, b"raw line from fd 1\\n")
+        print("\\x1b[2J\\x1b[Hscreen cleared")
         ctx.logger.info("fetched in 0.2 s")
 
     def wait(ctx):
@@ -92,7 +93,7 @@ def test_run_prints_steps_output_prefixed_and_the_failed_steps_traceback(program
     assert re.search(r"^\d\d:\d\d:\d\d parse \| WARNING: count is a string: 'three'$", out, re.M), out
     assert "fetched in 0.2 s" not in out  # an INFO record: shown with -v only
     assert "traceback of step parse (attempt 2):" in err
-    assert f'File "{program}", line 27, in parse' in err
+    assert f'File "{program}", line 28, in parse' in err
     assert "return int(value) * 2" in err
     assert "ValueError: invalid literal for int() with base 10: 'three'" in err
     assert "_worker.py" not in err
@@ -117,6 +118,7 @@ def test_logs_prints_every_attempts_lines_with_time_step_and_attempt(program: Pa
         ("fetch", 1, "fetching 3 records"),
         ("fetch", 1, "slow server"),
         ("fetch", 1, "raw line from fd 1"),
+        ("fetch", 1, "screen cleared"),  # click drops escape sequences when stdout is not a terminal
         ("wait", 1, "waiting for the marker"),
         ("wait", 1, "waited"),
         ("parse", 1, "WARNING: count is a string: 'three'"),
@@ -155,14 +157,14 @@ def test_logs_follow_streams_a_run_in_progress_and_ends_with_it(program: Path, t
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        text=True,
     )
     follow = None
     try:
         assert run.stdout is not None
-        iid = run.stdout.readline().split()[1]
-        # The run shows a step's line while the step still runs.
         run_out = _reader(run.stdout.fileno())
+        first = wait_until(lambda: re.match(r"run (\w+)\n", run_out()), timeout=60, what="the run's id")
+        iid = first.group(1)
+        # The run shows a step's line while the step still runs.
         wait_until(lambda: re.search(r"wait \| waiting for the marker", run_out()), timeout=60, what="the live line")
         assert "waited" not in run_out()
         follow = subprocess.Popen(
@@ -198,7 +200,7 @@ def test_status_step_shows_attempts_with_errors_and_tracebacks(program: Path) ->
     assert "return int(value) * 2" in out
     whole = json.loads(cli("status", iid, "--json", cwd=program.parent).stdout)
     tb = whole["steps"]["parse"]["history"][-1]["traceback"]
-    assert tb.startswith("Traceback") and "line 30, in double" in tb
+    assert tb.startswith("Traceback") and "line 31, in double" in tb
     assert whole["steps"]["fetch"]["history"][0]["traceback"] is None
     step = json.loads(cli("status", iid, "--step", "parse", "--json", cwd=program.parent).stdout)
     assert step["history"][0]["traceback"].startswith("Traceback")
@@ -240,4 +242,5 @@ def test_on_a_terminal_step_output_appears_above_the_live_panel_prefixed(program
     for printed in ("fetching 3 records", "slow server", "raw line from fd 1"):
         # Every time the text reached the terminal, it came with its step's prefix: never raw from a worker.
         assert text.count(printed) == text.count(f"fetch | {printed}") >= 1, text[-3000:]
+    assert "fetch | screen cleared" in text and "\x1b[2J" not in text  # a step cannot clear the screen
     assert "traceback of step parse (attempt 2):" in text

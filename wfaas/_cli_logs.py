@@ -88,6 +88,14 @@ def shown(lines: Iterable[LogLine]) -> list[LogLine]:
     return [line for line in lines if line[1] == OUTPUT or line[1] >= _level]
 
 
+def safe(line: str) -> Any:
+    """A step's line for a live terminal: its colours kept, every other escape sequence (cursor moves,
+    clearing the screen) dropped, so that nothing a step prints can move the live panel."""
+    from rich.text import Text
+
+    return Text.from_ansi(line)
+
+
 def stamp(when: float) -> str:
     return datetime.fromtimestamp(when).strftime("%H:%M:%S.%f")[:-3]
 

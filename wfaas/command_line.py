@@ -357,7 +357,7 @@ class Progress:
                     if self._held is not None:
                         self._held.append(line)
                         continue
-                self.console.print(line, markup=False)
+                self.console.print(_cli_logs.safe(line) if self._live is not None else line, markup=False)
 
     def release(self) -> None:
         """Print the lines held back so far; from now on print as events come."""
