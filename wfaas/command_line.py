@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import click
 
-from . import _threads, events
+from . import _cli_logs, _threads, events
 from .cli_text import plural, with_article
 from .definition import WorkflowDefinition, topological_order
 from .errors import InvalidDefinition, SerializationError, StoreError, WorkflowError
@@ -340,6 +340,9 @@ class Progress:
     def __call__(self, event: events.WorkflowEvent) -> None:
         if not self.active:
             return
+        if isinstance(event, events.StepOutput):
+            self._output(event)
+            return
         with self._lock:
             line = self._apply(event)
         if line and self._live is None:
@@ -353,6 +356,19 @@ class Progress:
                         self._held.append(f"{stamp} {line}")
                         return
                 self.console.print(f"{stamp} {line}", markup=False)
+
+    def _output(self, e: events.StepOutput) -> None:
+        """What an attempt printed and logged, each line prefixed with its step (above the live panel)."""
+        if self.quiet:
+            return
+        for when, _, text in _cli_logs.shown(e.lines):
+            prefix = f"{e.step_id} |" if self._live is not None else f"{_cli_logs.stamp(when)[:8]} {e.step_id} |"
+            for line in _cli_logs.prefixed(prefix, text):
+                with self._lock:
+                    if self._held is not None:
+                        self._held.append(line)
+                        continue
+                self.console.print(_cli_logs.safe(line) if self._live is not None else line, markup=False)
 
     def release(self) -> None:
         """Print the lines held back so far; from now on print as events come."""
@@ -455,6 +471,7 @@ def follow(
         err = _console(stderr=True)
         failed = f"FAILED at step {state.failed_step}: {step_error(state.error or '')}"
         err.print(shorten(failed, err.width) if err.is_terminal else failed, markup=False)
+        _cli_logs.print_failed_traceback(state, err, "" if store_path == DEFAULT_STORE else f" --store {store_path}")
         err.print(f"fix the cause, then continue with:\n  {resume_cmd}", markup=False)
     elif state.status is WorkflowStatus.CANCELLED:
         _console(stderr=True).print(f"CANCELLED; continue with: {resume_cmd}", markup=False)
@@ -526,6 +543,7 @@ param_option = click.option(
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final state as JSON on stdout.")
 @dask_option
+@_cli_logs.log_level_option
 def run(
     target: str,
     data: str | None,
@@ -584,6 +602,7 @@ def _close(engine: Any, store: StateStore) -> None:
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: CPU count).")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @dask_option
+@_cli_logs.log_level_option
 def resume(
     instance_id: str,
     force: bool,
@@ -635,6 +654,7 @@ def resume(
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: CPU count).")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @dask_option
+@_cli_logs.log_level_option
 def recover(store: str, workers: int | None, quiet: bool, dask: str | None) -> None:
     """Resume every run whose process died while it was running.
 
@@ -691,12 +711,14 @@ def recover(store: str, workers: int | None, quiet: bool, dask: str | None) -> N
 @click.argument("instance_id", metavar="[ID]", required=False)
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
-def status(instance_id: str | None, store: str, as_json: bool) -> None:
+@click.option("--step", metavar="STEP", help="Show this step's attempts, with errors and tracebacks.")
+def status(instance_id: str | None, store: str, as_json: bool, step: str | None) -> None:
     """Show a run's steps (no ID: the newest run). Safe while the run is in progress.
 
     \b
     Example:
       wfaas-local status 3f2a --json
+      wfaas-local status 3f2a --step parse
     """
     from .cli_tables import Selection, owner_note, print_steps
 
@@ -705,12 +727,20 @@ def status(instance_id: str | None, store: str, as_json: bool) -> None:
         iid = resolve_id(state_store, instance_id)
         record = state_store.read(iid)
         # A run of thousands of steps: decode only the steps the table shows (issue 13, defect 13).
-        selection = None if as_json or record is None else Selection.of_records(record.steps)
+        selection = None if as_json or step is not None or record is None else Selection.of_records(record.steps)
         if selection is not None and record is not None:
             record.steps = {sid: record.steps[sid] for sid in selection.ids}
         state, record = load_run(state_store, iid, record)
     finally:
         state_store.close()
+    if step is not None:
+        if step not in state.step_states:
+            fail(f"run {state.instance_id} has no step {step!r}; its steps: {', '.join(state.step_states)}")
+        if as_json:
+            click.echo(json.dumps(state_json(state)["steps"][step], indent=2))
+        else:
+            _cli_logs.print_step(state, step, _console())
+        return
     note = owner_note(record.meta, iid, None if store == DEFAULT_STORE else store)
     if as_json:
         click.echo(json.dumps({**state_json(state), "owner_gone": note is not None}, indent=2))
@@ -1006,6 +1036,44 @@ def plan(target: str | None, resume_id: str | None, data: str | None, params: tu
             when = "now (already due)" if s.schedule <= now else s.schedule.isoformat()
             why.append(f"not before {when}")
         click.echo(f"{s.id}: {verdict}" + (f" — {'; '.join(why)}" if why else " — no dependencies, starts at once"))
+
+
+@main.command()
+@click.argument("instance_id", metavar="ID")
+@click.argument("step", required=False)
+@click.option("--attempt", type=click.IntRange(min=1), help="Only this attempt (counted from 1).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing as attempts of a run in progress end; stop with it.")
+@store_option
+@_cli_logs.log_level_option
+def logs(instance_id: str, step: str | None, attempt: int | None, follow: bool, store: str) -> None:
+    """Print what a run's steps printed and logged, one line each: time, step, attempt, text.
+
+    Printed lines (stdout and stderr, C code and child processes included) are
+    always shown; log records from WARNING up unless -v or --log-level says.
+    Each attempt keeps its last 1 MiB.
+
+    \b
+    Example:
+      wfaas-local logs 3f2a
+      wfaas-local logs 3f2a parse --attempt 2
+      wfaas-local logs 3f2a --follow
+    """
+    state_store = open_store(store, readonly=True)
+    try:
+        iid = resolve_id(state_store, instance_id)
+        record = state_store.read(iid)
+        if step is not None and record is not None and step not in record.steps:
+            known = (record.extra.get("fingerprint") or {}).get("steps") or record.steps  # in definition order
+            fail(f"run {iid} has no step {step!r}; its steps: {', '.join(known)}")
+        try:
+            found = _cli_logs.print_logs(state_store, iid, step, attempt, follow, click.echo)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+    finally:
+        state_store.close()
+    if not found:
+        what = f"step {step}" if step else f"run {iid}"
+        click.echo(f"{what}: no output or log records were captured", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -114,7 +114,10 @@ def render_report(state: WorkflowState[Any], dependencies: Dependencies, now: da
         row_h=ROW,
         node_w=NODE_W,
         node_h=NODE_H,
-        table=[(sid, s, _figures_line(s.history[-1]) if s.history else "") for sid, s in drawn.step_states.items()],
+        table=[
+            (sid, s, _figures_line(s.history[-1]) if s.history else "", _last_traceback(s))
+            for sid, s in drawn.step_states.items()
+        ],
         generated=datetime.now(UTC),
     )
 
@@ -215,6 +218,8 @@ def timeline(
             title = f"{sid}, attempt {a.number}: {a.outcome.replace('_', ' ')}\n{_figures_line(a)}"
             if a.error:
                 title += f"\n{a.error}"
+            if a.traceback:
+                title += "\n\n" + _tail(a.traceback, TOOLTIP_TRACEBACK_LINES)
             row.bars.append(Bar(a.outcome, x(a.started_at), x(a.finished_at) - x(a.started_at), title, a.signal))
         if s.status is StepStatus.RUNNING and s.started_at is not None:
             row.bars.append(
@@ -228,6 +233,22 @@ def timeline(
     step = nice_step(span)
     ticks = [(k * step * scale, _secs(k * step)) for k in range(int(span / step) + 1)]
     return rows, ticks, max(len(rows), 1) * ROW
+
+
+# A tooltip shows the end of a traceback (where it failed); the steps table has all of it.
+TOOLTIP_TRACEBACK_LINES = 20
+
+
+def _tail(text: str, lines: int) -> str:
+    parts = text.rstrip("\n").split("\n")
+    if len(parts) <= lines:
+        return "\n".join(parts)
+    return "\n".join([f"... {len(parts) - lines} lines above (all of it in the steps table)", *parts[-lines:]])
+
+
+def _last_traceback(s: StepState) -> str:
+    """The traceback of the step's last attempt that raised, or ""."""
+    return next((a.traceback for a in reversed(s.history) if a.traceback), None) or ""
 
 
 def _no_attempt_note(s: StepState) -> str:

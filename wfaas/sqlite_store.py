@@ -7,6 +7,7 @@ Layout: one table ``wfaas`` of (key TEXT, value BLOB). Per instance::
     i/<iid>/f/<field>    one encoded data field                   (written when a step replaced it)
     i/<iid>/k/<field>/<key hex>  one key of a dict field          (written when a step changed that key)
     i/<iid>/x/<name>     write-once records: data class, definition fingerprint
+    l/<iid>/<step>\x1f<attempt>\x1f<part>   what one attempt printed and logged (an ``AttemptLog``)
 
 and ``wfaas/format`` holds the layout version. A scheduler turn is one
 transaction: the puts are queued to sqlitedict's thread and a blocking commit
@@ -42,6 +43,7 @@ from sqlitedict import SqliteDict
 
 from . import _threads
 from . import data as data_codec
+from .capture import AttemptLog
 from .errors import StoreError
 from .store import Checkpoint, Record, StateStore
 
@@ -59,6 +61,15 @@ _HEADER = b"SQLite format 3\x00"
 _COMMIT = sqlitedict._REQUEST_COMMIT
 _NO_MORE = sqlitedict._RESPONSE_NO_MORE
 _ROWS_PER_STATEMENT = 400  # 800 bound parameters, well under SQLite's limit
+
+
+def _log_key(instance_id: str, step_id: str, attempt: int, part: str) -> str:
+    return f"l/{instance_id}/{step_id}\x1f{attempt:08d}\x1f{part}"
+
+
+def _after(prefix: str) -> str:
+    """The smallest key above every key that starts with ``prefix``."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def _encode(value: Any) -> sqlite3.Binary:
@@ -254,6 +265,11 @@ class SqliteStore(StateStore):
                 rows += [(f"{prefix}k/{name}/{k.hex()}", sqlite3.Binary(v)) for k, v in changes.items()]
             if cp.meta is not None:
                 rows.append((f"m/{cp.instance_id}", _encode(cp.meta)))
+            for (sid, number, part), log in cp.logs.items():
+                if log is None:
+                    keys.append(_log_key(cp.instance_id, sid, number, part))
+                else:
+                    rows.append((_log_key(cp.instance_id, sid, number, part), _encode(log)))
         conn = self._db.conn
         for low, high in ranges:
             conn.execute(f'DELETE FROM "{_TABLE}" WHERE key >= ? AND key < ?', (low, high))
@@ -301,6 +317,13 @@ class SqliteStore(StateStore):
                 record.extra[name] = _decode(value)
         return record
 
+    def read_logs(self, instance_id: str, step_id: str | None = None) -> list[AttemptLog]:
+        # Outside the i/<iid>/ range that read() loads: status and resume never read logs.
+        low = f"l/{instance_id}/" if step_id is None else f"l/{instance_id}/{step_id}\x1f"
+        rows = self._select(f'SELECT key, value FROM "{_TABLE}" WHERE key >= ? AND key < ?', (low, _after(low)))
+        logs = [_decode(value) for _, value in rows]
+        return sorted(logs, key=lambda log: (log.step_id, log.attempt, log.part))
+
     def read_meta(self, instance_id: str) -> dict[str, Any] | None:
         rows = self._select(f'SELECT value FROM "{_TABLE}" WHERE key = ?', (f"m/{instance_id}",))
         meta: dict[str, Any] | None = _decode(rows[0][0]) if rows else None
@@ -314,10 +337,11 @@ class SqliteStore(StateStore):
         if self.read_meta(instance_id) is None:
             return False
         prefix = f"i/{instance_id}/"
+        logs = f"l/{instance_id}/"
         with self._lock:
             self._db.conn.execute(
-                f'DELETE FROM "{_TABLE}" WHERE (key >= ? AND key < ?) OR key = ?',
-                (prefix, prefix[:-1] + "0", f"m/{instance_id}"),
+                f'DELETE FROM "{_TABLE}" WHERE (key >= ? AND key < ?) OR key = ? OR (key >= ? AND key < ?)',
+                (prefix, prefix[:-1] + "0", f"m/{instance_id}", logs, _after(logs)),
             )
             self._db.commit(blocking=True)
         return True
