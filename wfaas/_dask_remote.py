@@ -13,8 +13,9 @@ for its reply, its death, or an order to stop it::
     client.run(stop, token, grace) ---->  stop: SIGTERM the child's tree, SIGKILL after grace
     future result  <------------------   ("exit", exitcode, rss, where, stopped)
 
-The child leads its own process group (``_worker.main``), so stopping it
-stops what the step started; it watches the Dask worker and dies with it. A
+The child leads its own process group and is a subreaper (``_worker.main``),
+so stopping its tree stops what the step started; a guard process per Dask
+worker (``_guard.py``) kills the children's trees if the Dask worker dies. A
 task the driver no longer wants (cancelled, or its client disconnected
 because the driver died) is noticed by polling the worker's own task state,
 and its child is killed: nothing a driver started outlives it.
@@ -26,6 +27,7 @@ installed (the same version: ``DaskBackend`` checks at connect time, and
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -33,10 +35,12 @@ import pickle
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _worker
+from ._guard import Guard
 from .pool import terminate_tree
 
 # How often a waiting task checks that Dask still wants it: the delay before a
@@ -60,19 +64,15 @@ class _Child:
     @classmethod
     def start(cls, paths: tuple[str, ...]) -> _Child:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["wfaas._worker", "dill", "psutil"])
+        ctx.set_forkserver_preload(["wfaas._worker", "wfaas._guard", "dill", "psutil"])
         parent_end, child_end = ctx.Pipe(duplex=True)
         process = ctx.Process(target=_child_main, args=(child_end, paths), name="wfaas-dask-step", daemon=False)
-        # Dask workers run as daemon processes by default, and a daemon may not start
-        # processes; this child dies with the worker anyway (_worker watches its parent).
-        config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
-        daemon = config.get("daemon")
-        config["daemon"] = False
-        try:
+        with _not_daemon():
+            guard = _guard_of(ctx)
             process.start()
-        finally:
-            config["daemon"] = daemon
         child_end.close()
+        if process.pid is not None:
+            guard.watch(process.pid)
         return cls(process, parent_end, frozenset(paths))
 
     def retire(self) -> None:
@@ -82,6 +82,32 @@ class _Child:
         except OSError:
             pass
         self.conn.close()
+
+
+@contextlib.contextmanager
+def _not_daemon() -> Iterator[None]:
+    # Dask workers run as daemon processes by default, and a daemon may not start
+    # processes; these die with the worker anyway (the guard watches it).
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    daemon = config.get("daemon")
+    config["daemon"] = False
+    try:
+        yield
+    finally:
+        config["daemon"] = daemon
+
+
+_guard: Guard | None = None
+_guard_lock = threading.Lock()
+
+
+def _guard_of(ctx: Any) -> Guard:
+    """This Dask worker's guard process: it kills the step children's trees if the Dask worker dies."""
+    global _guard
+    with _guard_lock:
+        if _guard is None:
+            _guard = Guard(ctx)
+        return _guard
 
 
 def _child_main(conn: multiprocessing.connection.Connection, paths: tuple[str, ...]) -> None:
