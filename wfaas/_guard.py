@@ -18,28 +18,20 @@ the workers::
 It blocks in one read; it costs one process per pool, started with the
 workers, and nothing per step. Its pipe end is the only thing it waits on, so
 ``kill -9`` of the engine, an uncaught exception or the end of the program
-all look the same to it. It ignores SIGINT and SIGHUP (the engine decides
-what a Ctrl-C or a closed terminal means); SIGTERM, which multiprocessing
-sends its daemon children when the program exits, makes it do its job at
-once.
+all look the same to it. It ignores SIGINT, SIGHUP and SIGTERM (the engine
+decides what a Ctrl-C, a closed terminal or SIGTERM to the whole process group
+means, and stops its workers with their grace period).
 """
 
 from __future__ import annotations
 
 import ctypes
 import multiprocessing.connection
+import multiprocessing.process
 import signal
 from typing import Any
 
 _PR_SET_NAME = 15  # linux/prctl.h
-
-
-class _Stop(Exception):
-    """SIGTERM arrived: the program is exiting."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Stop
 
 
 def _name_me(name: bytes) -> None:
@@ -57,24 +49,22 @@ def main(conn: multiprocessing.connection.Connection) -> None:
     from .pool import kill_tree
 
     _name_me(b"wfaas-guard")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # Signals for the engine's process group are the engine's to handle (a graceful stop stops the
+    # workers with a grace period); the guard acts only when the engine is gone.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     watched: dict[int, psutil.Process] = {}
-    try:
-        while True:
-            try:
-                pid = int(conn.recv())
-            except (EOFError, OSError):
-                break
-            # psutil remembers each worker's start time, so a recycled PID is never killed.
-            watched = {p.pid: p for p in watched.values() if p.is_running()}
-            try:
-                watched[pid] = psutil.Process(pid)
-            except psutil.Error:
-                pass  # it died already
-    except _Stop:
-        pass
+    while True:
+        try:
+            pid = int(conn.recv())
+        except (EOFError, OSError):
+            break
+        # psutil remembers each worker's start time, so a recycled PID is never killed.
+        watched = {p.pid: p for p in watched.values() if p.is_running()}
+        try:
+            watched[pid] = psutil.Process(pid)
+        except psutil.Error:
+            pass  # it died already
     for p in watched.values():
         if p.is_running():
             kill_tree(p)
@@ -88,6 +78,10 @@ class Guard:
         self._process = ctx.Process(target=main, args=(reader,), name="wfaas-guard", daemon=True)
         self._process.start()
         reader.close()
+        # multiprocessing SIGTERMs and then joins its children at interpreter exit; the guard ignores
+        # SIGTERM and ends only when the engine's process has, so that join would never return.
+        # Out of that list, it is joined by close() or, when the program ends, ends on its own.
+        multiprocessing.process._children.discard(self._process)  # type: ignore[attr-defined]
 
     def watch(self, pid: int) -> None:
         """Kill ``pid``'s tree if the engine dies while it runs."""

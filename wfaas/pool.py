@@ -12,7 +12,8 @@ The pool does no waiting of its own. The scheduler thread blocks on every
 slot's pipe and process sentinel at once (``waitables``), the same shape as
 CPython's ``_ExecutorManagerThread``; killing a process tree, which takes up
 to a grace period, happens on a short-lived thread that reports back through
-a callback, so the scheduler never blocks on a dying process.
+a callback, so the scheduler never blocks on a dying process. A guard
+process (``_guard.py``) kills every worker's tree if the engine dies.
 """
 
 from __future__ import annotations
@@ -239,7 +240,8 @@ class WorkerPool:
             if slot.process is None:
                 continue
             slot.process.join(timeout=0.5 if slot.index in asked else 0)
-            if slot.pid is not None:
+            # One that exited when asked had no descendant, so its group is empty: nothing to kill.
+            if slot.pid is not None and not (slot.index in asked and slot.process.exitcode is not None):
                 # Also when the worker exited: what its steps left running must not outlive the engine.
                 terminate_tree(slot.pid, grace)
             slot.process.join(timeout=1.0)
