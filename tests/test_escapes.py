@@ -69,6 +69,11 @@ def kill_leftovers(seconds: str) -> None:
             pass
 
 
+def zombie_children() -> list[int]:
+    """The calling process's children that exited and were not waited for."""
+    return [c.pid for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]
+
+
 def daemon_step(seconds: str, pidfile: Path) -> Any:
     def step(ctx: Any) -> None:
         daemonize(seconds, pidfile)
@@ -226,3 +231,30 @@ def test_kill_9_of_the_engine_kills_a_worker_holding_the_gil_in_c_code(tmp_path:
     cpu0 = psutil.Process(worker).cpu_times().user
     wait_until(lambda: psutil.Process(worker).cpu_times().user > cpu0 + 0.2, 30, "the worker to be in re.match")
     assert_gone_after_kill_9(proc, [worker], "a worker stuck in re.match with the GIL held")
+
+
+def test_the_worker_reaps_the_orphans_it_inherits_and_the_step_keeps_its_exit_statuses(tmp_path: Path) -> None:
+    """As a subreaper the worker inherits orphans: they must not pile up as zombies, nor take a step's statuses."""
+    report = tmp_path / "report.json"
+
+    def leave_orphans(ctx: Any) -> None:
+        # Each `sh` exits at once; its `true` is re-parented to the worker and exits too.
+        for _ in range(5):
+            subprocess.run(["sh", "-c", "true & exit 0"], check=True)
+        # While orphans die around it, a step's own child still reports its own exit status.
+        ctx.data.value = subprocess.run(["sh", "-c", "exit 3"], check=False).returncode
+        # The step ends once all five are the worker's zombies (so the test does not depend on timing).
+        wait_until(lambda: len(zombie_children()) == 5, 30, "five zombie orphans of the worker")
+
+    def count_zombies(ctx: Any) -> None:
+        report.write_text(str(len(zombie_children())))
+
+    wf = WorkflowDefinition("reap", data_type=Data)
+    wf.add_step(StepDefinition("leave", "leave", leave_orphans))
+    wf.add_step(StepDefinition("count", "count", count_zombies).depends_on(["leave"]))
+    with WorkflowEngine(max_workers=1, grace_period=1.0) as engine:
+        engine.register_workflow(wf)
+        iid = engine.start_workflow("reap", Data())
+        engine.wait_for_completion(iid, timeout=30)
+        assert engine.get_status(iid).data.value == 3
+    assert report.read_text() == "0", "the worker left zombies of the orphans it inherited"
