@@ -293,13 +293,18 @@ def _freeze(roots: list[psutil.Process]) -> list[psutil.Process]:
         for p in todo:
             _signal(p, signal.SIGSTOP)
             seen[p.pid] = p
+        # One pass over the process table per round, however many processes the tree has.
+        children: dict[int, list[psutil.Process]] = {}
+        for p in psutil.process_iter(["ppid"]):
+            children.setdefault(p.info["ppid"], []).append(p)
         found: dict[int, psutil.Process] = {}
-        for p in list(seen.values()):
-            try:
-                found.update((c.pid, c) for c in p.children(recursive=True))
-            except psutil.Error:
-                continue
-        todo = [c for pid, c in found.items() if pid not in seen]
+        stack = list(seen)
+        while stack:
+            for c in children.get(stack.pop(), []):
+                if c.pid not in found and c.pid not in seen:
+                    found[c.pid] = c
+                    stack.append(c.pid)
+        todo = list(found.values())
     return list(seen.values())
 
 
