@@ -162,7 +162,7 @@ SCRIPT = textwrap.dedent(
 
 
     def step(ctx):
-        if MODE == "daemon":  # fork, setsid, fork, the middle one exits: as daemonize() in the test
+        if MODE in ("daemon", "returned"):  # fork, setsid, fork, the middle one exits: as daemonize() in the test
             middle = os.fork()
             if middle == 0:
                 os.setsid()
@@ -172,6 +172,8 @@ SCRIPT = textwrap.dedent(
                     os.execvp("sleep", ["sleep", SECONDS])
                 os._exit(0)
             os.waitpid(middle, 0)
+        if MODE == "returned":
+            return  # its daemon stays behind in the worker, now idle
         (OUT / "worker.tmp").write_text(str(os.getpid()))
         os.replace(OUT / "worker.tmp", OUT / "worker.pid")
         if MODE == "regex":
@@ -184,27 +186,32 @@ SCRIPT = textwrap.dedent(
         with WorkflowEngine(max_workers=1, grace_period=1.0) as engine:
             engine.register_workflow(WorkflowDefinition("w", data_type=D).add_step(StepDefinition("s", "s", step)))
             engine.wait_for_completion(engine.start_workflow("w", D()))  # until the test kills this process
+            worker = [s.pid for s in engine._pool.slots]
+            (OUT / "worker.tmp").write_text(str(worker[0]))
+            os.replace(OUT / "worker.tmp", OUT / "worker.pid")
+            time.sleep(600)
     """
 )
 
 
-def start_engine(tmp_path: Path, mode: str, seconds: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_engine(tmp_path: Path, mode: str, seconds: str) -> tuple[subprocess.Popen[Any], int]:
     script = tmp_path / "engine_script.py"
     script.write_text(SCRIPT)
     command = [sys.executable, str(script), str(tmp_path), mode, seconds]
-    proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE)
+    # Its stderr goes to a file: a pipe would stay open as long as any process that inherited it lives.
+    with open(tmp_path / "stderr.txt", "wb") as err:
+        proc = subprocess.Popen(command, cwd=tmp_path, stderr=err)
     worker = tmp_path / "worker.pid"
     wait_until(lambda: worker.exists() or proc.poll() is not None, 60, "the script's step to start")
     if proc.poll() is not None:
-        _, err = proc.communicate()
-        raise AssertionError(f"the script ended early ({proc.returncode}): {err.decode()}")
+        raise AssertionError(f"the script ended early ({proc.returncode}): {(tmp_path / 'stderr.txt').read_text()}")
     return proc, int(worker.read_text())
 
 
-def assert_gone_after_kill_9(proc: subprocess.Popen[bytes], pids: list[int], what: str) -> None:
+def assert_gone_after_kill_9(proc: subprocess.Popen[Any], pids: list[int], what: str) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     killed = time.monotonic()
-    proc.communicate(timeout=10)
+    proc.wait(timeout=10)
     try:
         wait_until(lambda: not any(alive(p) for p in pids), DEADLINE - (time.monotonic() - killed), what)
     except AssertionError:
@@ -220,6 +227,18 @@ def test_kill_9_of_the_engine_kills_a_double_forked_daemon(tmp_path: Path) -> No
         proc, worker = start_engine(tmp_path, "daemon", seconds)
         daemon = started_daemon(tmp_path / "daemon.pid", seconds)
         assert_gone_after_kill_9(proc, [worker, daemon], "the worker and its step's daemon")
+        assert sleepers(seconds) == []
+    finally:
+        kill_leftovers(seconds)
+
+
+def test_kill_9_of_the_engine_kills_a_daemon_left_by_a_step_that_returned(tmp_path: Path) -> None:
+    """The worker is idle, so it too sees the engine go (its pipe closes): it must not leave first, alone."""
+    seconds = unique_seconds()
+    try:
+        proc, worker = start_engine(tmp_path, "returned", seconds)
+        daemon = started_daemon(tmp_path / "daemon.pid", seconds)
+        assert_gone_after_kill_9(proc, [worker, daemon], "an idle worker and the daemon its step left")
         assert sleepers(seconds) == []
     finally:
         kill_leftovers(seconds)

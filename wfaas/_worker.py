@@ -102,6 +102,20 @@ def _reap() -> None:
             return
 
 
+def _engine_gone() -> None:
+    """The engine closed our pipe: end what our steps left running before we exit.
+
+    The guard would, but it and this worker see the engine go at the same
+    moment; were this worker to exit first, what its steps left (their
+    subreaper gone) would be re-parented to init, out of the guard's reach.
+    """
+    import psutil
+
+    from .pool import kill_descendants
+
+    kill_descendants(psutil.Process())
+
+
 class _Meter:
     """Wall time, CPU time and peak memory of one step, measured in the worker.
 
@@ -163,6 +177,7 @@ def main(conn: Connection) -> None:
         try:
             message = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
+            _engine_gone()
             return
         if message[0] == "stop":
             return
@@ -194,7 +209,8 @@ def main(conn: Connection) -> None:
         try:
             conn.send_bytes(pickle.dumps(reply, protocol=5))
         except OSError:
-            return  # the engine is gone; the pool's guard takes the rest of the tree down
+            _engine_gone()
+            return
 
 
 def _run(

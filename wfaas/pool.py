@@ -322,6 +322,12 @@ def kill_tree(root: psutil.Process) -> None:
     _signal_group(root.pid, signal.SIGKILL)
 
 
+def kill_descendants(root: psutil.Process) -> None:
+    """SIGKILL every descendant of ``root``, not ``root`` itself (a worker ending its own tree)."""
+    for p in _freeze(root.children()):
+        _signal(p, signal.SIGKILL)
+
+
 def terminate_tree(pid: int, grace: float) -> int:
     """SIGTERM ``pid``, its descendants and its process group; SIGKILL whatever lives after ``grace``.
 
