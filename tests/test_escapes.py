@@ -12,6 +12,7 @@ command line tells whether it survived, wherever it was re-parented to.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ import psutil
 import pytest
 from wfaas import Cancelled, StepDefinition, StepTimeout, WorkflowDefinition, WorkflowEngine
 
-from conftest import Data, alive, wait_for_text, wait_until, write_atomic
+from conftest import Data, alive, reap, wait_for_text, wait_until, write_atomic
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftovers")]
 
@@ -194,18 +196,29 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def start_engine(tmp_path: Path, mode: str, seconds: str) -> tuple[subprocess.Popen[Any], int]:
+@contextlib.contextmanager
+def engine_script(tmp_path: Path, mode: str, seconds: str) -> Iterator[tuple[subprocess.Popen[Any], int]]:
+    """Run SCRIPT until its step runs; (the engine's process, the worker's PID). Whatever is left is killed after."""
     script = tmp_path / "engine_script.py"
     script.write_text(SCRIPT)
     command = [sys.executable, str(script), str(tmp_path), mode, seconds]
     # Its stderr goes to a file: a pipe would stay open as long as any process that inherited it lives.
     with open(tmp_path / "stderr.txt", "wb") as err:
         proc = subprocess.Popen(command, cwd=tmp_path, stderr=err)
-    worker = tmp_path / "worker.pid"
-    wait_until(lambda: worker.exists() or proc.poll() is not None, 60, "the script's step to start")
-    if proc.poll() is not None:
-        raise AssertionError(f"the script ended early ({proc.returncode}): {(tmp_path / 'stderr.txt').read_text()}")
-    return proc, int(worker.read_text())
+    family: list[psutil.Process] = []
+    try:
+        worker = tmp_path / "worker.pid"
+        wait_until(lambda: worker.exists() or proc.poll() is not None, 60, "the script's step to start")
+        if proc.poll() is not None:
+            raise AssertionError(f"the script ended early ({proc.returncode}): {(tmp_path / 'stderr.txt').read_text()}")
+        family = psutil.Process(proc.pid).children(recursive=True)
+        yield proc, int(worker.read_text())
+    finally:
+        reap(proc)
+        for p in family:  # do not leave them running for the rest of the suite
+            if alive(p.pid):
+                p.kill()
+        kill_leftovers(seconds)
 
 
 def assert_gone_after_kill_9(proc: subprocess.Popen[Any], pids: list[int], what: str) -> None:
@@ -215,41 +228,32 @@ def assert_gone_after_kill_9(proc: subprocess.Popen[Any], pids: list[int], what:
     try:
         wait_until(lambda: not any(alive(p) for p in pids), DEADLINE - (time.monotonic() - killed), what)
     except AssertionError:
-        for p in pids:
-            if alive(p):
-                os.kill(p, signal.SIGKILL)
         raise AssertionError(f"{what}: still running {DEADLINE} s after kill -9 of the engine") from None
 
 
 def test_kill_9_of_the_engine_kills_a_double_forked_daemon(tmp_path: Path) -> None:
     seconds = unique_seconds()
-    try:
-        proc, worker = start_engine(tmp_path, "daemon", seconds)
+    with engine_script(tmp_path, "daemon", seconds) as (proc, worker):
         daemon = started_daemon(tmp_path / "daemon.pid", seconds)
         assert_gone_after_kill_9(proc, [worker, daemon], "the worker and its step's daemon")
         assert sleepers(seconds) == []
-    finally:
-        kill_leftovers(seconds)
 
 
 def test_kill_9_of_the_engine_kills_a_daemon_left_by_a_step_that_returned(tmp_path: Path) -> None:
     """The worker is idle, so it too sees the engine go (its pipe closes): it must not leave first, alone."""
     seconds = unique_seconds()
-    try:
-        proc, worker = start_engine(tmp_path, "returned", seconds)
+    with engine_script(tmp_path, "returned", seconds) as (proc, worker):
         daemon = started_daemon(tmp_path / "daemon.pid", seconds)
         assert_gone_after_kill_9(proc, [worker, daemon], "an idle worker and the daemon its step left")
         assert sleepers(seconds) == []
-    finally:
-        kill_leftovers(seconds)
 
 
 def test_kill_9_of_the_engine_kills_a_worker_holding_the_gil_in_c_code(tmp_path: Path) -> None:
-    proc, worker = start_engine(tmp_path, "regex", unique_seconds())
-    # The step wrote its PID just before the regex: once its CPU time grows, it is inside re.match.
-    cpu0 = psutil.Process(worker).cpu_times().user
-    wait_until(lambda: psutil.Process(worker).cpu_times().user > cpu0 + 0.2, 30, "the worker to be in re.match")
-    assert_gone_after_kill_9(proc, [worker], "a worker stuck in re.match with the GIL held")
+    with engine_script(tmp_path, "regex", unique_seconds()) as (proc, worker):
+        # The step wrote its PID just before the regex: once its CPU time grows, it is inside re.match.
+        cpu0 = psutil.Process(worker).cpu_times().user
+        wait_until(lambda: psutil.Process(worker).cpu_times().user > cpu0 + 0.2, 30, "the worker to be in re.match")
+        assert_gone_after_kill_9(proc, [worker], "a worker stuck in re.match with the GIL held")
 
 
 def test_the_worker_reaps_the_orphans_it_inherits_and_the_step_keeps_its_exit_statuses(tmp_path: Path) -> None:
