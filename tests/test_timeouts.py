@@ -110,7 +110,7 @@ def hang_with_subprocess_children(out: Path) -> None:
     popen = subprocess.Popen(["sleep", "120"])
     # Left the process group, still a descendant: found by listing the tree.
     own_session = subprocess.Popen(["sleep", "120"], start_new_session=True)
-    # Double fork: re-parented to init at once, still in the worker's group: found by the group kill.
+    # Double fork: re-parented at once to the worker (a subreaper), so found by listing its tree.
     with subprocess.Popen(["sh", "-c", "sleep 120 >/dev/null 2>&1 & echo $!"], stdout=subprocess.PIPE) as sh:
         assert sh.stdout is not None
         detached = int(sh.stdout.readline())
