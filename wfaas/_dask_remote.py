@@ -11,7 +11,7 @@ for its reply, its death, or an order to stop it::
                                             <--pipe-- ("done" | "error", ...) as bytes
     future result  <------------------   ("reply", bytes, where)
     client.run(stop, token, grace) ---->  stop: SIGTERM the child's tree, SIGKILL after grace
-    future result  <------------------   ("exit", exitcode, rss, where, stopped)
+    future result  <------------------   ("exit", exitcode, rss, where, stopped, None, forced)
 
 The child leads its own process group and is a subreaper (``_worker.main``),
 so stopping its tree stops what the step started; a guard process per Dask
@@ -123,6 +123,17 @@ def _child_main(conn: multiprocessing.connection.Connection, paths: tuple[str, .
 class _Running:
     child: _Child
     stopping: bool = False
+    stopper: threading.Thread | None = None  # the thread stopping its tree, once one does
+    forced: int = 0  # how many of its processes needed SIGKILL
+
+    def stop(self, grace: float) -> None:
+        """Stop the child's tree on a thread (SIGTERM, ``grace``, SIGKILL)."""
+
+        def run() -> None:
+            self.forced = terminate_tree(self.child.process.pid, grace)
+
+        self.stopper = threading.Thread(target=run, daemon=True)
+        self.stopper.start()
 
 
 _lock = threading.Lock()
@@ -164,8 +175,9 @@ def run_step(
     """Run one step (a ``_worker`` "run" message whose snapshot is ``small`` + ``large``) in a child.
 
     Returns ``("reply", bytes, where)`` with the child's reply as it sent it,
-    ``("exit", exitcode, last_rss, where, stopped)`` when the child died (on
-    its own, or ``stopped`` by ``stop``), or ``("stopped", where)`` when a
+    ``("exit", exitcode, last_rss, where, stopped, None, forced)`` when the
+    child died (on its own, or ``stopped`` by ``stop``; ``forced`` processes
+    of its tree needed SIGKILL), or ``("stopped", where)`` when a
     stop order came before the step started.
     """
     where = _address()
@@ -231,13 +243,15 @@ def _wait(run: _Running, where: str) -> tuple[Any, ...]:
                 return ("reply", reply, where)
         if sentinel in ready or not child.process.is_alive():
             child.process.join(1.0)
+            if run.stopper is not None:
+                run.stopper.join()  # reported once the whole tree is dead, as for a local worker
             # What the step started still runs in the child's group: stop it too.
             terminate_tree(child.process.pid, 0.0)
             child.conn.close()
-            return ("exit", child.process.exitcode, last_rss, where, run.stopping)
+            return ("exit", child.process.exitcode, last_rss, where, run.stopping, None, run.forced)
         if not run.stopping and not _wanted():
             run.stopping = True
-            threading.Thread(target=terminate_tree, args=(child.process.pid, 0.0), daemon=True).start()
+            run.stop(0.0)
         last_rss = _rss(child.process.pid) or last_rss
 
 
@@ -262,7 +276,7 @@ def stop(token: str, grace: float) -> str | None:
             _stopped[token] = time.monotonic()
             return None
         run.stopping = True
-    threading.Thread(target=terminate_tree, args=(run.child.process.pid, grace), daemon=True).start()
+    run.stop(grace)
     return _address()
 
 
