@@ -29,6 +29,7 @@ import ctypes
 import multiprocessing.connection
 import multiprocessing.process
 import signal
+import threading
 from typing import Any
 
 _PR_SET_NAME = 15  # linux/prctl.h
@@ -75,6 +76,7 @@ class Guard:
 
     def __init__(self, ctx: Any) -> None:
         reader, self._conn = ctx.Pipe(duplex=False)
+        self._lock = threading.Lock()  # a Dask worker starts step processes from several threads
         self._process = ctx.Process(target=main, args=(reader,), name="wfaas-guard", daemon=True)
         self._process.start()
         reader.close()
@@ -86,11 +88,13 @@ class Guard:
     def watch(self, pid: int) -> None:
         """Kill ``pid``'s tree if the engine dies while it runs."""
         try:
-            self._conn.send(pid)
+            with self._lock:
+                self._conn.send(pid)
         except OSError:
             pass  # the guard died (killed from outside): nothing to tell
 
     def close(self) -> None:
         """Let the guard go (after the pool stopped its workers): it kills what is still left."""
-        self._conn.close()
+        with self._lock:
+            self._conn.close()
         self._process.join(timeout=5.0)
