@@ -246,7 +246,7 @@ def _wait(run: _Running, where: str) -> tuple[Any, ...]:
             if run.stopper is not None:
                 run.stopper.join()  # reported once the whole tree is dead, as for a local worker
             # What the step started still runs in the child's group: stop it too.
-            terminate_tree(child.process.pid, 0.0)
+            terminate_tree(child.process.pid, 0.0, exited=child.process.exitcode is not None)
             child.conn.close()
             return ("exit", child.process.exitcode, last_rss, where, run.stopping, None, run.forced)
         if not run.stopping and not _wanted():

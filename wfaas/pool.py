@@ -200,7 +200,7 @@ class WorkerPool:
         pid = slot.pid
 
         def run() -> None:
-            forced = terminate_tree(pid, grace) if pid is not None else 0
+            forced = terminate_tree(pid, grace, exited=exit_ is not None) if pid is not None else 0
             if exit_ is not None:
                 done(slot, exit_)
             else:
@@ -241,9 +241,10 @@ class WorkerPool:
                 continue
             slot.process.join(timeout=0.5 if slot.index in asked else 0)
             # One that exited when asked had no descendant, so its group is empty: nothing to kill.
-            if slot.pid is not None and not (slot.index in asked and slot.process.exitcode is not None):
+            exited = slot.process.exitcode is not None
+            if slot.pid is not None and not (slot.index in asked and exited):
                 # Also when the worker exited: what its steps left running must not outlive the engine.
-                terminate_tree(slot.pid, grace)
+                terminate_tree(slot.pid, grace, exited=exited)
             slot.process.join(timeout=1.0)
             if slot.conn is not None:
                 slot.conn.close()
@@ -328,7 +329,7 @@ def kill_descendants(root: psutil.Process) -> None:
         _signal(p, signal.SIGKILL)
 
 
-def terminate_tree(pid: int, grace: float) -> int:
+def terminate_tree(pid: int, grace: float, *, exited: bool = False) -> int:
     """SIGTERM ``pid``, its descendants and its process group; SIGKILL whatever lives after ``grace``.
 
     Returns how many processes needed the SIGKILL. The tree is frozen while
@@ -336,9 +337,10 @@ def terminate_tree(pid: int, grace: float) -> int:
     the grace period is frozen again, with whatever it started meanwhile,
     and killed. The group catches what was re-parented before the
     worker was a subreaper or after it died; for a worker that is already
-    dead, the group is all there is to find.
+    dead (``exited``: its PID may be another process's by now), the group is
+    all there is to find.
     """
-    root = _process(pid)
+    root = None if exited else _process(pid)
     procs = _freeze([root]) if root is not None else []
     if not procs:
         procs = _group_members(pid)
