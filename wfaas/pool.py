@@ -357,7 +357,7 @@ def terminate_tree(pid: int, grace: float, *, exited: bool = False) -> int:
         return 0
     if root is not None and _running(root):
         alive.append(root)  # still a subreaper: what the survivors' dead parents started is under it
-    killed = _freeze(alive)
+    killed = [p for p in _freeze(alive) if _running(p)]  # not the zombies among their children
     for p in killed:
         _signal(p, signal.SIGKILL)
     _signal_group(pid, signal.SIGKILL)
