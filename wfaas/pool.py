@@ -225,12 +225,13 @@ class WorkerPool:
             return
         self._closed = True
         asked = set()
+        parents = {p.info["ppid"] for p in psutil.process_iter(["ppid"])}
         for slot in self.slots:
             if slot.process is None:
                 continue
             # A worker whose steps left processes running is not asked to exit: while it lives, its
             # tree holds them all (it is their subreaper); once it exited, they would be init's.
-            if slot.task is None and not slot.dying and slot.conn is not None and not _has_children(slot.pid):
+            if slot.task is None and not slot.dying and slot.conn is not None and slot.pid not in parents:
                 try:
                     slot.conn.send_bytes(pickle.dumps(("stop",)))
                     asked.add(slot.index)
@@ -268,15 +269,6 @@ def _group_members(pgid: int) -> list[psutil.Process]:
         except (ProcessLookupError, PermissionError):
             continue
     return members
-
-
-def _has_children(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        return bool(psutil.Process(pid).children())
-    except psutil.Error:
-        return False
 
 
 def _freeze(roots: list[psutil.Process]) -> list[psutil.Process]:
