@@ -252,9 +252,10 @@ def test_journal_mode_is_wal_and_synchronous_is_set_on_the_stores_connection(
         with sqlite3.connect(path) as other:
             assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         # synchronous is per connection (a fresh one says FULL, 2): ask the store's own,
-        # the one that commits the checkpoints, not sqlitedict's default OFF (0).
-        assert st._db.conn.select_one("PRAGMA synchronous")[0] == value
-        assert st._db.conn.select_one("PRAGMA journal_mode")[0] == "wal"
+        # the one that commits the checkpoints.
+        writer = st._writer._conn  # type: ignore[union-attr]
+        assert writer.execute("PRAGMA synchronous").fetchone()[0] == value
+        assert writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         st.close()
 
@@ -420,7 +421,11 @@ def probe(tmp_path: Path, path: Path, timeout: float = 30, **options: Any) -> di
             text=True,
             timeout=timeout,
             cwd="/",
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},  # the data class (conftest.Data)
+            # The data class (conftest.Data), and the wfaas under test (a PYTHONPATH given to the tests).
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+            },
         )
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(
@@ -557,7 +562,10 @@ def locked_dir() -> Iterator[Path]:
     base.chmod(0o755)
     (base / "ro").mkdir()
     (base / "rw").mkdir()
-    (base / "rw").chmod(0o777)
+    # Writable by the probe, and by no one else: a store in a folder others may write is refused.
+    (base / "rw").chmod(0o700)
+    if os.geteuid() == 0:
+        os.chown(base / "rw", 65534, 65534)
     yield base / "ro"
     (base / "ro").chmod(0o755)
     subprocess.run(["rm", "-rf", str(base)], check=True)
