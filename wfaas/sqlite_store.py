@@ -38,6 +38,7 @@ to another user, is refused (as ssh refuses such keys); see ``_trust``.
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import os
 import pickle
@@ -326,14 +327,13 @@ class SqliteStore(StateStore):
         if isinstance(exc, StoreError):
             return exc
         name = getattr(exc, "sqlite_errorname", "")
-        if name == "SQLITE_FULL" or (isinstance(exc, OSError) and exc.errno == 28):
-            advice = (
-                "the disk is full; everything committed before is kept: free space on its filesystem, then "
-                "resume the run (wfaas-local recover, or resume ID)"
-            )
+        if name == "SQLITE_FULL" or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+            advice = "the disk is full; everything committed before is kept: free space on its filesystem, then resume"
         else:
-            advice = "everything committed before is kept: fix the cause, then resume the run"
-        return StoreError(f"cannot write to the wfaas store {self.path}: {type(exc).__name__}: {exc}; {advice}")
+            advice = "everything committed before is kept: fix the cause, then resume"
+        return StoreError(
+            f"cannot write to the wfaas store {self.path} ({type(exc).__name__}: {exc}); {advice}", resumable=True
+        )
 
     def write(self, checkpoints: list[Checkpoint]) -> None:
         answered = threading.Event()
