@@ -7,10 +7,12 @@ not allowed), real worker processes, real `wfaas-local` processes.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,10 @@ from typing import Any
 
 import pytest
 from wfaas import (
+    InMemoryStore,
     InvalidStateTransition,
+    NotFound,
+    ShuttingDown,
     SqliteStore,
     StepDefinition,
     StepStatus,
@@ -27,6 +32,7 @@ from wfaas import (
     WorkflowEngine,
     WorkflowStatus,
 )
+from wfaas.store import Checkpoint
 
 from conftest import Data, wait_for, wait_until
 
@@ -271,3 +277,81 @@ def test_many_processes_creating_one_new_store_at_once_all_open_it(tmp_path: Pat
             assert store.integrity_check() == "ok"
         finally:
             store.close()
+
+
+# -- a failed checkpoint is reported once, where it is handled ------------------------------------
+
+
+class FailingStore(InMemoryStore):
+    """An in-memory store whose commits fail once ``broken`` is set (as a full disk would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = threading.Event()
+
+    def write(self, checkpoints: list[Checkpoint]) -> None:
+        if self.broken.is_set():
+            raise OSError(28, "No space left on device")
+        super().write(checkpoints)
+
+
+def test_a_failed_checkpoint_is_logged_in_one_line_and_its_traceback_only_at_debug(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FailingStore()
+    release = tmp_path / "release"
+    wf = WorkflowDefinition("logged", data_type=Data)
+    wf.add_step(StepDefinition("gate", "gate", gate))
+    wf.add_step(StepDefinition("after", "after", add_chunk).depends_on(["gate"]))
+    caplog.set_level(logging.DEBUG, logger="wfaas")
+    with WorkflowEngine(store=store, max_workers=2, grace_period=1.0) as engine:
+        engine.register_workflow(wf)
+        iid = engine.start_workflow("logged", Data(value=str(release)))
+        wait_until(Path(f"{release}.started").exists, 30, "the gate step to start")
+        store.broken.set()
+        release.touch()
+        with pytest.raises(StoreError, match="No space left") as caught:
+            engine.wait_for_completion(iid, timeout=60)
+        assert iid in str(caught.value)
+    about = [r for r in caplog.records if "checkpoint" in r.getMessage()]
+    shown = [r for r in about if r.levelno > logging.DEBUG]
+    # Before the fix: one ERROR record with the traceback (exc_info), which a CLI prints whole.
+    assert shown, "the failure was not logged at all"
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in shown), [r.getMessage() for r in shown]
+    assert all(r.levelno < logging.WARNING for r in shown), "a handled error is not a warning to whoever runs it"
+    assert any(r.exc_info for r in about if r.levelno == logging.DEBUG), "the traceback is kept for debugging"
+
+
+# -- the engine and its store agree about runs that are gone -----------------------------------
+
+
+def test_the_cleanup_task_stops_at_shutdown_and_runs_finishing_later_stay(
+    engine: WorkflowEngine, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    engine.register_workflow(WorkflowDefinition("late", data_type=Data).add_step(StepDefinition("gate", "gate", gate)))
+    iid = engine.start_workflow("late", Data(value=str(release)))
+    handle = engine.start_cleanup_task(ttl=0, interval=0.01)
+    engine.shutdown()
+    # Before the fix: the thread went on sweeping, and removed the run once it finished.
+    handle._thread.join(timeout=5)
+    assert not handle._thread.is_alive(), "the cleanup task still runs after shutdown()"
+    release.touch()
+    engine.wait_for_completion(iid, timeout=30)
+    assert engine.get_status(iid).status is W.COMPLETED
+    with pytest.raises(ShuttingDown):
+        engine.start_cleanup_task(ttl=0, interval=0.01)
+
+
+def test_a_run_removed_from_the_store_is_unknown_to_wait_for_completion_as_to_get_status(
+    engine: WorkflowEngine,
+) -> None:
+    engine.register_workflow(WorkflowDefinition("gone", data_type=Data).add_step(StepDefinition("a", "a", add_chunk)))
+    iid = engine.start_workflow("gone", Data())
+    engine.wait_for_completion(iid, timeout=30)
+    assert engine.store.cleanup_old_workflows(0) == 1
+    with pytest.raises(NotFound):
+        engine.get_status(iid)
+    # Before the fix: "completed successfully" for a run get_status says does not exist.
+    with pytest.raises(NotFound, match=iid):
+        engine.wait_for_completion(iid, timeout=30)

@@ -31,6 +31,7 @@ from .errors import (
     InvalidStateTransition,
     NotFound,
     ShuttingDown,
+    StoreError,
     WorkflowError,
 )
 from .events import EventBus
@@ -60,7 +61,8 @@ class CleanupHandle:
     def _loop(self, ref: weakref.ref[WorkflowEngine], ttl: float, interval: float) -> None:
         while not self._stop.is_set():
             engine = ref()
-            if engine is None or engine._closed:
+            # After shutdown() runs still finish: they must stay readable (the crate's task stops too).
+            if engine is None or engine._closed or engine._shutting_down:
                 return
             try:
                 self.removed += engine._cleanup(ttl)
@@ -116,6 +118,7 @@ class WorkflowEngine:
         self._class_blobs: dict[type, bytes] = {}
         self._shutting_down = False
         self._closed = False
+        self._cleanups: weakref.WeakSet[CleanupHandle] = weakref.WeakSet()
         me = psutil.Process()
         # Recorded with every run this engine owns; `cancel_signal` tells another
         # process (wfaas-local cancel) which signal asks this one to cancel its runs.
@@ -224,6 +227,11 @@ class WorkflowEngine:
                 f"instance {instance_id} is still running after {seconds} s; it goes on — wait again, or cancel it"
             )
         finished = self._scheduler.outcomes[instance_id]
+        if isinstance(finished.error, StoreError):
+            raise finished.error  # the store failed: what it holds (or not) is not the answer
+        if self.store.read_meta(instance_id) is None:
+            # Removed from the store since it ended (cleanup_old_workflows, delete): unknown, as to get_status.
+            raise NotFound(instance_id, " (it ended and was removed from the store since)")
         if finished.status is W.COMPLETED:
             return f"{label} completed successfully via workflow"
         assert finished.error is not None
@@ -360,8 +368,10 @@ class WorkflowEngine:
         return list(self._scheduler.runs)
 
     def shutdown(self) -> None:
-        """Accept no new workflows; running ones go on."""
+        """Accept no new workflows; running ones go on. The cleanup task stops (finished runs stay)."""
         self._shutting_down = True
+        for handle in list(self._cleanups):
+            handle._stop.set()
 
     def wait_for_shutdown(self, timeout: float | timedelta | None = None) -> bool:
         """Wait for running workflows to end, then stop the workers; False if ``timeout`` passed first."""
@@ -410,7 +420,11 @@ class WorkflowEngine:
         """Remove finished instances older than ``ttl`` every ``interval`` seconds, in the background."""
         ttl_s = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
         interval_s = interval.total_seconds() if isinstance(interval, timedelta) else float(interval)
-        return CleanupHandle(self, ttl_s, interval_s)
+        if self._shutting_down or self._closed:
+            raise ShuttingDown("start_cleanup_task() after shutdown()")
+        handle = CleanupHandle(self, ttl_s, interval_s)
+        self._cleanups.add(handle)
+        return handle
 
     def _cleanup(self, ttl: float) -> int:
         removed: int = self._call(self._cleanup_now, ttl)
