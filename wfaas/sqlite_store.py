@@ -237,6 +237,9 @@ class SqliteStore(StateStore):
         if not self.readonly:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=_BUSY_SECONDS)
             try:
+                tables = self._tables(conn)
+                if tables and _TABLE not in tables:  # before anything changes the file (WAL is written in it)
+                    raise StoreError(self._foreign(tables))
                 _wal(conn)
                 conn.execute(f"PRAGMA synchronous={synchronous}")
                 self._init_schema(conn)
@@ -250,7 +253,9 @@ class SqliteStore(StateStore):
             f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=_BUSY_SECONDS
         )
         tables = self._tables(self._reader)
-        if _TABLE not in tables:
+        if tables and _TABLE not in tables:
+            raise StoreError(self._foreign(tables))
+        if not tables:
             # Only a read-only open can get here: the file is being created by another process.
             self._empty = True
             return
