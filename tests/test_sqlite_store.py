@@ -758,3 +758,18 @@ def test_a_running_step_is_visible_as_running_to_another_process(tmp_path: Path)
             assert gate.started_at is not None
         finally:
             reader.close()
+
+
+def test_the_file_keeps_sqlitedicts_layout(tmp_path: Path) -> None:
+    # wfaas writes with the standard library's sqlite3 (README "Durability"); the file stays
+    # what sqlitedict reads, so tools built on it keep working.
+    from sqlitedict import SqliteDict
+
+    path = tmp_path / "runs.sqlite"
+    st = SqliteStore(path)
+    st.save(state("i1", W.FAILED, n=3))
+    st.close()
+    with SqliteDict(str(path), tablename="wfaas", flag="r", journal_mode="WAL") as view:
+        assert view["wfaas/format"] == FORMAT_VERSION
+        assert view["m/i1"]["status"] == W.FAILED.value
+        assert view["i/i1/s/a"]["status"] == S.SUCCEEDED.value

@@ -1,7 +1,8 @@
 """``SqliteStore``: checkpoints in one SQLite file.
 
 Layout: one table ``wfaas`` of (key TEXT PRIMARY KEY, value BLOB), sqlitedict's
-layout (``SqliteDict(path, tablename="wfaas", flag="r")`` reads it). Per instance::
+layout (``SqliteDict(path, tablename="wfaas", flag="r", journal_mode="WAL")``
+reads it). Per instance::
 
     m/<iid>              meta: status, error, times, owner       (rewritten each turn it changes)
     i/<iid>/s/<step>     one record per step                      (written when that step changes)
