@@ -7,8 +7,10 @@ stays with the run whose record is bad; the file is left as it was.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
+import pwd
 import sqlite3
 import stat
 import subprocess
@@ -18,7 +20,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from wfaas import SqliteStore, StepState, StepStatus, StoreError, WorkflowState, WorkflowStatus
+from wfaas import (
+    SqliteStore,
+    StepDefinition,
+    StepFailed,
+    StepState,
+    StepStatus,
+    StoreError,
+    WorkflowDefinition,
+    WorkflowEngine,
+    WorkflowState,
+    WorkflowStatus,
+)
 
 from conftest import Data
 
@@ -153,10 +166,19 @@ def test_a_store_owned_by_another_user_is_refused_naming_the_owner(three_runs: P
         SqliteStore(three_runs, readonly=True)
 
 
+def shared_group() -> int:
+    """A group that is not the user's own private one (root may give a file any group)."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to a shared group needs root")
+    return 65534
+
+
 @pytest.mark.parametrize("mode", [0o666, 0o620, 0o602])
 def test_a_store_others_may_write_is_refused_naming_the_mode_and_the_fix(
     three_runs: Path, tmp_path: Path, mode: int
 ) -> None:
+    if mode & 0o020:
+        os.chown(three_runs, -1, shared_group())
     three_runs.chmod(mode)
     line = one_line_error(cli("status", "--store", str(three_runs), cwd=tmp_path))
     assert f"mode {mode:04o}" in line and f"chmod go-w {three_runs}" in line, line
@@ -168,6 +190,8 @@ def test_a_store_others_may_write_is_refused_naming_the_mode_and_the_fix(
 def test_a_store_in_a_folder_others_may_write_is_refused(tmp_path: Path, mode: int, fix: str) -> None:
     folder = tmp_path / "shared"
     folder.mkdir()
+    if mode == 0o770:
+        os.chown(folder, -1, shared_group())
     folder.chmod(mode)
     path = folder / "runs.sqlite"
     with pytest.raises(StoreError) as caught:
@@ -175,6 +199,21 @@ def test_a_store_in_a_folder_others_may_write_is_refused(tmp_path: Path, mode: i
     message = str(caught.value)
     assert f"mode {mode:04o}" in message and str(folder) in message and fix in message, message
     assert not path.exists(), "nothing is created in a folder the store cannot trust"
+
+
+def test_group_write_in_the_users_own_private_group_is_accepted(tmp_path: Path) -> None:
+    # A umask of 002 with user-private groups (a common default) makes folders 0775: that group is the user.
+    me = pwd.getpwuid(os.geteuid())
+    group = grp.getgrgid(me.pw_gid)
+    if group.gr_name != me.pw_name or set(group.gr_mem) - {me.pw_name}:
+        pytest.skip(f"the user's group {group.gr_name} is not a private group")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    folder.chmod(0o775)
+    store = SqliteStore(folder / "runs.sqlite")
+    store.close()
+    (folder / "runs.sqlite").chmod(0o660)
+    SqliteStore(folder / "runs.sqlite", readonly=True).close()
 
 
 def test_new_store_folders_are_private_even_with_a_permissive_umask(tmp_path: Path) -> None:
@@ -203,3 +242,33 @@ def test_a_failure_with_an_in_memory_store_suggests_no_resume(tmp_path: Path) ->
     assert ran.returncode == 1, ran.stderr
     assert "wfaas-local resume" not in ran.stderr, ran.stderr  # before the fix: a resume that cannot work
     assert "cannot be resumed" in ran.stderr, ran.stderr
+
+
+def put_item(ctx: object) -> None:
+    ctx.data.items["x"] = 1  # type: ignore[attr-defined]
+
+
+def fail_step(ctx: object) -> None:
+    raise ValueError("fails on purpose")
+
+
+def test_a_damaged_dict_key_fails_resume_and_status_of_its_run_only(three_runs: Path, tmp_path: Path) -> None:
+    wf = WorkflowDefinition("keys", data_type=Data)
+    wf.add_step(StepDefinition("put", "put", put_item))
+    wf.add_step(StepDefinition("bad", "bad", fail_step).depends_on(["put"]))
+    with WorkflowEngine(store=SqliteStore(three_runs), max_workers=1) as engine:
+        engine.register_workflow(wf)
+        iid = engine.start_workflow("keys", Data())
+        with pytest.raises(StepFailed):
+            engine.wait_for_completion(iid, timeout=60)
+        engine.store.close()
+    damage(three_runs, f"UPDATE wfaas SET value = substr(value, 1, 3) WHERE key LIKE 'i/{iid}/k/items/%'")
+    with WorkflowEngine(store=SqliteStore(three_runs), max_workers=1) as engine:
+        engine.register_workflow(wf)
+        # Before the fix: a raw UnpicklingError from deep in resume.
+        with pytest.raises(StoreError, match=f"run {iid}.*damaged"):
+            engine.resume(iid)
+        assert {s.instance_id for s in engine.store.list_all()} == {"aaa", "bbb", "ccc"}
+        engine.store.close()
+    line = one_line_error(cli("status", iid, "--store", str(three_runs), cwd=tmp_path))
+    assert iid in line and "damaged" in line and str(three_runs) in line, line

@@ -642,8 +642,10 @@ def recover(store: str, workers: int | None, dask: str | None) -> None:
 
     state_store = open_store(store, must_exist=True)
     origins: dict[str, list[str]] = {}
-    for iid in state_store.ids():
-        meta = state_store.read_meta(iid) or {}
+    metas, damaged = read_metas(state_store)
+    for line in damaged:  # the damage stays with its run: the others are recovered
+        click.echo(f"skipping: {line}", err=True)
+    for iid, meta in metas:
         if meta.get("status") in ("running", "pending") and not owner_alive(meta.get("owner") or {}):
             record = state_store.read(iid)
             origin = record.extra.get("origin") if record else None

@@ -330,15 +330,15 @@ class WorkflowEngine:
                 instance_id,
                 ", ".join(bodies),
             )
-        cls = data_class(record)
-        run = Run(
-            instance_id,
-            compiled,
-            cls,
-            record.extra["class"],
-            dict(record.resolved_fields()),
-            created_at=meta["created_at"],
-        )
+        try:
+            cls, fields = data_class(record), dict(record.resolved_fields())
+        except Exception as exc:  # bytes that do not decode: that run's record is damaged, said as such
+            where = record.where or repr(self.store)
+            raise StoreError(
+                f"the record of run {instance_id} in the wfaas store {where} is damaged ({type(exc).__name__}: "
+                f"{exc}); it cannot be resumed, other runs are not affected: restore the store from a backup"
+            ) from exc
+        run = Run(instance_id, compiled, cls, record.extra["class"], fields, created_at=meta["created_at"])
         run.status = status
         run.extra = {"fingerprint": compiled.fingerprint}
         steps = {sid: rec for sid, rec in record.steps.items() if sid in compiled.index}
@@ -349,7 +349,11 @@ class WorkflowEngine:
         """Resume every instance left RUNNING by a process that died; returns their ids."""
         resumed = []
         for iid in self.store.ids():
-            meta = self.store.read_meta(iid)
+            try:
+                meta = self.store.read_meta(iid)
+            except StoreError as exc:  # a damaged record stays that run's problem
+                log.warning("cannot recover instance %s: %s", iid, exc)
+                continue
             if meta is None or W(meta["status"]) not in (W.RUNNING, W.PENDING):
                 continue
             if iid in self._scheduler.runs or owner_alive(meta.get("owner") or {}):
@@ -357,7 +361,11 @@ class WorkflowEngine:
             if meta["workflow_id"] not in self._definitions:
                 log.warning("cannot recover instance %s: workflow %r is not registered", iid, meta["workflow_id"])
                 continue
-            self.resume(iid)
+            try:
+                self.resume(iid)
+            except StoreError as exc:
+                log.warning("cannot recover instance %s: %s", iid, exc)
+                continue
             resumed.append(iid)
         return resumed
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import grp
 import logging
 import os
 import pickle
@@ -114,6 +115,11 @@ class SqliteStore(StateStore):
             raise
         except Exception as exc:  # every other open failure becomes one clear StoreError
             self._close_connections()
+            if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
+                raise StoreError(
+                    f"cannot open the wfaas store {self.path}: its disk is full ({exc}); free space on its "
+                    "filesystem and try again"
+                ) from exc
             raise StoreError(
                 f"cannot open the wfaas store {self.path}: {type(exc).__name__}: {exc}. If the file is damaged, "
                 "move it aside (its runs are lost) or restore it from a backup; wfaas never recreates it silently"
@@ -195,7 +201,9 @@ class SqliteStore(StateStore):
                     "opening a store runs code from it (it holds pickles); if you trust it, copy the store "
                     "into a folder of your own and open the copy, or run as its owner"
                 )
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (
+                st.st_mode & stat.S_IWOTH == 0 and _private_group(st.st_gid, me)
+            ):
                 whom = (
                     "its group and others"
                     if st.st_mode & stat.S_IWGRP and st.st_mode & stat.S_IWOTH
@@ -609,6 +617,18 @@ def _check_meta(store: SqliteStore, instance_id: str, meta: Any) -> dict[str, An
     if not isinstance(meta, dict) or "status" not in meta or "workflow_id" not in meta:
         raise StoreError(store._bad_record(instance_id, f"m/{instance_id}: not a run's record"))
     return meta
+
+
+def _private_group(gid: int, uid: int) -> bool:
+    """A user's own group (named after them, no other member): group-writable is then owner-writable.
+
+    That is what a umask of 002 with user-private groups gives (Debian's ssh accepts it too).
+    """
+    try:
+        user, group = pwd.getpwuid(uid), grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return user.pw_gid == gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
 
 
 def _user(uid: int) -> str:
