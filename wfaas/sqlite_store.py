@@ -50,6 +50,7 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,7 @@ class SqliteStore(StateStore):
         failure somewhere in the middle of a run.
         """
         try:
-            probe = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=_BUSY_SECONDS)
+            probe = sqlite3.connect(self._ro_uri(), uri=True, timeout=_BUSY_SECONDS)
             try:
                 verdict = probe.execute("PRAGMA quick_check").fetchone()
             finally:
@@ -242,7 +243,12 @@ class SqliteStore(StateStore):
         if not verdict or verdict[0] != "ok":
             raise StoreError(self._damaged(str(verdict[0] if verdict else "no answer")))
 
+    def _ro_uri(self) -> str:
+        return f"file:{urllib.parse.quote(str(self.path))}?mode=ro"  # a "?" or "#" in the path is not a URI part
+
     def _connect(self, synchronous: str) -> None:
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)  # the file a commit must still be writing to
         if not self.readonly:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=_BUSY_SECONDS)
             try:
@@ -256,11 +262,7 @@ class SqliteStore(StateStore):
                 conn.close()
                 raise
             self._writer = _Writer(conn, self._write_failed, self._check_identity)
-        st = os.stat(self.path)
-        self._identity = (st.st_dev, st.st_ino)
-        self._reader = sqlite3.connect(
-            f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=_BUSY_SECONDS
-        )
+        self._reader = sqlite3.connect(self._ro_uri(), uri=True, check_same_thread=False, timeout=_BUSY_SECONDS)
         tables = self._tables(self._reader)
         if tables and _TABLE not in tables:
             raise StoreError(self._foreign(tables))
