@@ -355,3 +355,59 @@ def test_a_run_removed_from_the_store_is_unknown_to_wait_for_completion_as_to_ge
     # Before the fix: "completed successfully" for a run get_status says does not exist.
     with pytest.raises(NotFound, match=iid):
         engine.wait_for_completion(iid, timeout=30)
+
+
+GATED = textwrap.dedent(
+    """
+    import os, time
+    from dataclasses import dataclass
+    from wfaas import StepDefinition, WorkflowData, WorkflowDefinition
+
+    @dataclass
+    class D(WorkflowData):
+        release: str = ""
+        n: int = 0
+
+    def gate(ctx):
+        open(ctx.data.release + ".started", "w").close()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(ctx.data.release) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ctx.data.n = 1
+
+    def after(ctx):
+        ctx.data.n = 2
+
+    workflow = WorkflowDefinition("gated", data_type=D)
+    workflow.add_step(StepDefinition("gate", "gate", gate))
+    workflow.add_step(StepDefinition("after", "after", after).depends_on(["gate"]))
+    """
+)
+
+
+def test_wfaas_local_run_whose_store_is_deleted_stops_with_one_line_and_exit_1(tmp_path: Path) -> None:
+    (tmp_path / "gated.py").write_text(GATED)
+    store, release = tmp_path / "runs.sqlite", tmp_path / "release"
+    proc = subprocess.Popen(
+        [*CLI, "run", "gated.py:workflow", "--store", str(store), "--quiet", "--data", f'{{"release": "{release}"}}'],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(Path(f"{release}.started").exists, 60, "the gate step to start")
+        store.unlink()
+        release.touch()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("STOPPED:"), err
+    assert "deleted" in lines[0] and str(store) in lines[0], lines[0]
+    assert "wfaas-local resume" not in lines[0], "a run whose store is gone cannot be resumed"
+    assert not store.exists()

@@ -116,6 +116,11 @@ class SqliteStore(StateStore):
             raise
         except Exception as exc:  # every other open failure becomes one clear StoreError
             self._close_connections()
+            if isinstance(exc, PermissionError):
+                raise StoreError(
+                    f"cannot open the wfaas store {self.path}: {exc.strerror} ({exc.filename}); run as a user who "
+                    "may read it, or fix its permissions"
+                ) from exc
             if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
                 raise StoreError(
                     f"cannot open the wfaas store {self.path}: its disk is full ({exc}); free space on its "
