@@ -357,17 +357,7 @@ class SqliteStore(StateStore):
         )
 
     def write(self, checkpoints: list[Checkpoint]) -> None:
-        answered = threading.Event()
-        errors: list[StoreError | None] = []
-
-        def done(error: StoreError | None) -> None:
-            errors.append(error)
-            answered.set()
-
-        self._submit(self._statements(checkpoints), done)
-        answered.wait()  # the writer thread answers every job, also when the commit fails
-        if errors[0] is not None:
-            raise errors[0]
+        self._write_statements(self._statements(checkpoints))
 
     def write_async(self, checkpoints: list[Checkpoint], done: Callable[[Exception | None], None]) -> None:
         """Queue one transaction; ``done`` runs on the writer thread once it is committed, or failed.
@@ -484,11 +474,11 @@ class SqliteStore(StateStore):
             return False
         prefix = f"i/{instance_id}/"
         delete = f'DELETE FROM "{_TABLE}" WHERE (key >= ? AND key < ?) OR key = ?'
-        self.write_statements([(delete, [(prefix, prefix[:-1] + "0", f"m/{instance_id}")])])
+        self._write_statements([(delete, [(prefix, prefix[:-1] + "0", f"m/{instance_id}")])])
         return True
 
-    def write_statements(self, statements: _Statements) -> None:
-        """Run statements as one committed transaction (blocking)."""
+    def _write_statements(self, statements: _Statements) -> None:
+        """Run statements as one transaction; returns once committed, raises StoreError if not."""
         if self.readonly:
             raise StoreError(f"the wfaas store {self.path} was opened read-only")
         answered = threading.Event()
@@ -499,7 +489,7 @@ class SqliteStore(StateStore):
             answered.set()
 
         self._submit(statements, done)
-        answered.wait()
+        answered.wait()  # the writer thread answers every job, also when the commit fails
         if errors[0] is not None:
             raise errors[0]
 
