@@ -80,7 +80,7 @@ def test_run_json_prints_the_final_state(runner: CliRunner, tmp_path: Path) -> N
         ("EXAMPLES/quickstart.py:MyData", None, "not a WorkflowDefinition"),
         ("EXAMPLES/quickstart.py:workflow", '{"inptu": 1}', "has no field 'inptu'"),
         ("EXAMPLES/quickstart.py:workflow", "{not json", "not valid JSON"),
-        ("missing-colon", None, "must look like"),
+        ("EXAMPLES/quickstart.py:", None, "must look like"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(

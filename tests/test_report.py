@@ -314,3 +314,18 @@ def test_render_escapes_what_steps_and_errors_say() -> None:
     step.error = "<script>alert(1)</script>"
     html = render_report(_state({"<b>x</b>": step}), {"<b>x</b>": ([], [])})
     assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;x&lt;/b&gt;" in html
+
+
+def test_a_failed_attempts_traceback_is_on_its_bar_and_in_the_steps_table_escaped() -> None:
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    tb = 'Traceback (most recent call last):\n  File "steps.py", line 3, in parse\n    if a < b and "<i>":\n'
+    tb += "ValueError: bad"
+    failed = Attempt(1, "failed", t, t + timedelta(seconds=1), wall=1.0, error="ValueError: bad", traceback=tb)
+    step = StepState(StepStatus.FAILED, 1, t, t + timedelta(seconds=1), error="ValueError: bad", history=[failed])
+    html = render_report(_state({"parse": step}), {"parse": ([], [])})
+    escaped = tb.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&#34;")
+    assert "<i>" not in html
+    title = re.search(r"<title>parse, attempt 1: failed.*?</title>", html, re.S)
+    assert title is not None and escaped in title.group(0)  # the failed bar's tooltip
+    row = re.search(r'<tr data-step="parse">.*?</tr>', html, re.S)
+    assert row is not None and escaped in row.group(0)  # the steps table

@@ -90,7 +90,7 @@ def _child_main(conn: multiprocessing.connection.Connection, paths: tuple[str, .
     # filesystem, or this very machine), in the driver's order, before its own.
     missing = [p for p in paths if p not in sys.path and os.path.isdir(p)]
     sys.path[:0] = missing
-    _worker.main(conn)
+    _worker.main(conn, live_output=False)  # one reply per step: run_step returns it as the task's result
 
 
 @dataclass(eq=False)
@@ -149,7 +149,7 @@ def run_step(
             f"driver has wfaas {version}, Dask worker {where} has {mine}: "
             f"pip install the same version on every worker (pip install 'wfaas[dask]=={version}')"
         )
-        reply: tuple[Any, ...] = ("error", head[1], _worker._encode_error(error), "", [], {"wall": 0.0})
+        reply: tuple[Any, ...] = ("error", head[1], _worker._encode_error(error), "", [], None, {"wall": 0.0})
         return ("reply", pickle.dumps(reply, protocol=5), where)
     with _lock:
         child = _idle.pop() if _idle else None
@@ -195,7 +195,11 @@ def _wait(run: _Running, where: str) -> tuple[Any, ...]:
             except (EOFError, OSError):
                 pass  # it died while answering: the sentinel tells how
             else:
-                if not run.stopping:
+                if _retiring(reply):
+                    # Its step left process state that could not be put back: it exits, and
+                    # must not take another step (the next one starts a fresh child).
+                    _finish_stopping(child)
+                elif not run.stopping:
                     with _lock:
                         _idle.append(child)
                 else:
@@ -213,6 +217,15 @@ def _wait(run: _Running, where: str) -> tuple[Any, ...]:
             run.stopping = True
             threading.Thread(target=terminate_tree, args=(child.process.pid, 0.0), daemon=True).start()
         last_rss = _rss(child.process.pid) or last_rss
+
+
+def _retiring(reply: bytes) -> bool:
+    """Whether the child's reply says it cannot run another step (``usage["retire"]``, see ``_worker``)."""
+    try:
+        usage = pickle.loads(reply)[-1]
+    except Exception:  # noqa: BLE001 - a reply this side cannot decode is the driver's to judge
+        return False
+    return isinstance(usage, dict) and bool(usage.get("retire"))
 
 
 def _finish_stopping(child: _Child) -> None:

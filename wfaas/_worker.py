@@ -10,12 +10,21 @@ Messages are pickled tuples over one duplex pipe (see ``pool.py``):
 
     engine -> worker   ("run", task_id, body_key, body_blob?, cls_key, cls_blob?, snap_key, snap_blob?, meta)
                        ("stop",)
-    worker -> engine   ("done", task_id, outcome, changes, logs, usage)
-                       ("error", task_id, exc_blob, traceback_text, logs, usage)
+    worker -> engine   ("out", task_id, lines)       (0 or more while the step runs)
+                       ("done", task_id, outcome, changes, logs, output, usage)
+                       ("error", task_id, exc_blob, traceback_text, logs, output, usage)
+
+``logs`` are the attempt's log records, re-emitted in the engine's logging;
+``output`` is what it printed and logged, as ``capture.py`` keeps it
+(``(lines, cut, fresh)``: ``lines[fresh:]`` were not sent in an "out"
+message; or None when there was nothing). ``usage`` holds the
+attempt's figures and, under ``"retire"``, why this worker cannot run another
+step (a process state it could not restore): it exits after that reply.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -32,15 +41,17 @@ from typing import Any
 import dill
 
 from . import data as data_codec
+from .capture import Capture, ProcessState, format_record
 from .steps import StepExecutor, StepResult, WorkflowContext
 
 
 class _Collector(logging.Handler):
     """Keeps the step's log records so the engine can re-emit them in its own logging."""
 
-    def __init__(self) -> None:
+    def __init__(self, capture: Capture) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[dict[str, Any]] = []
+        self.capture = capture
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -60,6 +71,7 @@ class _Collector(logging.Handler):
         if record.exc_info:
             item["exc_text"] = "".join(traceback.format_exception(*record.exc_info))
         self.records.append(item)
+        self.capture.record(record.created, record.levelno, format_record(record))
 
 
 def _watch_parent() -> None:
@@ -120,8 +132,12 @@ class _Meter:
         return {"wall": wall, "cpu": cpu, "max_rss": max(ru_self.ru_maxrss, children_peak) * 1024.0}
 
 
-def main(conn: Connection) -> None:
-    """The worker loop; returns when told to stop or when the engine closes the pipe."""
+def main(conn: Connection, live_output: bool = True) -> None:
+    """The worker loop; returns when told to stop or when the engine closes the pipe.
+
+    With ``live_output``, what a step prints is also sent while it runs
+    (``("out", task_id, lines)`` messages before its reply).
+    """
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The engine starts workers as daemons (so they die with it); a daemon may not start
@@ -130,10 +146,25 @@ def main(conn: Connection) -> None:
     current_process()._config["daemon"] = False  # type: ignore[attr-defined]
     threading.Thread(target=_watch_parent, name="wfaas-parent-watch", daemon=True).start()
 
+    # Line by line, as on a terminal: a print reaches the capture (and its time stamp) when it is made.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
+    send_lock = threading.Lock()  # the capture's thread sends output while the step runs
+    task: list[int] = [0]
+
+    def forward(lines: list[Any]) -> None:
+        try:
+            with send_lock:
+                conn.send_bytes(pickle.dumps(("out", task[0], lines), protocol=5))
+        except OSError:
+            pass  # the engine is gone; the reply's send finds out too
+
+    capture = Capture(forward if live_output else None)
     root = logging.getLogger()
-    collector = _Collector()
+    collector = _Collector(capture)
     root.addHandler(collector)
     root.setLevel(logging.DEBUG)
+    state = ProcessState()  # what every attempt starts from
 
     meter = _Meter()
     bodies: dict[str, Any] = {}
@@ -162,20 +193,29 @@ def main(conn: Connection) -> None:
                 f"the worker cannot load step {meta[2]!r} or its data class: {type(exc).__name__}: {exc}; "
                 "the module that defines it must be importable by the worker (on sys.path when the engine starts)"
             )
-            failed: tuple[Any, ...] = ("error", task_id, _encode_error(error), _format_tb(exc), [], {"wall": 0.0})
+            failed: tuple[Any, ...] = ("error", task_id, _encode_error(error), _format_tb(exc), [], None, {"wall": 0.0})
             conn.send_bytes(pickle.dumps(failed, protocol=5))
             continue
         collector.records = []
+        task[0] = task_id
+        capture.start()
         meter.start()
         try:
             reply = _run(bodies[body_key], classes[cls_key], snap_fields, meta, task_id, collector)
         except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
             reply = ("error", task_id, _encode_error(exc), _format_tb(exc), collector.records)
-        reply = (*reply, meter.stop())
+        usage: dict[str, Any] = meter.stop()
+        lines, cut, fresh, retire = capture.stop(state)
+        if retire is not None:
+            usage["retire"] = retire
+        reply = (*reply, (lines, cut, fresh) if lines or cut else None, usage)
         try:
-            conn.send_bytes(pickle.dumps(reply, protocol=5))
+            with send_lock:
+                conn.send_bytes(pickle.dumps(reply, protocol=5))
         except OSError:
             return  # the engine is gone; its parent watch takes the rest of the group down
+        if retire is not None:
+            return  # the engine starts a fresh worker in this one's place
 
 
 def _run(
@@ -228,7 +268,11 @@ def _encode_error(exc: BaseException) -> bytes:
 
 
 def _format_tb(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    """The step's traceback as text, from the step's own frames (this module's are left out)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 class RemoteError(Exception):

@@ -29,7 +29,8 @@ from typing import Any, NoReturn
 
 import click
 
-from . import _threads, events
+from . import _cli_logs, _threads, events
+from .cli_text import plural, with_article
 from .definition import WorkflowDefinition, topological_order
 from .errors import InvalidDefinition, SerializationError, StoreError, WorkflowError
 from .states import Attempt, StepStatus, WorkflowState, WorkflowStatus
@@ -54,16 +55,27 @@ def fail(message: str) -> NoReturn:
 
 def absolute_target(target: str) -> str:
     """The target with a file path made absolute, as recorded with a run (resume works from anywhere)."""
-    module_part, sep, attr = target.rpartition(":")
-    if sep and (module_part.endswith(".py") or os.sep in module_part):
+    module_part, attr = split_target(target)
+    if module_part.endswith(".py") or os.sep in module_part:
         return f"{Path(module_part).resolve()}:{attr}"
-    return target
+    return f"{module_part}:{attr}"
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """(module or file, attribute) of a TARGET; without ``:attr`` the attribute is ``workflow``."""
+    module_part, sep, attr = target.rpartition(":")
+    return (module_part, attr) if sep else (target, "workflow")
+
+
+def found_hint(module: Any) -> str:
+    found = sorted(k for k, v in vars(module).items() if isinstance(v, WorkflowDefinition))
+    return f"; it defines: {', '.join(found)}" if found else "; it defines no WorkflowDefinition"
 
 
 def load_target(target: str) -> WorkflowDefinition:
     """The WorkflowDefinition named by ``module:attr`` or ``path/file.py:attr``."""
-    module_part, sep, attr = target.rpartition(":")
-    if not sep or not module_part or not attr:
+    module_part, attr = split_target(target)
+    if not module_part or not attr:
         fail(f"target {target!r} must look like package.module:workflow or path/to/file.py:workflow")
     if module_part.endswith(".py") or os.sep in module_part:
         path = Path(module_part).resolve()
@@ -86,21 +98,29 @@ def load_target(target: str) -> WorkflowDefinition:
         hint = f"; it defines: {', '.join(found)}" if found else "; it defines no WorkflowDefinition"
         fail(f"target {target!r}: module {module_name!r} has no attribute {attr!r}{hint}")
     value = getattr(module, attr)
+    if isinstance(value, type):
+        fail(
+            f"target {target!r}: {attr} is the class {value.__name__}, not a WorkflowDefinition; "
+            f"name the definition (or a function returning one){found_hint(module)}"
+        )
     if callable(value) and not isinstance(value, WorkflowDefinition):
         try:
             value = value()
         except Exception as exc:  # noqa: BLE001 - reported as a usage error
             fail(f"target {target!r}: calling {attr}() raised {type(exc).__name__}: {exc}")
     if not isinstance(value, WorkflowDefinition):
-        fail(f"target {target!r}: {attr} is a {type(value).__name__}, not a WorkflowDefinition")
+        fail(f"target {target!r}: {attr} is {with_article(type(value).__name__)}, not a WorkflowDefinition")
     problems = value.validate()
     if problems:
         fail(f"target {target!r}: invalid workflow {value.id!r}: " + "; ".join(problems))
     return value
 
 
-def build_data(definition: WorkflowDefinition, data: str | None) -> Any:
-    """The run's data: ``data_type(**fields)`` from JSON (``@file.json`` reads a file)."""
+def build_data(definition: WorkflowDefinition, data: str | None, params: tuple[str, ...] = ()) -> Any:
+    """The run's data: ``data_type(**fields)`` from JSON (``@file.json`` reads a file) and ``--param``s,
+    each value checked against its field's type (:mod:`wfaas.params`)."""
+    from .params import ParamError, build_fields
+
     fields: dict[str, Any] = {}
     if data:
         text = data
@@ -117,15 +137,13 @@ def build_data(definition: WorkflowDefinition, data: str | None) -> Any:
             fail('--data must be a JSON object, e.g. \'{"input": "hello"}\'')
     cls = definition.data_type
     if cls is None:
-        if fields:
+        if fields or params:
             fail(f"--data given, but workflow {definition.id!r} declares no data_type to build it with")
         fail(f"workflow {definition.id!r} declares no data_type; the CLI cannot build its data")
-    if dataclasses.is_dataclass(cls):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            names, fields_known = ", ".join(map(repr, unknown)), ", ".join(sorted(known))
-            fail(f"--data: {cls.__name__} has no field {names} (fields: {fields_known})")
+    try:
+        fields = build_fields(cls, fields, params)
+    except ParamError as exc:
+        fail(str(exc))
     try:
         return cls(**fields)
     except TypeError as exc:
@@ -168,11 +186,11 @@ def load_state(store: StateStore, iid: str) -> WorkflowState[Any]:
     return load_run(store, iid)[0]
 
 
-def load_run(store: StateStore, iid: str) -> tuple[WorkflowState[Any], Record]:
-    """A run's state (as :func:`load_state`) and the stored record it was decoded from."""
+def load_run(store: StateStore, iid: str, record: Record | None = None) -> tuple[WorkflowState[Any], Record]:
+    """A run's state (as :func:`load_state`) and the stored record it was decoded from (or is given)."""
     from .store import record_to_state
 
-    record = store.read(iid)
+    record = record or store.read(iid)
     if record is None:
         fail(f"no run {iid} in this store")
     origin = record.extra.get("origin")
@@ -269,40 +287,11 @@ def _fmt_bytes(n: float | None) -> str:
     return "" if n is None else f"{n / 2**20:.0f} MiB"
 
 
-def print_summary(state: WorkflowState[Any], console: Any) -> None:
+def print_summary(state: WorkflowState[Any], console: Any, note: str | None = None) -> None:
     """The table of steps: status, attempts, and the last attempt's figures (waits summed over attempts)."""
-    from rich import box
-    from rich.table import Table
+    from .cli_tables import print_steps
 
-    table = Table(
-        title=f"{state.workflow_id} {state.instance_id}: {state.status.name}",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-    )
-    # The figures stay whole; the error gets the width that is left, cut with an ellipsis.
-    step_width = min(20, max((len(sid) for sid in state.step_states), default=4))
-    table.add_column("step", overflow="fold", min_width=step_width)
-    table.add_column("status", no_wrap=True, min_width=9)
-    for col in ("attempts", "duration", "cpu", "peak RSS", "waited"):
-        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
-    table.add_column("error", no_wrap=True, overflow="ellipsis", max_width=max(10, console.width - 69 - step_width))
-    for sid, s in state.step_states.items():
-        error = (s.error or "").splitlines()[0][:100] if s.error else ""
-        last = s.history[-1] if s.history else None
-        waited = sum(a.waited + a.queued for a in s.history) if s.history else None
-        table.add_row(
-            sid,
-            s.status.name,
-            str(s.attempts),
-            _fmt_seconds(_duration(s.started_at, s.finished_at)),
-            _fmt_seconds(last.cpu if last else None),
-            _fmt_bytes(last.max_rss if last else None),
-            _fmt_seconds(waited),
-            error,
-        )
-    console.print(table)
-    console.print(f"data: {state.data!r}")
+    print_steps(state, console, note=note)
 
 
 class Progress:
@@ -310,7 +299,10 @@ class Progress:
 
     def __init__(self, total: int, *, live: bool, quiet: bool, console: Any) -> None:
         self.total = total
-        self.done = 0
+        # Keyed by step (and item): a resume seeds the steps already done, and an event for one of
+        # them (or a rerun's) is not counted twice.
+        self._done: set[tuple[str, str | None]] = set()
+        self.active = True  # False once its run ended: `recover` follows several runs in turn
         self.running: dict[str, tuple[int, float]] = {}
         self.waiting: dict[str, str] = {}
         self.retries = 0
@@ -333,25 +325,47 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
             self._live.stop()
+            elapsed = time.monotonic() - self.started
+            retries = plural(self.retries, "retry", "retries")
+            self.console.print(
+                f"{self.done}/{plural(self.total, 'step')} done in {elapsed:.1f}s, {retries}", markup=False
+            )
+
+    @property
+    def done(self) -> int:
+        return len(self._done)
+
+    def seed(self, state: WorkflowState[Any]) -> None:
+        """Count the steps the run had finished before it was followed (a resume)."""
+        with self._lock:
+            for sid, s in state.step_states.items():
+                if s.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED):
+                    self._done.add((sid, None))
 
     def render(self) -> Any:
         from rich.table import Table
+        from rich.text import Text
 
         with self._lock:
             now = time.monotonic()
             table = Table.grid(padding=(0, 2))
             table.add_row(
-                f"[bold]{self.done}/{self.total}[/] steps done",
+                f"[bold]{self.done}/{self.total}[/] {'step' if self.total == 1 else 'steps'} done",
                 f"elapsed {now - self.started:.1f}s",
                 f"retries {self.retries}",
             )
             for sid, (attempt, since) in sorted(self.running.items()):
-                table.add_row(f"  running {sid}", f"attempt {attempt}", f"{now - since:.1f}s")
+                table.add_row(Text(f"  running {sid}"), f"attempt {attempt}", f"{now - since:.1f}s")
             for sid, why in sorted(self.waiting.items()):
-                table.add_row(f"  waiting {sid}", why, "")
+                table.add_row(Text(f"  waiting {sid}"), why, "")
             return table
 
     def __call__(self, event: events.WorkflowEvent) -> None:
+        if not self.active:
+            return
+        if isinstance(event, events.StepOutput):
+            self._output(event)
+            return
         with self._lock:
             line = self._apply(event)
         if line and self._live is None:
@@ -366,29 +380,44 @@ class Progress:
                         return
                 self.console.print(f"{stamp} {line}", markup=False)
 
+    def _output(self, e: events.StepOutput) -> None:
+        """What an attempt printed and logged, each line prefixed with its step (above the live panel)."""
+        if self.quiet:
+            return
+        for when, _, text in _cli_logs.shown(e.lines):
+            prefix = f"{e.step_id} |" if self._live is not None else f"{_cli_logs.stamp(when)[:8]} {e.step_id} |"
+            for line in _cli_logs.prefixed(prefix, text):
+                with self._lock:
+                    if self._held is not None:
+                        self._held.append(line)
+                        continue
+                self.console.print(_cli_logs.safe(line) if self._live is not None else line, markup=False)
+
     def release(self) -> None:
         """Print the lines held back so far; from now on print as events come."""
         with self._lock:
+            # Printed under the lock: an event line waits for the held ones before it (issue 13, defect 9).
             held, self._held = self._held or [], None
-        for line in held:
-            self.console.print(line, markup=False)
+            for line in held:
+                self.console.print(line, markup=False)
 
     def _apply(self, e: events.WorkflowEvent) -> str:
         if isinstance(e, events.StepStarted):
             self.waiting.pop(e.step_id, None)
             self.running[e.step_id] = (e.attempt, time.monotonic())
+            self._done.discard((e.step_id, getattr(e, "item_key", None)))
             return f"{e.step_id}: started (attempt {e.attempt})"
         if isinstance(e, events.StepSucceeded):
             self.running.pop(e.step_id, None)
-            self.done += 1
+            self._done.add((e.step_id, getattr(e, "item_key", None)))
             return f"{e.step_id}: succeeded in {e.duration:.2f}s [{self.done}/{self.total}]"
         if isinstance(e, events.StepSkipped):
-            self.done += 1
+            self._done.add((e.step_id, getattr(e, "item_key", None)))
             return f"{e.step_id}: skipped ({e.reason}) [{self.done}/{self.total}]"
         if isinstance(e, events.StepFailed):
             self.running.pop(e.step_id, None)
             if not e.will_retry:
-                self.done += 1
+                self._done.add((e.step_id, getattr(e, "item_key", None)))
             return f"{e.step_id}: attempt {e.attempt} failed: {e.error}" + (" (will retry)" if e.will_retry else "")
         if isinstance(e, events.StepRetrying):
             self.retries += 1
@@ -436,6 +465,7 @@ def follow(
         iid = start()
     except (WorkflowError, TypeError, ValueError) as exc:
         fail(str(exc).replace("\n", " "))
+    progress.seed(engine.get_status(iid))
     click.echo(f"{verb} {iid}", err=as_json)
     progress.release()
     resume_cmd = f"wfaas-local resume {iid}" + (f" --store {store_path}" if store_path != DEFAULT_STORE else "")
@@ -457,6 +487,7 @@ def follow(
         engine.event_bus.flush()
         out.print(f"interrupted: the run was cancelled and checkpointed; {how}", markup=False)
         return EXIT_INTERRUPTED
+    progress.active = False
     if stopped is not None:
         # The store could not take the run's last state: say why in one line, not what it holds.
         then = f"; {how}" if stopped.resumable else ""
@@ -468,9 +499,17 @@ def follow(
     elif not quiet:
         print_summary(state, out)
     if state.status is WorkflowStatus.FAILED:
+        from .cli_tables import step_error
+        from .cli_text import shorten
+
         err = _console(stderr=True)
-        err.print(f"FAILED at step {state.failed_step}: {state.error}", markup=False)
-        err.print(f"fix the cause, then {how}", markup=False)
+        failed = f"FAILED at step {state.failed_step}: {step_error(state.error or '')}"
+        err.print(shorten(failed, err.width) if err.is_terminal else failed, markup=False)
+        _cli_logs.print_failed_traceback(state, err, "" if store_path == DEFAULT_STORE else f" --store {store_path}")
+        if store_path == ":memory:":
+            err.print(how, markup=False)
+        else:
+            err.print(f"fix the cause, then continue with:\n  {resume_cmd}", markup=False)
     elif state.status is WorkflowStatus.CANCELLED:
         _console(stderr=True).print(f"CANCELLED; {how}", markup=False)
     return code
@@ -525,30 +564,53 @@ def main() -> None:
 
 
 store_option = click.option(
-    "--store", default=DEFAULT_STORE, show_default=True, help="SQLite file holding the runs (:memory: for none)."
+    "--store",
+    default=DEFAULT_STORE,
+    show_default=True,
+    envvar="WFAAS_STORE",
+    show_envvar=True,
+    help="SQLite file holding the runs (:memory: for none).",
+)
+
+param_option = click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Set one data field, VALUE read by the field's type (repeatable; over --data).",
 )
 
 
 @main.command()
 @click.argument("target")
 @click.option("--data", help="The data as JSON, or @file.json.")
+@param_option
 @store_option
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: CPU count).")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final state as JSON on stdout.")
 @dask_option
+@_cli_logs.log_level_option
 def run(
-    target: str, data: str | None, store: str, workers: int | None, quiet: bool, as_json: bool, dask: str | None
+    target: str,
+    data: str | None,
+    params: tuple[str, ...],
+    store: str,
+    workers: int | None,
+    quiet: bool,
+    as_json: bool,
+    dask: str | None,
 ) -> None:
-    """Run the workflow TARGET (module:attr or file.py:attr) and wait for it.
+    """Run the workflow TARGET (module:attr or file.py:attr; no :attr means :workflow) and wait for it.
 
     \b
     Example:
       wfaas-local run examples/batch_files.py:workflow --workers 2
       wfaas-local run examples/batch_files.py:workflow --dask local:2
+      wfaas-local run examples/resume.py --param input_file=/tmp/numbers.txt
     """
     definition = load_target(target)
-    payload = build_data(definition, data)
+    payload = build_data(definition, data, params)
     state_store = open_store(store)
     engine = _engine(state_store, workers, absolute_target(target), dask)
     try:
@@ -587,6 +649,7 @@ def _close(engine: Any, store: StateStore) -> None:
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: CPU count).")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @dask_option
+@_cli_logs.log_level_option
 def resume(
     instance_id: str,
     force: bool,
@@ -610,6 +673,12 @@ def resume(
     if not origin:
         fail(f"run {iid} was not started by wfaas-local; resume it from Python with engine.resume({iid!r})")
     definition = load_target(origin)
+    from .cli_resume import resume_problem
+
+    problem = resume_problem(iid, record, definition, rerun, force=force)
+    if problem:
+        state_store.close()
+        fail(problem)
     engine = _engine(state_store, workers, origin, dask)
     try:
         engine.register_workflow(definition)
@@ -630,8 +699,10 @@ def resume(
 @main.command()
 @store_option
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: CPU count).")
+@click.option("--quiet", is_flag=True, help="Print only errors.")
 @dask_option
-def recover(store: str, workers: int | None, dask: str | None) -> None:
+@_cli_logs.log_level_option
+def recover(store: str, workers: int | None, quiet: bool, dask: str | None) -> None:
     """Resume every run whose process died while it was running.
 
     \b
@@ -647,7 +718,11 @@ def recover(store: str, workers: int | None, dask: str | None) -> None:
         click.echo(f"skipping: {line}", err=True)
     for iid, meta in metas:
         if meta.get("status") in ("running", "pending") and not owner_alive(meta.get("owner") or {}):
-            record = state_store.read(iid)
+            try:
+                record = state_store.read(iid)
+            except StoreError as exc:
+                click.echo(f"skipping: {exc}", err=True)
+                continue
             origin = record.extra.get("origin") if record else None
             if origin:
                 origins.setdefault(origin, []).append(iid)
@@ -658,22 +733,28 @@ def recover(store: str, workers: int | None, dask: str | None) -> None:
         state_store.close()
         return
     # Targets first: workers import step modules from the sys.path they start with.
-    definitions = [load_target(origin) for origin in origins]
+    definitions = {origin: load_target(origin) for origin in origins}
     engine = _engine(state_store, workers, None, dask)
     code = 0
     try:
-        for definition in definitions:
+        for definition in definitions.values():
             engine.register_workflow(definition)
-        recovered = engine.recover()
-        for iid in recovered:
-            click.echo(f"recovered {iid}")
-        for iid in recovered:
-            try:
-                engine.wait_for_completion(iid)
-                click.echo(f"{iid}: COMPLETED")
-            except WorkflowError as exc:
-                click.echo(f"{iid}: {type(exc).__name__}: {exc}", err=True)
-                code = EXIT_FAILED
+        # One run after another, each followed as `resume` follows it (issue 13, defect 5).
+        for origin, iid in [(origin, iid) for origin, iids in origins.items() for iid in iids]:
+            code = max(
+                code,
+                follow(
+                    engine,
+                    lambda iid=iid: engine.resume(iid),
+                    "recovered",
+                    definitions[origin],
+                    quiet=quiet,
+                    as_json=False,
+                    store_path=store,
+                ),
+            )
+            if code == EXIT_INTERRUPTED:
+                break
     finally:
         _close(engine, state_store)
     sys.exit(code)
@@ -683,22 +764,41 @@ def recover(store: str, workers: int | None, dask: str | None) -> None:
 @click.argument("instance_id", metavar="[ID]", required=False)
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
-def status(instance_id: str | None, store: str, as_json: bool) -> None:
+@click.option("--step", metavar="STEP", help="Show this step's attempts, with errors and tracebacks.")
+def status(instance_id: str | None, store: str, as_json: bool, step: str | None) -> None:
     """Show a run's steps (no ID: the newest run). Safe while the run is in progress.
 
     \b
     Example:
       wfaas-local status 3f2a --json
+      wfaas-local status 3f2a --step parse
     """
+    from .cli_tables import Selection, owner_note, print_steps
+
     state_store = open_store(store, readonly=True)
     try:
-        state = load_state(state_store, resolve_id(state_store, instance_id))
+        iid = resolve_id(state_store, instance_id)
+        record = state_store.read(iid)
+        # A run of thousands of steps: decode only the steps the table shows (issue 13, defect 13).
+        selection = None if as_json or step is not None or record is None else Selection.of_records(record.steps)
+        if selection is not None and record is not None:
+            record.steps = {sid: record.steps[sid] for sid in selection.ids}
+        state, record = load_run(state_store, iid, record)
     finally:
         state_store.close()
+    if step is not None:
+        if step not in state.step_states:
+            fail(f"run {state.instance_id} has no step {step!r}; its steps: {', '.join(state.step_states)}")
+        if as_json:
+            click.echo(json.dumps(state_json(state)["steps"][step], indent=2))
+        else:
+            _cli_logs.print_step(state, step, _console())
+        return
+    note = owner_note(record.meta, iid, None if store == DEFAULT_STORE else store)
     if as_json:
-        click.echo(json.dumps(state_json(state), indent=2))
+        click.echo(json.dumps({**state_json(state), "owner_gone": note is not None}, indent=2))
     else:
-        print_summary(state, _console())
+        print_steps(state, _console(), note=note, selection=selection)
 
 
 @main.command()
@@ -738,7 +838,9 @@ def report(instance_id: str | None, store: str, output: str | None) -> None:
         path.write_text(html, encoding="utf-8")
     except OSError as exc:
         fail(f"cannot write the report to {path}: {exc.strerror}; choose another file with -o")
-    click.echo(f"wrote {path} ({state.workflow_id} {iid}: {state.status.name}, {len(state.step_states)} steps)")
+    click.echo(
+        f"wrote {path} ({state.workflow_id} {iid}: {state.status.name}, {plural(len(state.step_states), 'step')})"
+    )
 
 
 @main.command(name="list")
@@ -763,6 +865,8 @@ def list_runs(store: str, status_filter: str | None, limit: int, as_json: bool) 
     state_store.close()
     rows.sort(key=lambda r: r[0] or datetime.min.replace(tzinfo=UTC), reverse=True)
     rows = rows[:limit]
+    from .cli_tables import owner_note, run_duration
+
     if as_json:
         click.echo(
             json.dumps(
@@ -773,25 +877,34 @@ def list_runs(store: str, status_filter: str | None, limit: int, as_json: bool) 
                         "status": m["status"].upper(),
                         "created_at": created.isoformat() if created else None,
                         "error": m.get("error"),
+                        "duration": run_duration(m),
+                        "owner_gone": owner_note(m, iid, None) is not None,
                     }
                     for created, iid, m in rows
                 ],
                 indent=2,
             )
         )
+        _exit_if_damaged(damaged)
         return
-    from rich.table import Table
+    from .cli_tables import owner_note, print_runs
 
-    table = Table()
-    for col in ("id", "workflow", "status", "created", "error"):
-        table.add_column(col)
-    for created, iid, m in rows:
-        when = created.astimezone().strftime("%Y-%m-%d %H:%M:%S") if created else ""
-        table.add_row(iid, m["workflow_id"], m["status"].upper(), when, (m.get("error") or "")[:60])
-    _console().print(table)
+    if not rows:
+        which = f" {status_filter.upper()}" if status_filter else ""
+        none = f"no{which} readable runs in {store}" if damaged else f"no{which} runs in {store} yet"
+        click.echo(none if damaged else f"{none}; start one with `wfaas-local run TARGET`")
+    else:
+        store_arg = None if store == DEFAULT_STORE else store
+        notes = {iid: n for _, iid, m in rows if (n := owner_note(m, iid, store_arg))}
+        print_runs(rows, _console(), notes)
+    _exit_if_damaged(damaged)
+
+
+def _exit_if_damaged(damaged: list[str]) -> None:
+    """After showing the runs that could be read: one line per damaged run, exit 2."""
+    for line in damaged:
+        click.echo(f"Error: {line}", err=True)
     if damaged:
-        for line in damaged:
-            click.echo(f"Error: {line}", err=True)
         sys.exit(EXIT_USAGE)
 
 
@@ -907,38 +1020,56 @@ def check(target: str) -> None:
             problems.append(f"{definition.data_type.__name__}() needs arguments: {exc}")
     if problems:
         fail(f"{target}: " + "; ".join(problems))
-    click.echo(f"ok: workflow {definition.id!r}, {len(definition.steps)} steps, default data {size} bytes encoded")
+    steps, size_text = plural(len(definition.steps), "step"), plural(size, "byte")
+    click.echo(f"ok: workflow {definition.id!r}, {steps}, default data {size_text} encoded")
 
 
 @main.command()
-@click.argument("target")
+@click.argument("target", required=False)
 @click.option("--resume", "resume_id", metavar="ID", help="Plan the resume of this run instead of a new one.")
 @click.option("--data", help="The data as JSON, or @file.json (for run_if).")
+@param_option
 @store_option
-def plan(target: str, resume_id: str | None, data: str | None, store: str) -> None:
+def plan(target: str | None, resume_id: str | None, data: str | None, params: tuple[str, ...], store: str) -> None:
     """Say, for each step, whether it will run, be skipped, wait, or is already done — without running anything.
+
+    With --resume, TARGET may be left out: the run recorded it.
 
     \b
     Example:
       wfaas-local plan examples/dag.py:workflow --data '{"use_cache": true}'
+      wfaas-local plan --resume 3f2a
     """
     from .steps import WorkflowContext
 
-    definition = load_target(target)
-    payload = build_data(definition, data)
     done: dict[str, str] = {}
     if resume_id:
+        from .cli_resume import resume_problem
+
         state_store = open_store(store, readonly=True)
         try:
-            state = load_state(state_store, resolve_id(state_store, resume_id))
+            iid = resolve_id(state_store, resume_id)
+            state, record = load_run(state_store, iid)
         finally:
             state_store.close()
+        origin = target or record.extra.get("origin")
+        if not origin:
+            fail(f"run {iid} did not record its workflow (not started by wfaas-local); name it as TARGET")
+        definition = load_target(origin)
+        problem = resume_problem(iid, record, definition)
+        if problem:
+            fail(problem)
         payload = state.data
         done = {
             sid: s.status.name
             for sid, s in state.step_states.items()
             if s.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
         }
+    elif target is None:
+        fail("plan needs a TARGET (module:attr or file.py:attr), or --resume ID")
+    else:
+        definition = load_target(target)
+        payload = build_data(definition, data, params)
     now = datetime.now(UTC)
     for s in topological_order(definition):
         if s.id in done:
@@ -967,6 +1098,44 @@ def plan(target: str, resume_id: str | None, data: str | None, store: str) -> No
             when = "now (already due)" if s.schedule <= now else s.schedule.isoformat()
             why.append(f"not before {when}")
         click.echo(f"{s.id}: {verdict}" + (f" — {'; '.join(why)}" if why else " — no dependencies, starts at once"))
+
+
+@main.command()
+@click.argument("instance_id", metavar="ID")
+@click.argument("step", required=False)
+@click.option("--attempt", type=click.IntRange(min=1), help="Only this attempt (counted from 1).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing as attempts of a run in progress end; stop with it.")
+@store_option
+@_cli_logs.log_level_option
+def logs(instance_id: str, step: str | None, attempt: int | None, follow: bool, store: str) -> None:
+    """Print what a run's steps printed and logged, one line each: time, step, attempt, text.
+
+    Printed lines (stdout and stderr, C code and child processes included) are
+    always shown; log records from WARNING up unless -v or --log-level says.
+    Each attempt keeps its last 1 MiB.
+
+    \b
+    Example:
+      wfaas-local logs 3f2a
+      wfaas-local logs 3f2a parse --attempt 2
+      wfaas-local logs 3f2a --follow
+    """
+    state_store = open_store(store, readonly=True)
+    try:
+        iid = resolve_id(state_store, instance_id)
+        record = state_store.read(iid)
+        if step is not None and record is not None and step not in record.steps:
+            known = (record.extra.get("fingerprint") or {}).get("steps") or record.steps  # in definition order
+            fail(f"run {iid} has no step {step!r}; its steps: {', '.join(known)}")
+        try:
+            found = _cli_logs.print_logs(state_store, iid, step, attempt, follow, click.echo)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+    finally:
+        state_store.close()
+    if not found:
+        what = f"step {step}" if step else f"run {iid}"
+        click.echo(f"{what}: no output or log records were captured", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

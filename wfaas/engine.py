@@ -484,7 +484,11 @@ def owner_alive(owner: dict[str, Any]) -> bool:
     if not pid:
         return False
     try:
-        return abs(psutil.Process(pid).create_time() - float(owner.get("started", 0))) < 0.5
+        process = psutil.Process(pid)
+        # A killed owner stays a zombie until its parent reaps it: it runs nothing any more.
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return abs(process.create_time() - float(owner.get("started", 0))) < 0.5
     except psutil.Error:
         return False
 

@@ -23,6 +23,7 @@ __all__ = [
     "EventSubscriber",
     "LoggingSubscriber",
     "StepFailed",
+    "StepOutput",
     "StepRetrying",
     "StepSkipped",
     "StepStarted",
@@ -117,6 +118,20 @@ class StepSkipped(WorkflowEvent):
     reason: str
 
 
+@dataclass(frozen=True)
+class StepOutput(WorkflowEvent):
+    """Lines an attempt printed (stdout, stderr) or logged: a few at a time while it runs, the rest when it ends.
+
+    ``lines`` are ``(time.time(), level, text)``: level 0 for a printed line,
+    else the log record's level. ``wfaas-local logs`` reads the same lines
+    from the store.
+    """
+
+    step_id: str
+    attempt: int
+    lines: tuple[tuple[float, int, str], ...]
+
+
 @runtime_checkable
 class EventSubscriber(Protocol):
     """Anything with ``on_event(event)``; a plain callable works too."""
@@ -135,6 +150,8 @@ class LoggingSubscriber:
         self.level = level
 
     def on_event(self, event: WorkflowEvent) -> None:
+        if isinstance(event, StepOutput):
+            return  # its log records already reached logging (re-emitted); printed lines are for logs/CLI
         level = logging.WARNING if isinstance(event, (WorkflowFailed, StepFailed)) else self.level
         fields = {k: v for k, v in vars(event).items() if k not in ("instance_id", "workflow_id", "timestamp", "usage")}
         detail = " ".join(f"{k}={v}" for k, v in fields.items())
@@ -216,5 +233,6 @@ def _emit_worker_log(item: dict[str, Any]) -> None:
     """Re-emit a log record captured in a worker through this process's logging."""
     logger = logging.getLogger(item["name"])
     if logger.isEnabledFor(item["levelno"]):
-        record = logging.makeLogRecord({**item, "args": None})
+        # Marked, so that a handler that shows StepOutput lines (the CLI) can skip it.
+        record = logging.makeLogRecord({**item, "args": None, "wfaas_worker": True})
         logger.handle(record)

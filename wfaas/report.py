@@ -16,7 +16,7 @@ dependency), which needs no layout engine. Plotly would draw the same from a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,6 +43,8 @@ ROW = 26  # px per timeline row
 LABEL_W = 180  # px for the step ids left of the timeline
 PLOT_W = 860  # px for the time axis
 NODE_W, NODE_H, COL_GAP, ROW_GAP = 150, 30, 60, 14
+DRAW_LIMIT = 200  # steps drawn in the graph, timeline and table; a larger run shows those worth a look
+_WORTH_A_LOOK = (StepStatus.FAILED, StepStatus.RUNNING, StepStatus.WAITING, StepStatus.CANCELLED)
 
 
 @dataclass
@@ -92,10 +94,12 @@ def render_report(state: WorkflowState[Any], dependencies: Dependencies, now: da
         loader=jinja2.PackageLoader("wfaas", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
     )
     bounds = _bounds(state, now)
-    rows, ticks, height = timeline(state, now, bounds)
-    nodes, edges, dag_w, dag_h = dag_layout(state, dependencies)
+    drawn, note = drawn_steps(state, dependencies)
+    rows, ticks, height = timeline(drawn, now, bounds)
+    nodes, edges, dag_w, dag_h = dag_layout(drawn, dependencies)
     return env.get_template("report.html").render(
         state=state,
+        note=note,
         summary=summary(state, dependencies, bounds),
         rows=rows,
         ticks=ticks,
@@ -110,9 +114,34 @@ def render_report(state: WorkflowState[Any], dependencies: Dependencies, now: da
         row_h=ROW,
         node_w=NODE_W,
         node_h=NODE_H,
-        table=[(sid, s, _figures_line(s.history[-1]) if s.history else "") for sid, s in state.step_states.items()],
+        table=[
+            (sid, s, _figures_line(s.history[-1]) if s.history else "", _last_traceback(s))
+            for sid, s in drawn.step_states.items()
+        ],
         generated=datetime.now(UTC),
     )
+
+
+def drawn_steps(state: WorkflowState[Any], deps: Dependencies) -> tuple[WorkflowState[Any], str | None]:
+    """The run with only the steps worth drawing, and a note saying so; all of them up to DRAW_LIMIT.
+
+    A run of 20,000 steps drawn whole is a 20 MB page no one can read (issue 13):
+    above the limit the graph, timeline and table keep the failed, running,
+    waiting and cancelled steps, the critical path and the slowest steps.
+    """
+    steps = state.step_states
+    if len(steps) <= DRAW_LIMIT:
+        return state, None
+    look = [sid for sid, s in steps.items() if s.status in _WORTH_A_LOOK][: DRAW_LIMIT // 2]
+    busy = sorted(((sum(a.wall or 0.0 for a in s.history), sid) for sid, s in steps.items()), reverse=True)
+    keep = {*look, *critical_path(state, deps)}
+    keep.update(sid for _, sid in busy[: max(0, DRAW_LIMIT - len(keep))])
+    drawn = replace(state, step_states={sid: s for sid, s in steps.items() if sid in keep})
+    note = (
+        f"{len(steps)} steps: the graph, timeline and table show {len(keep)} of them (failed, running, waiting "
+        "and cancelled steps, the critical path, then the longest); `wfaas-local status ID --json` has every step."
+    )
+    return drawn, note
 
 
 # -- the timeline ---------------------------------------------------------------
@@ -189,6 +218,8 @@ def timeline(
             title = f"{sid}, attempt {a.number}: {a.outcome.replace('_', ' ')}\n{_figures_line(a)}"
             if a.error:
                 title += f"\n{a.error}"
+            if a.traceback:
+                title += "\n\n" + _tail(a.traceback, TOOLTIP_TRACEBACK_LINES)
             row.bars.append(Bar(a.outcome, x(a.started_at), x(a.finished_at) - x(a.started_at), title, a.signal))
         if s.status is StepStatus.RUNNING and s.started_at is not None:
             row.bars.append(
@@ -202,6 +233,22 @@ def timeline(
     step = nice_step(span)
     ticks = [(k * step * scale, _secs(k * step)) for k in range(int(span / step) + 1)]
     return rows, ticks, max(len(rows), 1) * ROW
+
+
+# A tooltip shows the end of a traceback (where it failed); the steps table has all of it.
+TOOLTIP_TRACEBACK_LINES = 20
+
+
+def _tail(text: str, lines: int) -> str:
+    parts = text.rstrip("\n").split("\n")
+    if len(parts) <= lines:
+        return "\n".join(parts)
+    return "\n".join([f"... {len(parts) - lines} lines above (all of it in the steps table)", *parts[-lines:]])
+
+
+def _last_traceback(s: StepState) -> str:
+    """The traceback of the step's last attempt that raised, or ""."""
+    return next((a.traceback for a in reversed(s.history) if a.traceback), None) or ""
 
 
 def _no_attempt_note(s: StepState) -> str:

@@ -42,6 +42,7 @@ from typing import Any
 from . import _threads
 from . import data as data_codec
 from . import events as ev
+from .capture import AttemptLog
 from .clock import Clock
 from .definition import NO_RETRY, FailureAction, RetryPolicy, StepDefinition, WorkflowDefinition, fingerprint
 from .errors import (
@@ -215,6 +216,7 @@ class Run:
     dirty_fields: set[str] = field(default_factory=set)
     extra: dict[str, Any] = field(default_factory=dict)
     waiters: list[concurrent.futures.Future[Any]] = field(default_factory=list)
+    logs: dict[tuple[str, int, str], AttemptLog | None] = field(default_factory=dict)  # since the last checkpoint
     done: threading.Event = field(default_factory=threading.Event)
     grace: float | None = None
 
@@ -674,6 +676,12 @@ class Scheduler:
 
     def _on_message(self, slot: Slot, message: tuple[Any, ...]) -> None:
         task: Task = slot.task
+        if message[0] == "out":  # lines the step printed while it runs; its reply follows
+            run, step = task.run, task.step
+            self._event(
+                ev.StepOutput, run, self.clock.now(), step_id=step.sid, attempt=task.attempt, lines=tuple(message[2])
+            )
+            return
         if slot.dying:
             # Its step returned while being stopped (it handled SIGTERM): the result is kept,
             # and nothing is left to wait a grace period for.
@@ -683,6 +691,11 @@ class Scheduler:
         kind, logs, usage = message[0], message[4], message[-1]
         if logs:
             self._events.extend(logs)
+        if len(message) > 6 and message[5] is not None:
+            self._keep_output(task, *message[5])
+        if usage.get("retire") and not slot.dying:
+            log.info("replacing worker %s: %s", slot.pid, usage["retire"])
+            self.pool.kill(slot, 0.0, self._killed)  # it exits by itself; this reaps it and starts the next
         if task.hook:
             self._hook_done(run, step)
             return
@@ -709,7 +722,7 @@ class Scheduler:
             exc.__cause__ = _RemoteTraceback(message[3])
             error = StepFailed(f"{type(exc).__name__}: {exc}", **self._where(run, step))
             error.__cause__ = exc
-            self._end_attempt(task, "failed", usage, error=error)
+            self._end_attempt(task, "failed", usage, error=error, traceback=message[3] or None)
             self._attempt_failed(run, step, error, exc)
         self._maybe_finish(run)
 
@@ -720,6 +733,7 @@ class Scheduler:
         usage: dict[str, float] | None = None,
         exit_: Exit | None = None,
         error: WorkflowError | None = None,
+        traceback: str | None = None,
     ) -> None:
         """Record how an attempt ended and what it cost (an ``Attempt`` record, see states.py)."""
         step = task.step
@@ -744,10 +758,24 @@ class Scheduler:
                 "finished_at": self.clock.now(),
                 **figures,
                 "error": _reason(error) if error is not None else None,
+                "traceback": traceback,
             }
         )
         if len(step.history) > HISTORY_KEPT:
             del step.history[0]
+
+    def _keep_output(self, task: Task, lines: list[Any], cut: int, fresh: int = 0) -> None:
+        """What an attempt (or hook) printed and logged: checkpointed with it; what was not sent live, published."""
+        run, step = task.run, task.step
+        part = f"on_{task.hook}" if task.hook else ""
+        run.logs[(step.sid, task.attempt, part)] = AttemptLog(step.sid, task.attempt, lines, cut, part)
+        if not part and task.attempt > HISTORY_KEPT:
+            # Logs are kept for the attempts the history keeps: a step retried forever stays bounded.
+            run.logs[(step.sid, task.attempt - HISTORY_KEPT, "")] = None
+        self._dirty[run.iid] = run
+        if fresh < len(lines):
+            new = tuple(lines[fresh:])
+            self._event(ev.StepOutput, run, self.clock.now(), step_id=step.sid, attempt=task.attempt, lines=new)
 
     def _queue_hook(self, run: Run, step: StepRun, hook: str) -> None:
         step.hook = hook
@@ -966,6 +994,8 @@ class Scheduler:
             if message is None:
                 break
             self._on_message(slot, message)  # it finished before dying: keep its result
+        if slot.dying:
+            return  # it asked to be replaced (its reply said "retire"), and that has begun
         exit_ = self.pool.exit_of(slot)
         if slot.task is not None:
             slot.task.kill_reason = "crash"
@@ -1148,7 +1178,8 @@ class Scheduler:
         run.dirty_fields.clear()
         run.deltas = {}
         extra, run.extra = run.extra, {}
-        return Checkpoint(run.iid, meta, steps, fields, extra, deltas)
+        logs, run.logs = run.logs, {}
+        return Checkpoint(run.iid, meta, steps, fields, extra, deltas, logs=logs)
 
     def _store_failed(self, runs: list[Run], exc: Exception) -> None:
         # The error is handled: it becomes each run's error (wait_for_completion, the events).

@@ -9,6 +9,7 @@ reads it). Per instance::
     i/<iid>/f/<field>    one encoded data field                   (written when a step replaced it)
     i/<iid>/k/<field>/<key hex>  one key of a dict field          (written when a step changed that key)
     i/<iid>/x/<name>     write-once records: data class, definition fingerprint
+    l/<iid>/<step>\x1f<attempt>\x1f<part>   what one attempt printed and logged (an ``AttemptLog``)
 
 and ``wfaas/format`` holds the layout version. A scheduler turn is one
 transaction, so a checkpoint costs O(what changed).
@@ -57,6 +58,7 @@ from typing import Any
 
 from . import _threads
 from . import data as data_codec
+from .capture import AttemptLog
 from .errors import StoreError
 from .store import Checkpoint, Record, StateStore
 
@@ -70,6 +72,15 @@ _HEADER = b"SQLite format 3\x00"
 _BUSY_SECONDS = 10.0  # another process holding the write lock (a concurrent creator, a reader's checkpoint)
 _Statements = list[tuple[str, Any]]  # (sql, parameters); a list of rows for executemany
 _Done = Callable[[StoreError | None], None]
+
+
+def _log_key(instance_id: str, step_id: str, attempt: int, part: str) -> str:
+    return f"l/{instance_id}/{step_id}\x1f{attempt:08d}\x1f{part}"
+
+
+def _after(prefix: str) -> str:
+    """The smallest key above every key that starts with ``prefix``."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def _encode(value: Any) -> sqlite3.Binary:
@@ -397,6 +408,11 @@ class SqliteStore(StateStore):
                 rows += [(f"{prefix}k/{name}/{k.hex()}", sqlite3.Binary(v)) for k, v in changes.items()]
             if cp.meta is not None:
                 rows.append((f"m/{cp.instance_id}", _encode(cp.meta)))
+            for (sid, number, part), log in cp.logs.items():
+                if log is None:
+                    keys.append((_log_key(cp.instance_id, sid, number, part),))
+                else:
+                    rows.append((_log_key(cp.instance_id, sid, number, part), _encode(log)))
         statements: _Statements = []
         if ranges:
             statements.append((f'DELETE FROM "{_TABLE}" WHERE key >= ? AND key < ?', ranges))
@@ -457,6 +473,13 @@ class SqliteStore(StateStore):
                 raise StoreError(self._bad_record(instance_id, f"unexpected key {key!r}"))
         return record
 
+    def read_logs(self, instance_id: str, step_id: str | None = None) -> list[AttemptLog]:
+        # Outside the i/<iid>/ range that read() loads: status and resume never read logs.
+        low = f"l/{instance_id}/" if step_id is None else f"l/{instance_id}/{step_id}\x1f"
+        rows = self._select(f'SELECT key, value FROM "{_TABLE}" WHERE key >= ? AND key < ?', (low, _after(low)))
+        logs = [self._decode(instance_id, key, value) for key, value in rows]
+        return sorted(logs, key=lambda log: (log.step_id, log.attempt, log.part))
+
     def read_meta(self, instance_id: str) -> dict[str, Any] | None:
         key = f"m/{instance_id}"
         rows = self._select(f'SELECT value FROM "{_TABLE}" WHERE key = ?', (key,))
@@ -472,9 +495,9 @@ class SqliteStore(StateStore):
         # Looks for the key without decoding it: a run whose record is damaged can be removed.
         if not self._select(f'SELECT 1 FROM "{_TABLE}" WHERE key = ?', (f"m/{instance_id}",)):
             return False
-        prefix = f"i/{instance_id}/"
-        delete = f'DELETE FROM "{_TABLE}" WHERE (key >= ? AND key < ?) OR key = ?'
-        self._write_statements([(delete, [(prefix, prefix[:-1] + "0", f"m/{instance_id}")])])
+        prefix, logs = f"i/{instance_id}/", f"l/{instance_id}/"
+        delete = f'DELETE FROM "{_TABLE}" WHERE (key >= ? AND key < ?) OR key = ? OR (key >= ? AND key < ?)'
+        self._write_statements([(delete, [(prefix, prefix[:-1] + "0", f"m/{instance_id}", logs, _after(logs))])])
         return True
 
     def _write_statements(self, statements: _Statements) -> None:

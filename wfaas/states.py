@@ -103,7 +103,8 @@ class Attempt:
     unknown (``None``) and ``wall`` is measured by the engine; ``exitcode`` /
     ``signal`` say how the worker ended. ``waited`` is the time before it, spent
     in a delay, ``scheduled_at`` or a retry's backoff (``wait_kind``), and
-    ``queued`` the time it then waited for a free worker.
+    ``queued`` the time it then waited for a free worker. ``traceback`` is the
+    step's full traceback as text when the attempt raised (else ``None``).
     """
 
     number: int
@@ -119,6 +120,7 @@ class Attempt:
     exitcode: int | None = None
     signal: str | None = None
     error: str | None = None
+    traceback: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         return dict(vars(self))

@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import data as data_codec
+from .capture import AttemptLog
 from .errors import NotFound, StoreError
 from .states import StepState, StepStatus, WorkflowState, WorkflowStatus
 from .steps import WorkflowContext
@@ -46,6 +47,9 @@ class Checkpoint:
     # A whole write of a field (in ``fields``) drops that field's earlier deltas.
     deltas: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
     replace: bool = False  # drop everything held for the instance first (``save``)
+    # What attempts printed and logged, by (step, attempt, part): kept beside the records, read by
+    # ``read_logs``; None removes that attempt's log.
+    logs: dict[tuple[str, int, str], AttemptLog | None] = field(default_factory=dict)
 
 
 TOMBSTONE = b""
@@ -127,6 +131,13 @@ class StateStore(abc.ABC):
             done(exc)
         else:
             done(None)
+
+    def read_logs(self, instance_id: str, step_id: str | None = None) -> list[AttemptLog]:
+        """What the instance's attempts printed and logged (of one step, with ``step_id``), by step and attempt.
+
+        A store that keeps no logs returns an empty list.
+        """
+        return []
 
     def read_meta(self, instance_id: str) -> dict[str, Any] | None:
         """Only the instance's meta record (cheaper than ``read`` where a store can)."""
@@ -306,6 +317,7 @@ class InMemoryStore(StateStore):
 
     def __init__(self) -> None:
         self._records: dict[str, Record] = {}
+        self._logs: dict[str, dict[tuple[str, int, str], AttemptLog]] = {}
         self._lock = threading.Lock()
 
     def write(self, checkpoints: list[Checkpoint]) -> None:
@@ -315,6 +327,18 @@ class InMemoryStore(StateStore):
                 if record is None:
                     record = self._records[cp.instance_id] = Record({}, {}, {}, {})
                 record.apply(cp)
+                if cp.logs:
+                    logs = self._logs.setdefault(cp.instance_id, {})
+                    for key, log in cp.logs.items():
+                        if log is None:
+                            logs.pop(key, None)
+                        else:
+                            logs[key] = log
+
+    def read_logs(self, instance_id: str, step_id: str | None = None) -> list[AttemptLog]:
+        with self._lock:
+            logs = self._logs.get(instance_id, {})
+            return [logs[key] for key in sorted(logs) if step_id is None or key[0] == step_id]
 
     def read(self, instance_id: str) -> Record | None:
         with self._lock:
@@ -335,6 +359,7 @@ class InMemoryStore(StateStore):
 
     def remove(self, instance_id: str) -> bool:
         with self._lock:
+            self._logs.pop(instance_id, None)
             return self._records.pop(instance_id, None) is not None
 
     def __repr__(self) -> str:

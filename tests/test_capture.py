@@ -1,0 +1,201 @@
+"""Each attempt's output, log records and traceback are captured in the worker and kept with the run (API.md §13)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from wfaas import (
+    InMemoryStore,
+    RetryPolicy,
+    SqliteStore,
+    StateStore,
+    StepDefinition,
+    WorkflowContext,
+    WorkflowDefinition,
+    WorkflowEngine,
+    events,
+)
+from wfaas.capture import LIMIT, OUTPUT
+
+from conftest import Data, collect, wait_for, wait_until
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
+
+def _talk(ctx: WorkflowContext[Data]) -> None:
+    print("from print")
+    print("from stderr", file=sys.stderr)
+    os.write(1, b"from fd 1\n")
+    subprocess.run(["sh", "-c", "echo from a child process; echo child stderr >&2"], check=True)
+    ctx.logger.warning("a warning from ctx.logger")
+    logging.getLogger("some.library").info("an info record from another logger")
+    ctx.logger.debug("a debug record")
+    if ctx.attempt == 1:
+        _nested_failure(ctx)
+
+
+def _nested_failure(ctx: WorkflowContext[Data]) -> None:
+    int("three")
+
+
+def _silent(ctx: WorkflowContext[Data]) -> None:
+    ctx.data.n += 1
+
+
+def _flood(ctx: WorkflowContext[Data]) -> None:
+    line = b"x" * 1023 + b"\n"
+    for _ in range(3 * 1024):  # 3 MiB
+        os.write(1, line)
+    print("the last line", flush=True)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+    if request.param == "memory":
+        yield InMemoryStore()
+    else:
+        s = SqliteStore(tmp_path / "runs.sqlite")
+        yield s
+        s.close()
+
+
+def _run(store: StateStore, wf: WorkflowDefinition) -> tuple[WorkflowEngine, str, list[events.WorkflowEvent]]:
+    engine = WorkflowEngine(store=store, max_workers=1, grace_period=1.0)
+    seen = collect(engine)
+    engine.register_workflow(wf)
+    iid = engine.start_workflow(wf.id, Data())
+    try:
+        engine.wait_for_completion(iid, timeout=60)
+    except Exception:  # noqa: BLE001 - the tests look at the state
+        pass
+    engine.event_bus.flush()
+    return engine, iid, seen
+
+
+def test_output_records_and_traceback_are_kept_per_attempt(store: StateStore) -> None:
+    wf = WorkflowDefinition("talker", data_type=Data).add_step(
+        StepDefinition("talk", "Talk", _talk).with_retry(RetryPolicy(max_attempts=2))
+    )
+    before = time.time()
+    engine, iid, seen = _run(store, wf)
+    try:
+        logs = store.read_logs(iid)
+        assert [(log.step_id, log.attempt) for log in logs] == [("talk", 1), ("talk", 2)]
+        for log in logs:
+            texts = [text for _, _, text in log.lines]
+            printed = [text for _, level, text in log.lines if level == OUTPUT]
+            for expected in ("from print", "from stderr", "from fd 1", "from a child process", "child stderr"):
+                assert expected in printed, (expected, texts)
+            assert any("a warning from ctx.logger" in t for t in texts)
+            assert any("an info record from another logger" in t for t in texts)
+            levels = {level for _, level, _ in log.lines}
+            assert {OUTPUT, logging.WARNING, logging.INFO, logging.DEBUG} <= levels
+            assert all(before <= when <= time.time() for when, _, _ in log.lines)
+            assert log.cut == 0
+        state = engine.get_status(iid)
+        first, second = state.step_states["talk"].history
+        assert first.outcome == "failed" and second.outcome == "succeeded"
+        tb = first.traceback
+        assert tb is not None and tb.startswith("Traceback (most recent call last):")
+        assert "test_capture.py" in tb and "_nested_failure" in tb and 'int("three")' in tb
+        assert tb.rstrip().endswith("ValueError: invalid literal for int() with base 10: 'three'")
+        assert "_worker.py" not in tb  # the worker's own frames are left out
+        assert second.traceback is None
+        outputs = [e for e in seen if isinstance(e, events.StepOutput)]
+        for log in logs:  # published live and at the end: every line once, in order
+            published = [line for e in outputs if e.attempt == log.attempt for line in e.lines]
+            assert published == log.lines
+    finally:
+        engine.close()
+
+
+def test_an_attempt_that_prints_nothing_keeps_no_log(store: StateStore) -> None:
+    wf = WorkflowDefinition("silent", data_type=Data).add_step(StepDefinition("quiet", "Quiet", _silent))
+    engine, iid, seen = _run(store, wf)
+    try:
+        assert engine.get_status(iid).data.n == 1
+        assert store.read_logs(iid) == []
+        assert not [e for e in seen if isinstance(e, events.StepOutput)]
+    finally:
+        engine.close()
+
+
+def test_an_attempt_keeps_the_last_mib_with_a_cut_marker(store: StateStore) -> None:
+    wf = WorkflowDefinition("flood", data_type=Data).add_step(StepDefinition("flood", "Flood", _flood))
+    engine, iid, _ = _run(store, wf)
+    try:
+        (log,) = store.read_logs(iid, "flood")
+        kept = sum(len(text) + 1 for _, _, text in log.lines)
+        assert kept <= LIMIT
+        assert kept + log.cut == 3 * 1024 * 1024 + len("the last line\n")
+        assert log.lines[-1][2] == "the last line"
+    finally:
+        engine.close()
+
+
+def test_logs_are_removed_with_their_run(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "runs.sqlite")
+    wf = WorkflowDefinition("talker", data_type=Data).add_step(StepDefinition("talk", "Talk", _talk))
+    engine, iid, _ = _run(store, wf)
+    engine.close()
+    try:
+        assert store.read_logs(iid)
+        store.delete(iid)
+        assert store.read_logs(iid) == []
+    finally:
+        store.close()
+
+
+def _announce_then_wait(ctx: WorkflowContext[Data]) -> None:
+    print("started", flush=True)
+    wait_for(ctx.data.value)
+    print("finished")
+
+
+def test_lines_are_published_while_the_attempt_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "go"
+    wf = WorkflowDefinition("live", data_type=Data).add_step(StepDefinition("slow", "Slow", _announce_then_wait))
+    with WorkflowEngine(max_workers=1, grace_period=1.0) as engine:
+        seen = collect(engine)
+        engine.register_workflow(wf)
+        iid = engine.start_workflow(wf.id, Data(value=str(marker)))
+
+        def published() -> list[str]:
+            return [text for e in list(seen) if isinstance(e, events.StepOutput) for _, _, text in e.lines]
+
+        wait_until(lambda: "started" in published(), timeout=30, what="the line printed before the step waits")
+        assert engine.get_status(iid).step_states["slow"].status.name == "RUNNING"
+        marker.touch()
+        engine.wait_for_completion(iid, timeout=60)
+        engine.event_bus.flush()
+        assert published() == ["started", "finished"]  # each line once
+        (log,) = engine.store.read_logs(iid)
+        assert [text for _, _, text in log.lines] == ["started", "finished"]
+
+
+def _fail_until_fifth(ctx: WorkflowContext[Data]) -> None:
+    print(f"attempt {ctx.attempt}")
+    if ctx.attempt < 5:
+        raise RuntimeError("not yet")
+
+
+def test_logs_are_kept_for_the_attempts_the_history_keeps(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wfaas import scheduler
+
+    monkeypatch.setattr(scheduler, "HISTORY_KEPT", 2)
+    wf = WorkflowDefinition("retried", data_type=Data).add_step(
+        StepDefinition("flaky", "Flaky", _fail_until_fifth).with_retry(RetryPolicy(max_attempts=5))
+    )
+    engine, iid, _ = _run(store, wf)
+    try:
+        assert [a.number for a in engine.get_status(iid).step_states["flaky"].history] == [4, 5]
+        assert [(log.attempt, log.lines[0][2]) for log in store.read_logs(iid)] == [(4, "attempt 4"), (5, "attempt 5")]
+    finally:
+        engine.close()
