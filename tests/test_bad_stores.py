@@ -107,7 +107,7 @@ def test_a_truncated_value_fails_only_its_run(three_runs: Path, tmp_path: Path) 
     assert "bbb" in line and store in line, line
     assert "aaa" in listed.stdout and "ccc" in listed.stdout, listed.stdout
 
-    for command in (["status", "bbb"], ["report", "bbb"], ["resume", "bbb"], ["status", "ccc"]):
+    for command in (["status", "bbb"], ["report", "bbb"], ["logs", "bbb"], ["resume", "bbb"], ["status", "ccc"]):
         line = one_line_error(cli(*command, "--store", store, cwd=tmp_path))
         assert command[1] in line and store in line and "damaged" in line, (command, line)
     ok = cli("status", "aaa", "--store", store, cwd=tmp_path)
@@ -146,7 +146,7 @@ def test_a_sqlite_database_of_another_program_is_refused_and_left_untouched(tmp_
 
 
 @pytest.mark.parametrize(
-    "command", [["status"], ["list"], ["report"], ["resume", "abc"], ["recover"], ["cancel", "abc"]]
+    "command", [["status"], ["list"], ["report"], ["logs", "abc"], ["resume", "abc"], ["recover"], ["cancel", "abc"]]
 )
 def test_commands_that_read_never_create_a_store(tmp_path: Path, command: list[str]) -> None:
     line = one_line_error(cli(*command, cwd=tmp_path))
