@@ -927,7 +927,7 @@ def render(
             ),
             ("engine process peak RSS, MiB", "engine_peak_rss_mib", "–"),
             ("one worker's peak RSS, MiB", "worker_peak_rss_mib", "–"),
-            ("other helper processes (forkserver, resource tracker) RSS, MiB", "helpers_rss_mib", "–"),
+            ("other helper processes (forkserver, resource tracker, guard) RSS, MiB", "helpers_rss_mib", "–"),
         ]
         for label, key, target in rows:
             lines.append(

@@ -53,13 +53,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         pause = min(pause * 2, 0.05)
 
 
-def descendants() -> list[psutil.Process]:
+def descendants(guards: bool = False) -> list[psutil.Process]:
     """Live (non-zombie) descendants of the test process: workers and what they started.
 
     The forkserver and multiprocessing's resource tracker (direct children,
     shared by every engine in the process, stdlib helpers) are left out; the
     workers forked from the forkserver are not, though their command line is
-    the forkserver's.
+    the forkserver's. Each engine's guard process (named ``wfaas-guard``) is
+    left out too unless ``guards``: it lives as long as its engine.
     """
     me = os.getpid()
     out = []
@@ -69,6 +70,8 @@ def descendants() -> list[psutil.Process]:
                 continue
             cmd = " ".join(p.cmdline())
             if p.ppid() == me and ("forkserver" in cmd or "resource_tracker" in cmd):
+                continue
+            if not guards and p.name() == "wfaas-guard":
                 continue
         except psutil.Error:
             continue
@@ -83,7 +86,7 @@ def no_leftovers() -> Iterator[None]:
     The fault-test modules use it for every test: ``pytestmark = pytest.mark.usefixtures("no_leftovers")``.
     """
     yield
-    wait_until(lambda: not descendants(), timeout=5, what="no child process left behind")
+    wait_until(lambda: not descendants(guards=True), timeout=5, what="no child process left behind")
 
 
 def collect(engine: WorkflowEngine) -> list[events.WorkflowEvent]:

@@ -146,6 +146,42 @@ def test_timeout_kills_the_remote_step_process(dengine: WorkflowEngine, client: 
     assert f"pid {pid} on Dask worker tcp://" in str(info.value)  # it ran remotely, and was named there
 
 
+def _hang_with_escapers(ctx: Any) -> None:
+    folder = Path(ctx.data.value)
+    middle = os.fork()  # a daemon: fork, setsid, fork, the middle one exits
+    if middle == 0:
+        os.setsid()
+        if os.fork() == 0:
+            write_atomic(folder / "daemon.pid", str(os.getpid()))
+            os.execvp("sleep", ["sleep", "120"])
+        os._exit(0)
+    os.waitpid(middle, 0)
+    stubborn = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 120; true"])
+    wait_until((folder / "daemon.pid").exists, timeout=30, what="the daemon")
+    (its_sleep,) = wait_until(psutil.Process(stubborn.pid).children, timeout=30, what="the stubborn shell's sleep")
+    pids = [os.getpid(), stubborn.pid, its_sleep.pid, int((folder / "daemon.pid").read_text())]
+    write_atomic(folder / "pids", " ".join(map(str, pids)))
+    time.sleep(60)
+
+
+def test_timeout_on_dask_kills_daemons_and_names_the_sigkill_it_took(dengine: WorkflowEngine, tmp_path: Path) -> None:
+    wf = WorkflowDefinition("escapers", "escapers", data_type=Data)
+    wf.add_step(StepDefinition("hang", "hang", _hang_with_escapers).with_timeout(3))
+    dengine.register_workflow(wf)
+    iid = dengine.start_workflow("escapers", Data(value=str(tmp_path)))
+    pids = [int(p) for p in wait_for_text(tmp_path / "pids").split()]
+    try:
+        with pytest.raises(StepTimeout) as info:
+            dengine.wait_for_completion(iid, timeout=30)
+        # Marked only once dead: the daemon, and the child that ignored SIGTERM until the grace period ended.
+        assert [p for p in pids if alive(p)] == [], "processes of the timed-out remote step still run"
+        assert "outlived SIGTERM and the grace period: killed by SIGKILL" in str(info.value), str(info.value)
+    finally:
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
 def _victim(ctx: Any) -> None:
     folder = Path(ctx.data.value)
     if ctx.attempt == 1:

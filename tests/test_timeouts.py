@@ -110,7 +110,7 @@ def hang_with_subprocess_children(out: Path) -> None:
     popen = subprocess.Popen(["sleep", "120"])
     # Left the process group, still a descendant: found by listing the tree.
     own_session = subprocess.Popen(["sleep", "120"], start_new_session=True)
-    # Double fork: re-parented to init at once, still in the worker's group: found by the group kill.
+    # Double fork: re-parented at once to the worker (a subreaper), so found by listing its tree.
     with subprocess.Popen(["sh", "-c", "sleep 120 >/dev/null 2>&1 & echo $!"], stdout=subprocess.PIPE) as sh:
         assert sh.stdout is not None
         detached = int(sh.stdout.readline())
@@ -390,3 +390,30 @@ def test_cancel_of_a_step_that_stops_on_sigterm_frees_its_worker_at_once(tmp_pat
         engine.close()
         closed = time.monotonic() - started
     assert closed < 5, f"closing the engine took {closed:.1f} s"
+
+
+def test_timeout_names_the_sigkill_that_processes_ignoring_sigterm_needed(
+    tengine: WorkflowEngine, tmp_path: Path
+) -> None:
+    """The worker dies on SIGTERM, a child ignoring it needs the SIGKILL: the error says so, not just SIGTERM."""
+    out = tmp_path / "ready.json"
+
+    def step(ctx: Any) -> None:
+        stubborn = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 120; true"])
+        deadline = time.monotonic() + 10
+        while not psutil.Process(stubborn.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        _ready(out, [stubborn.pid, *[c.pid for c in psutil.Process(stubborn.pid).children()]])
+        time.sleep(120)
+
+    tengine.register_workflow(
+        WorkflowDefinition("stub", data_type=Data).add_step(StepDefinition("h", "h", step).with_timeout(TIMEOUT))
+    )
+    iid = tengine.start_workflow("stub", Data())
+    _, pids = hanging_tree(tengine, iid, out, 2)
+    with pytest.raises(StepTimeout) as info:
+        tengine.wait_for_completion(iid, timeout=30)
+    assert [p for p in pids if alive(p)] == []
+    message = str(info.value)
+    assert "killed by SIGTERM" in message, message  # the worker itself
+    assert "2 processes it started outlived SIGTERM and the grace period: killed by SIGKILL" in message, message

@@ -11,10 +11,11 @@ for its reply, its death, or an order to stop it::
                                             <--pipe-- ("done" | "error", ...) as bytes
     future result  <------------------   ("reply", bytes, where)
     client.run(stop, token, grace) ---->  stop: SIGTERM the child's tree, SIGKILL after grace
-    future result  <------------------   ("exit", exitcode, rss, where, stopped)
+    future result  <------------------   ("exit", exitcode, rss, where, stopped, None, forced)
 
-The child leads its own process group (``_worker.main``), so stopping it
-stops what the step started; it watches the Dask worker and dies with it. A
+The child leads its own process group and is a subreaper (``_worker.main``),
+so stopping its tree stops what the step started; a guard process per Dask
+worker (``_guard.py``) kills the children's trees if the Dask worker dies. A
 task the driver no longer wants (cancelled, or its client disconnected
 because the driver died) is noticed by polling the worker's own task state,
 and its child is killed: nothing a driver started outlives it.
@@ -26,6 +27,7 @@ installed (the same version: ``DaskBackend`` checks at connect time, and
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -33,10 +35,12 @@ import pickle
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _worker
+from ._guard import Guard
 from .pool import terminate_tree
 
 # How often a waiting task checks that Dask still wants it: the delay before a
@@ -60,19 +64,15 @@ class _Child:
     @classmethod
     def start(cls, paths: tuple[str, ...]) -> _Child:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["wfaas._worker", "dill", "psutil"])
+        ctx.set_forkserver_preload(["wfaas._worker", "wfaas._guard", "dill", "psutil"])
         parent_end, child_end = ctx.Pipe(duplex=True)
         process = ctx.Process(target=_child_main, args=(child_end, paths), name="wfaas-dask-step", daemon=False)
-        # Dask workers run as daemon processes by default, and a daemon may not start
-        # processes; this child dies with the worker anyway (_worker watches its parent).
-        config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
-        daemon = config.get("daemon")
-        config["daemon"] = False
-        try:
+        with _not_daemon():
+            guard = _guard_of(ctx)
             process.start()
-        finally:
-            config["daemon"] = daemon
         child_end.close()
+        if process.pid is not None:
+            guard.watch(process.pid)
         return cls(process, parent_end, frozenset(paths))
 
     def retire(self) -> None:
@@ -82,6 +82,32 @@ class _Child:
         except OSError:
             pass
         self.conn.close()
+
+
+@contextlib.contextmanager
+def _not_daemon() -> Iterator[None]:
+    # Dask workers run as daemon processes by default, and a daemon may not start
+    # processes; these die with the worker anyway (the guard watches it).
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    daemon = config.get("daemon")
+    config["daemon"] = False
+    try:
+        yield
+    finally:
+        config["daemon"] = daemon
+
+
+_guard: Guard | None = None
+_guard_lock = threading.Lock()
+
+
+def _guard_of(ctx: Any) -> Guard:
+    """This Dask worker's guard process: it kills the step children's trees if the Dask worker dies."""
+    global _guard
+    with _guard_lock:
+        if _guard is None:
+            _guard = Guard(ctx)
+        return _guard
 
 
 def _child_main(conn: multiprocessing.connection.Connection, paths: tuple[str, ...]) -> None:
@@ -97,6 +123,17 @@ def _child_main(conn: multiprocessing.connection.Connection, paths: tuple[str, .
 class _Running:
     child: _Child
     stopping: bool = False
+    stopper: threading.Thread | None = None  # the thread stopping its tree, once one does
+    forced: int = 0  # how many of its processes needed SIGKILL
+
+    def stop(self, grace: float) -> None:
+        """Stop the child's tree on a thread (SIGTERM, ``grace``, SIGKILL)."""
+
+        def run() -> None:
+            self.forced = terminate_tree(self.child.process.pid, grace)
+
+        self.stopper = threading.Thread(target=run, daemon=True)
+        self.stopper.start()
 
 
 _lock = threading.Lock()
@@ -138,8 +175,9 @@ def run_step(
     """Run one step (a ``_worker`` "run" message whose snapshot is ``small`` + ``large``) in a child.
 
     Returns ``("reply", bytes, where)`` with the child's reply as it sent it,
-    ``("exit", exitcode, last_rss, where, stopped)`` when the child died (on
-    its own, or ``stopped`` by ``stop``), or ``("stopped", where)`` when a
+    ``("exit", exitcode, last_rss, where, stopped, None, forced)`` when the
+    child died (on its own, or ``stopped`` by ``stop``; ``forced`` processes
+    of its tree needed SIGKILL), or ``("stopped", where)`` when a
     stop order came before the step started.
     """
     where = _address()
@@ -209,13 +247,15 @@ def _wait(run: _Running, where: str) -> tuple[Any, ...]:
                 return ("reply", reply, where)
         if sentinel in ready or not child.process.is_alive():
             child.process.join(1.0)
+            if run.stopper is not None:
+                run.stopper.join()  # reported once the whole tree is dead, as for a local worker
             # What the step started still runs in the child's group: stop it too.
-            terminate_tree(child.process.pid, 0.0)
+            terminate_tree(child.process.pid, 0.0, exited=child.process.exitcode is not None)
             child.conn.close()
-            return ("exit", child.process.exitcode, last_rss, where, run.stopping)
+            return ("exit", child.process.exitcode, last_rss, where, run.stopping, None, run.forced)
         if not run.stopping and not _wanted():
             run.stopping = True
-            threading.Thread(target=terminate_tree, args=(child.process.pid, 0.0), daemon=True).start()
+            run.stop(0.0)
         last_rss = _rss(child.process.pid) or last_rss
 
 
@@ -249,7 +289,7 @@ def stop(token: str, grace: float) -> str | None:
             _stopped[token] = time.monotonic()
             return None
         run.stopping = True
-    threading.Thread(target=terminate_tree, args=(run.child.process.pid, grace), daemon=True).start()
+    run.stop(grace)
     return _address()
 
 

@@ -3,8 +3,10 @@
 Runs in a process started by forkserver (never fork from the threaded
 engine). It leads its own process group, so a timeout can kill everything the
 step started, and Ctrl-C in the terminal reaches only the engine, which
-decides. A watcher thread kills the group when the engine's process dies, so
-no worker or grandchild outlives it.
+decides. It is a child subreaper, so whatever its steps start stays in its
+tree (``_become_subreaper``). It does not watch the engine itself: a thread
+here could not run while a step holds the GIL in C code; the pool's guard
+process (``_guard.py``) kills the worker's tree when the engine dies.
 
 Messages are pickled tuples over one duplex pipe (see ``pool.py``):
 
@@ -24,6 +26,7 @@ step (a process state it could not restore): it exits after that reply.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import os
@@ -34,8 +37,8 @@ import sys
 import threading
 import time
 import traceback
-from multiprocessing import current_process, parent_process
-from multiprocessing.connection import Connection, wait
+from multiprocessing import current_process
+from multiprocessing.connection import Connection
 from typing import Any
 
 import dill
@@ -74,26 +77,56 @@ class _Collector(logging.Handler):
         self.capture.record(record.created, record.levelno, format_record(record))
 
 
-def _watch_parent() -> None:
-    parent = parent_process()
-    if parent is None:
+_PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def _become_subreaper() -> None:
+    """Make processes our steps start stay our descendants, even when their parent exits.
+
+    A daemon that double-forks (fork, setsid, fork, the middle one exits)
+    leaves the process group and would be re-parented to init, out of reach
+    of a timeout or cancel. As a child subreaper (Linux 3.4+) this worker
+    becomes its parent instead, so walking the worker's tree finds it. The
+    cost: orphans that exit are this worker's zombies, reaped by ``_reap``.
+    """
+    if not sys.platform.startswith("linux"):
         return
-    wait([parent.sentinel])
-    _kill_own_group()
-
-
-def _kill_own_group() -> None:
-    """The engine is gone: take this worker and everything it started down with it."""
     try:
-        import psutil
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # no prctl: the process group still catches what did not leave it
 
-        for child in psutil.Process().children(recursive=True):
-            try:
-                child.kill()
-            except psutil.Error:
-                pass
-    finally:
-        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+def _reap() -> None:
+    """Collect every exited child, after an attempt (never during one).
+
+    Waiting for any child during a step could steal the exit status of a
+    process the step itself waits for (``subprocess.run``); once the step
+    has returned, what it left behind is ours: the orphans a subreaper
+    inherits and the children it never waited for.
+    """
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _engine_gone() -> None:
+    """The engine closed our pipe: end what our steps left running before we exit.
+
+    The guard would, but it and this worker see the engine go at the same
+    moment; were this worker to exit first, what its steps left (their
+    subreaper gone) would be re-parented to init, out of the guard's reach.
+    """
+    import psutil
+
+    from .pool import kill_descendants
+
+    kill_descendants(psutil.Process())
 
 
 class _Meter:
@@ -139,12 +172,12 @@ def main(conn: Connection, live_output: bool = True) -> None:
     (``("out", task_id, lines)`` messages before its reply).
     """
     os.setpgid(0, 0)
+    _become_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The engine starts workers as daemons (so they die with it); a daemon may not start
     # processes of its own, but a step may well use multiprocessing. Its children die with
-    # this worker's process group anyway (timeouts, cancel, engine death).
+    # this worker's tree anyway (timeouts, cancel, engine death).
     current_process()._config["daemon"] = False  # type: ignore[attr-defined]
-    threading.Thread(target=_watch_parent, name="wfaas-parent-watch", daemon=True).start()
 
     # Line by line, as on a terminal: a print reaches the capture (and its time stamp) when it is made.
     if isinstance(sys.stdout, io.TextIOWrapper):
@@ -176,6 +209,7 @@ def main(conn: Connection, live_output: bool = True) -> None:
         try:
             message = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
+            _engine_gone()
             return
         if message[0] == "stop":
             return
@@ -204,6 +238,7 @@ def main(conn: Connection, live_output: bool = True) -> None:
             reply = _run(bodies[body_key], classes[cls_key], snap_fields, meta, task_id, collector)
         except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
             reply = ("error", task_id, _encode_error(exc), _format_tb(exc), collector.records)
+        _reap()  # before the meter stops: what the step left counts in its CPU time
         usage: dict[str, Any] = meter.stop()
         lines, cut, fresh, retire = capture.stop(state)
         if retire is not None:
@@ -213,7 +248,8 @@ def main(conn: Connection, live_output: bool = True) -> None:
             with send_lock:
                 conn.send_bytes(pickle.dumps(reply, protocol=5))
         except OSError:
-            return  # the engine is gone; its parent watch takes the rest of the group down
+            _engine_gone()
+            return
         if retire is not None:
             return  # the engine starts a fresh worker in this one's place
 

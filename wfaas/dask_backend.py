@@ -399,7 +399,8 @@ class DaskPool:
         if kind == "exit":
             exitcode, rss, where = result[1], result[2], result[3]
             detail = result[5] if len(result) > 5 else None
-            self._ended(slot, token, Exit(exitcode, rss, where=where, detail=detail))
+            forced = result[6] if len(result) > 6 else 0
+            self._ended(slot, token, Exit(exitcode, rss, where=where, detail=detail, forced=forced))
         elif kind == "stopped":
             self._ended(slot, token, Exit(None, where=result[1], detail="stopped before it started"))
         else:  # cancelled by someone else (its client restarted?) or by our kill of a queued task

@@ -12,7 +12,8 @@ The pool does no waiting of its own. The scheduler thread blocks on every
 slot's pipe and process sentinel at once (``waitables``), the same shape as
 CPython's ``_ExecutorManagerThread``; killing a process tree, which takes up
 to a grace period, happens on a short-lived thread that reports back through
-a callback, so the scheduler never blocks on a dying process.
+a callback, so the scheduler never blocks on a dying process. A guard
+process (``_guard.py``) kills every worker's tree if the engine dies.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from . import _threads, _worker
+from . import _guard, _threads, _worker
 
 
 @dataclass
@@ -38,13 +39,16 @@ class Exit:
 
     ``where`` names the process in messages when a pid alone would not (a
     remote worker); ``detail`` replaces the exit code when there is none to
-    tell (the whole remote machine went away).
+    tell (the whole remote machine went away). ``forced`` counts the
+    processes of a stopped tree that outlived SIGTERM and its grace period
+    and so were killed by SIGKILL.
     """
 
     exitcode: int | None
     last_rss: int = 0
     where: str | None = None
     detail: str | None = None
+    forced: int = 0
 
     @property
     def signal_name(self) -> str | None:
@@ -58,9 +62,12 @@ class Exit:
     def describe(self) -> str:
         if self.detail:
             return self.detail
-        if self.signal_name:
-            return f"killed by {self.signal_name}"
-        return f"exited with code {self.exitcode}"
+        said = f"killed by {self.signal_name}" if self.signal_name else f"exited with code {self.exitcode}"
+        if self.forced and self.signal_name != "SIGKILL":
+            # The worker ended on SIGTERM, but what it started did not: say what it took.
+            n, s = self.forced, "es" if self.forced > 1 else ""
+            said += f"; {n} process{s} it started outlived SIGTERM and the grace period: killed by SIGKILL"
+        return said
 
 
 class Slot:
@@ -126,11 +133,13 @@ class WorkerPool:
         self._ctx = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             # Workers are forked from a server that already imported the worker code.
-            self._ctx.set_forkserver_preload(["wfaas._worker", "dill", "psutil"])
+            self._ctx.set_forkserver_preload(["wfaas._worker", "wfaas._guard", "dill", "psutil"])
         self.slots = [Slot(i) for i in range(size)]
         self._closed = False
+        self._guard: _guard.Guard | None = None
 
     def start(self) -> None:
+        self._guard = _guard.Guard(self._ctx)
         for slot in self.slots:
             self.spawn(slot)
 
@@ -144,6 +153,8 @@ class WorkerPool:
         )
         process.start()
         child_end.close()
+        if self._guard is not None:
+            self._guard.watch(process.pid)
         slot.process, slot.conn = process, parent_end
         slot.task, slot.dying = None, False
         slot.bodies, slot.classes, slot.snapshot, slot.last_rss, slot.eof = set(), set(), None, 0, False
@@ -189,51 +200,65 @@ class WorkerPool:
         pid = slot.pid
 
         def run() -> None:
-            if pid is not None:
-                terminate_tree(pid, grace)
-            done(slot, exit_ or self.exit_of(slot))
+            forced = terminate_tree(pid, grace, exited=exit_ is not None) if pid is not None else 0
+            if exit_ is not None:
+                done(slot, exit_)
+            else:
+                stopped = self.exit_of(slot)
+                stopped.forced = forced
+                done(slot, stopped)
 
         _threads.start(run, f"wfaas-kill-{slot.index}")
 
     @staticmethod
     def hurry(slot: Slot) -> None:
         """SIGKILL a slot that is being stopped, without waiting out its grace period."""
-        if slot.pid is not None:
-            for p in _group_members(slot.pid):
-                _signal(p, signal.SIGKILL)
+        root = _process(slot.pid) if slot.pid is not None else None
+        if root is not None:
+            kill_tree(root)
+        elif slot.pid is not None:
             _signal_group(slot.pid, signal.SIGKILL)
-            try:
-                os.kill(slot.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def close(self, grace: float = 2.0) -> None:
         """Stop every worker: ask idle ones to exit, kill busy ones' trees, reap all."""
         if self._closed:
             return
         self._closed = True
+        asked = set()
+        parents = {p.info["ppid"] for p in psutil.process_iter(["ppid"])}
         for slot in self.slots:
             if slot.process is None:
                 continue
-            if slot.task is None and not slot.dying and slot.conn is not None:
+            # A worker whose steps left processes running is not asked to exit: while it lives, its
+            # tree holds them all (it is their subreaper); once it exited, they would be init's.
+            if slot.task is None and not slot.dying and slot.conn is not None and slot.pid not in parents:
                 try:
                     slot.conn.send_bytes(pickle.dumps(("stop",)))
+                    asked.add(slot.index)
                 except OSError:
                     pass
         for slot in self.slots:
             if slot.process is None:
                 continue
-            slot.process.join(timeout=0.5 if slot.task is None else 0)
-            if slot.pid is not None:
+            slot.process.join(timeout=0.5 if slot.index in asked else 0)
+            # One that exited when asked had no descendant, so its group is empty: nothing to kill.
+            exited = slot.process.exitcode is not None
+            if slot.pid is not None and not (slot.index in asked and exited):
                 # Also when the worker exited: what its steps left running must not outlive the engine.
-                terminate_tree(slot.pid, grace)
+                terminate_tree(slot.pid, grace, exited=exited)
             slot.process.join(timeout=1.0)
             if slot.conn is not None:
                 slot.conn.close()
+        if self._guard is not None:
+            self._guard.close()
 
 
 def _group_members(pgid: int) -> list[psutil.Process]:
-    """Processes of the group a worker leads: what its steps started, even after the worker died."""
+    """Processes of the group a dead worker led: what its steps started, found by a scan of every process.
+
+    Only for a worker that is already dead: a live worker's tree is walked
+    instead (``_freeze``), which also finds what left the group.
+    """
     if pgid == os.getpgid(0):
         return []
     members = []
@@ -246,35 +271,90 @@ def _group_members(pgid: int) -> list[psutil.Process]:
     return members
 
 
-def _has_children(pid: int | None) -> bool:
-    if pid is None:
-        return False
+def _freeze(roots: list[psutil.Process]) -> list[psutil.Process]:
+    """SIGSTOP ``roots`` and all their descendants, listing again until no new one appears.
+
+    A stopped process can neither fork nor exit, so the list is whole once it
+    stops growing: nothing escapes between listing a tree and signalling it.
+    The worker is a child subreaper (``_worker.main``), so while it lives
+    every process its steps started is its descendant, even a double-forked
+    daemon that left its process group and session.
+    """
+    seen: dict[int, psutil.Process] = {}
+    todo = [p for p in roots if _running(p)]
+    while todo:
+        for p in todo:
+            _signal(p, signal.SIGSTOP)
+            seen[p.pid] = p
+        # One pass over the process table per round, however many processes the tree has.
+        children: dict[int, list[psutil.Process]] = {}
+        for p in psutil.process_iter(["ppid"]):
+            children.setdefault(p.info["ppid"], []).append(p)
+        found: dict[int, psutil.Process] = {}
+        stack = list(seen)
+        while stack:
+            for c in children.get(stack.pop(), []):
+                if c.pid not in found and c.pid not in seen:
+                    found[c.pid] = c
+                    stack.append(c.pid)
+        todo = list(found.values())
+    return list(seen.values())
+
+
+def _process(pid: int) -> psutil.Process | None:
     try:
-        return bool(psutil.Process(pid).children())
+        return psutil.Process(pid)
     except psutil.Error:
-        return False
+        return None
 
 
-def terminate_tree(pid: int, grace: float) -> None:
+def kill_tree(root: psutil.Process) -> None:
+    """SIGKILL ``root``, all its descendants and the process group it leads, at once."""
+    for p in _freeze([root]):
+        _signal(p, signal.SIGKILL)
+    _signal_group(root.pid, signal.SIGKILL)
+
+
+def kill_descendants(root: psutil.Process) -> None:
+    """SIGKILL every descendant of ``root``, not ``root`` itself (a worker ending its own tree)."""
+    for p in _freeze(root.children()):
+        _signal(p, signal.SIGKILL)
+
+
+def terminate_tree(pid: int, grace: float, *, exited: bool = False) -> int:
     """SIGTERM ``pid``, its descendants and its process group; SIGKILL whatever lives after ``grace``.
 
-    The group catches grandchildren that were re-parented (a double fork)
-    before we listed them; listing first catches those that left the group.
+    Returns how many processes needed the SIGKILL. The tree is frozen while
+    it is listed (``_freeze``), then let go and sent SIGTERM; what outlives
+    the grace period is frozen again, with whatever it started meanwhile,
+    and killed. The group catches what was re-parented before the
+    worker was a subreaper or after it died; for a worker that is already
+    dead (``exited``: its PID may be another process's by now), the group is
+    all there is to find.
     """
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        procs = []
-    procs += [p for p in _group_members(pid) if p.pid not in {q.pid for q in procs}]
+    root = None if exited else _process(pid)
+    procs = _freeze([root]) if root is not None else []
+    if not procs:
+        procs = _group_members(pid)
+    # Every one is let go before any gets SIGTERM: a group that loses its last link to the rest of the
+    # session while a member is stopped is sent SIGHUP by the kernel, which would end what ignores SIGTERM
+    # before its grace period.
+    for p in procs:
+        _signal(p, signal.SIGCONT)
     for p in procs:
         _signal(p, signal.SIGTERM)
     _signal_group(pid, signal.SIGTERM)
     alive = _wait_gone(procs, grace)
-    for p in alive:
+    if not alive:
+        return 0
+    if root is not None and _running(root):
+        alive.append(root)  # still a subreaper: what the survivors' dead parents started is under it
+    killed = [p for p in _freeze(alive) if _running(p)]  # not the zombies among their children
+    for p in killed:
         _signal(p, signal.SIGKILL)
     _signal_group(pid, signal.SIGKILL)
-    _wait_gone(alive, 5.0)
+    _wait_gone(killed, 5.0)
+    return len(killed)
 
 
 def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
