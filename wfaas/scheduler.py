@@ -1182,11 +1182,16 @@ class Scheduler:
         return Checkpoint(run.iid, meta, steps, fields, extra, deltas, logs=logs)
 
     def _store_failed(self, runs: list[Run], exc: Exception) -> None:
-        log.error("wfaas could not write a checkpoint; stopping the runs involved", exc_info=exc)
+        # The error is handled: it becomes each run's error (wait_for_completion, the events).
+        # One line for who follows the log; the traceback only for who debugs.
+        log.info("wfaas could not write a checkpoint; stopping %d run(s): %s", len(runs), exc)
+        log.debug("the checkpoint's failure", exc_info=exc)
+        resumable = exc.resumable if isinstance(exc, StoreError) else True
         for run in runs:
+            cause = str(exc) if isinstance(exc, StoreError) else f"checkpoint failed ({type(exc).__name__}: {exc})"
             error = StoreError(
-                f"instance {run.iid}: checkpoint failed ({type(exc).__name__}: {exc}); the run was stopped so that "
-                "no step runs on uncommitted results; fix the store and resume it"
+                f"instance {run.iid} stopped so that no step runs on uncommitted results: {cause}",
+                resumable=resumable,
             )
             if not run.final:
                 run.stopping = "fail"
