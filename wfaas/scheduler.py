@@ -525,10 +525,12 @@ class Scheduler:
                 step.attempts = step.budget_start = rec.get("attempts", 0)
                 step.started_at, step.finished_at = rec.get("started_at"), rec.get("finished_at")
                 step.history = list(rec.get("history") or ())
-                status = S(rec["status"])
-                if status in (S.SUCCEEDED, S.SKIPPED) and step.sid not in reruns:
-                    step.status, step.error = status, rec.get("error")
+                step.status = S(rec["status"])  # loaded as recorded; a step that runs again moves to PENDING
+                if step.status in (S.SUCCEEDED, S.SKIPPED) and step.sid not in reruns:
+                    step.error = rec.get("error")
                     done.append(step)
+                elif step.status is not S.PENDING:
+                    self._set_status(run, step, S.PENDING)
         run.unfinished = len(steps) - len(done)
         for step in done:
             step.counted = True
@@ -575,10 +577,7 @@ class Scheduler:
         try:
             decision, due = decide(condition, step.ready_at, now, step.not_before)
         except Exception as exc:  # noqa: BLE001 - a raising run_if fails the step, with its cause
-            error = StepFailed(f"run_if raised {type(exc).__name__}: {exc}", **self._where(run, step))
-            error.__cause__ = exc
-            self._set_status(run, step, S.RUNNING)
-            self._fail_for_good(run, step, error)
+            self._condition_raised(run, step, exc)
             return
         if decision is Decision.WAIT:
             self._set_status(run, step, S.WAITING)
@@ -589,6 +588,24 @@ class Scheduler:
             self._finish(run, step, S.SKIPPED, reason="run_if was false")
         else:
             self._enqueue(run, step, now)
+
+    def _condition_raised(self, run: Run, step: StepRun, exc: Exception) -> None:
+        """A raising run_if is the step's failed attempt (recorded, StepFailed, on_failure), never retried:
+        a retry would dispatch the step without asking run_if again."""
+        step.attempts += 1
+        now = self.clock.now()
+        step.started_at = now
+        error = StepFailed(f"run_if raised {type(exc).__name__}: {exc}", **self._where(run, step))
+        error.__cause__ = exc
+        figures = {"wall": 0.0, "cpu": None, "max_rss": None, "queued": 0.0, "exitcode": None, "signal": None}
+        waited = self.clock.monotonic() - step.waited_from if step.wait_kind else 0.0
+        step.usage = {**figures, "waited": waited, "wait_kind": step.wait_kind}
+        step.history.append(
+            {"number": step.attempts, "outcome": "failed", "started_at": now, "finished_at": now, **step.usage}
+        )
+        step.history[-1]["error"] = _reason(error)
+        self._set_status(run, step, step.status)  # checkpoint the attempt even while on_failure runs
+        self._attempt_failed(run, step, error, exc, may_retry=False)
 
     def _context(self, run: Run, step: StepRun) -> WorkflowContext[Any]:
         values = dict(run.dict_value(data_codec.CONTEXT_FIELD))
@@ -833,13 +850,20 @@ class Scheduler:
 
     # -- failures ----------------------------------------------------------------
 
-    def _attempt_failed(self, run: Run, step: StepRun, error: WorkflowError, cause: BaseException) -> None:
+    def _attempt_failed(
+        self, run: Run, step: StepRun, error: WorkflowError, cause: BaseException, *, may_retry: bool = True
+    ) -> None:
         i = step.index
         sdef = run.compiled.steps[i]
         policy = run.compiled.retry[i]
         used = step.attempts - step.budget_start
         forever = sdef.failure_action is FailureAction.RETRY_INDEFINITELY
-        will_retry = run.stopping is None and (forever or used < policy.max_attempts) and _retryable(sdef.body, cause)
+        will_retry = (
+            may_retry
+            and run.stopping is None
+            and (forever or used < policy.max_attempts)
+            and _retryable(sdef.body, cause)
+        )
         step.error = _reason(error)
         self._event(
             ev.StepFailed,
@@ -1183,12 +1207,17 @@ class Scheduler:
     def _abandon(self, exc: BaseException) -> None:
         self._stopped = True
         for run in list(self.runs.values()):
-            run.error = StepFailed(f"the engine's scheduler crashed: {exc!r}", instance_id=run.iid)
-            run.status = W.FAILED
-            self.outcomes[run.iid] = Finished(W.FAILED, run.error, run.done)
+            if not run.status.is_terminal:  # a run that finished but whose commit is pending keeps its status
+                run.error = StepFailed(f"the engine's scheduler crashed: {exc!r}", instance_id=run.iid)
+                check_workflow_transition(run.iid, run.status, W.FAILED)
+                run.status = W.FAILED
+            self.outcomes[run.iid] = Finished(run.status, run.error, run.done)
             run.done.set()
             for waiter in run.waiters:
-                waiter.set_exception(run.error)
+                if run.error is None:
+                    waiter.set_result(run.status)
+                else:
+                    waiter.set_exception(run.error)
         while self._commands:
             _, _, future = self._commands.popleft()
             if future is not None:
