@@ -17,7 +17,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ SCRIPT = textwrap.dedent(
     from wfaas import SqliteStore, StepDefinition, WorkflowData, WorkflowDefinition, WorkflowEngine
 
     OUT = Path(sys.argv[1])
-    MODE = sys.argv[2]  # wait | context | twice
+    MODE = sys.argv[2]  # wait | context | twice | own (the program handles SIGTERM itself)
 
 
     @dataclass
@@ -65,12 +67,14 @@ SCRIPT = textwrap.dedent(
         child = subprocess.Popen(["sleep", "120"])
         write("step.json", json.dumps({"worker": os.getpid(), "grandchild": child.pid}))
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (OUT / "go").exists():
             time.sleep(0.01)
 
 
     if __name__ == "__main__":
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
+        if MODE == "own":
+            signal.signal(signal.SIGTERM, lambda signum, frame: write("own_handler", "called"))
         store = SqliteStore(OUT / "runs.sqlite")
         grace = 60.0 if MODE == "twice" else 1.0
         try:
@@ -81,6 +85,11 @@ SCRIPT = textwrap.dedent(
                 write("iid", iid)
                 while not (OUT / "step.json").exists():
                     time.sleep(0.01)
+                if MODE == "own":
+                    write("waiting", "")
+                    while not (OUT / "own_handler").exists():  # the engine must leave the handler alone
+                        time.sleep(0.01)
+                    (OUT / "go").touch()
                 if MODE == "context":
                     write("waiting", "")
                     while True:  # the program's own work inside the engine's context
@@ -219,3 +228,89 @@ def test_workers_ignore_sigint(engine: WorkflowEngine, tmp_path: Path) -> None:
     assert state.step_states["s"].attempts == 1
     assert state.data.value == pid
     assert alive(pid)
+
+
+# -- SIGTERM and SIGHUP: how systemd, docker and `kill` stop a program (issue 14) ---------------
+
+EXIT_BY = {signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_cancels_gracefully_like_ctrl_c(tmp_path: Path, sig: signal.Signals) -> None:
+    """An engine in a program that handles neither signal: cancelled gracefully, checkpointed, exit 128 + N."""
+    proc, tree, step = start(tmp_path, "wait")
+    os.kill(proc.pid, sig)  # to the program alone, as `kill PID` or `docker stop` send it
+    err = finish(proc, timeout=30)
+    assert proc.returncode == EXIT_BY[sig], (proc.returncode, err)
+    assert (tmp_path / "got_sigterm").exists()  # the step was stopped with SIGTERM, not a bare SIGKILL
+    assert stored_status(tmp_path) == (WorkflowStatus.CANCELLED, StepStatus.CANCELLED)
+    assert json.loads((tmp_path / "status.json").read_text()) == ["CANCELLED", "CANCELLED"]
+    assert sig.name in err  # one line says what happened
+    assert_tree_dead(tree, step)
+
+
+def test_second_sigterm_kills_at_once(tmp_path: Path) -> None:
+    """The step ignores SIGTERM and the grace period is 60 s: a second SIGTERM must not wait for it."""
+    proc, tree, step = start(tmp_path, "twice")
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_for_text(tmp_path / "got_sigterm")  # the graceful cancel is under way
+    second = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    err = finish(proc, timeout=30)
+    assert time.monotonic() - second < 20, "the second SIGTERM waited for the grace period (60 s)"
+    assert proc.returncode == 143, (proc.returncode, err)
+    assert stored_status(tmp_path) == (WorkflowStatus.CANCELLED, StepStatus.CANCELLED)
+    assert_tree_dead(tree, step)
+
+
+def test_a_program_that_handles_sigterm_keeps_its_handler(tmp_path: Path) -> None:
+    proc, tree, step = start(tmp_path, "own")
+    del tree, step  # nothing is stopped here
+    os.kill(proc.pid, signal.SIGTERM)
+    err = finish(proc, timeout=60)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "own_handler").read_text() == "called"
+    assert json.loads((tmp_path / "status.json").read_text()) == ["COMPLETED", "SUCCEEDED"]
+    assert not (tmp_path / "got_sigterm").exists()
+
+
+@pytest.fixture
+def default_dispositions() -> Iterator[None]:
+    """SIGTERM and SIGHUP at SIG_DFL for the test (as in a program that set neither), restored after."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    for sig in saved:
+        signal.signal(sig, signal.SIG_DFL)
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.usefixtures("default_dispositions")
+def test_the_engine_handles_only_default_signals_and_restores_them() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup: stays ignored
+    first = WorkflowEngine(max_workers=1)
+    second = WorkflowEngine(max_workers=1)
+    try:
+        installed = signal.getsignal(signal.SIGTERM)
+        assert callable(installed)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        first.close()
+        assert signal.getsignal(signal.SIGTERM) is installed  # the second engine still runs
+    finally:
+        first.close()
+        second.close()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+
+
+@pytest.mark.usefixtures("default_dispositions")
+def test_an_engine_made_outside_the_main_thread_leaves_signals_alone() -> None:
+    made: list[WorkflowEngine] = []
+    thread = threading.Thread(target=lambda: made.append(WorkflowEngine(max_workers=1)))
+    thread.start()
+    thread.join(60)
+    try:
+        assert made and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        for eng in made:
+            eng.close()

@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from . import _threads
+from . import _signals, _threads
 from . import data as data_codec
 from . import errors as errors_module
 from .clock import Clock, SystemClock
@@ -43,6 +43,8 @@ __all__ = ["CleanupHandle", "WorkflowEngine"]
 
 log = logging.getLogger("wfaas")
 W = WorkflowStatus
+# What stops the program's wait for a run: Ctrl-C, or SIGTERM/SIGHUP (see _signals.py).
+_INTERRUPTS = (KeyboardInterrupt, _signals.Terminated)
 
 
 class CleanupHandle:
@@ -89,6 +91,15 @@ class WorkflowEngine:
     ``max_workers`` defaults to the cluster's threads). Use it as a context
     manager: on exit it waits for running workflows; on an exception
     (including Ctrl-C) it cancels them.
+
+    SIGTERM and SIGHUP: an engine made on the main thread of a program that
+    leaves a signal at its default (``SIG_DFL``) handles it like Ctrl-C until
+    the last engine closes, then puts the default back. The signal raises
+    :class:`~wfaas.Terminated` (a ``SystemExit`` with status 143 or 129) in the
+    main thread; waiting in ``wait_for_completion``, ``wait_for_shutdown`` or the
+    ``with`` block, the runs are cancelled gracefully and checkpointed first. A
+    second signal while they are cancelled kills their steps at once. A program
+    that handles or ignores the signal itself (``nohup``) keeps its own.
     """
 
     def __init__(
@@ -130,6 +141,7 @@ class WorkflowEngine:
         self._scheduler = Scheduler(self._pool, self.store, self.event_bus, self.clock, self.grace_period, self._owner)
         self._scheduler.start()
         self._finalizer = weakref.finalize(self, _close, self._scheduler, self._pool, self.event_bus, self.grace_period)
+        _signals.attach(self)
 
     @classmethod
     def with_store(cls, store: StateStore, **kwargs: Any) -> WorkflowEngine:
@@ -216,7 +228,7 @@ class WorkflowEngine:
             return self._wait_foreign(instance_id, label, seconds)
         try:
             done = finished.done.wait(seconds)
-        except KeyboardInterrupt:
+        except _INTERRUPTS:
             self._interrupted([instance_id])
             raise
         if not done:
@@ -257,12 +269,12 @@ class WorkflowEngine:
         inner.result()
 
     def _interrupted(self, instance_ids: Iterable[str]) -> None:
-        """First Ctrl-C: cancel gracefully. A second one while that runs: kill at once."""
+        """First Ctrl-C (or SIGTERM/SIGHUP): cancel gracefully. A second one while that runs: kill at once."""
         ids = [i for i in instance_ids if i in self._scheduler.runs]
         try:
             for iid in ids:
                 self._cancel_quietly(iid, None)
-        except KeyboardInterrupt:
+        except _INTERRUPTS:
             for iid in ids:
                 self._cancel_quietly(iid, 0.0)
             raise
@@ -387,6 +399,7 @@ class WorkflowEngine:
         if self._closed:
             return
         self._closed = True
+        _signals.detach(self)
         self._finalizer()
 
     def __enter__(self) -> WorkflowEngine:
@@ -394,11 +407,18 @@ class WorkflowEngine:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.wait_for_shutdown()
-            return
+            try:
+                self.wait_for_shutdown()
+                return
+            except _INTERRUPTS:
+                self._cancel_and_close()
+                raise
+        self._cancel_and_close()
+
+    def _cancel_and_close(self) -> None:
         try:
             self.force_cancel_all()
-        except KeyboardInterrupt:
+        except _INTERRUPTS:
             self.force_cancel_all(grace=0.0)
             raise
         finally:
