@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import psutil
 import pytest
 from wfaas import SqliteStore, StepDefinition, StepStatus, WorkflowDefinition, WorkflowEngine, WorkflowStatus
 
-from conftest import Data, alive, wait_for_text, wait_until, write_atomic
+from conftest import Data, alive, reap, wait_for_text, wait_until, write_atomic
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -314,3 +315,206 @@ def test_an_engine_made_outside_the_main_thread_leaves_signals_alone() -> None:
     finally:
         for eng in made:
             eng.close()
+
+
+# -- wfaas-local: the same signals through the real CLI (issue 13, defect 3; issue 14, item 5) ----
+
+CLI_TARGET = textwrap.dedent(
+    """
+    import os, signal, time
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    import wfaas.engine
+    from wfaas import StepDefinition, WorkflowData, WorkflowDefinition
+
+    OUT = Path(os.environ["WFAAS_TEST_OUT"])
+    STUBBORN = os.environ.get("WFAAS_TEST_STUBBORN") == "1"
+    if STUBBORN:
+        # Only a kill can then end the step quickly: the graceful stop would take 60 s.
+        wfaas.engine.WorkflowEngine.__init__.__kwdefaults__["grace_period"] = 60.0
+
+
+    @dataclass
+    class D(WorkflowData):
+        pass
+
+
+    def block(ctx):
+        def on_term(signum, frame):
+            with open(OUT / "got_sigterm", "a") as f:
+                f.write("TERM\\n")
+            if not STUBBORN:
+                os._exit(0)
+
+        signal.signal(signal.SIGTERM, on_term)
+        tmp = OUT / ".pid.tmp"
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, OUT / "step.pid")
+        deadline = time.monotonic() + 120
+        while not (OUT / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+    workflow = WorkflowDefinition("blocking", data_type=D).add_step(StepDefinition("block", "Block", block))
+    """
+)
+
+
+class Cli:
+    """A `wfaas-local` command in a session of its own; its output (stdout and stderr) read as it comes."""
+
+    def __init__(self, tmp_path: Path, *args: str, stubborn: bool = False) -> None:
+        (tmp_path / "cli_wf.py").write_text(CLI_TARGET)
+        self.store = str(tmp_path / "runs.sqlite")
+        env = {**os.environ, "WFAAS_TEST_OUT": str(tmp_path), "WFAAS_TEST_STUBBORN": "1" if stubborn else "0"}
+        command = args or ("run", f"{tmp_path}/cli_wf.py:workflow")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wfaas.command_line", *command, "--store", self.store],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+        self.out = b""
+
+    def read_until(self, text: str, timeout: float = 60) -> None:
+        """Read output until ``text`` appears (failing after ``timeout`` s, or if the command ends first)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.out:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {text!r} within {timeout} s; output so far:\n{self.out.decode()}")
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if ready:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    raise AssertionError(f"the command ended before {text!r}; output:\n{self.out.decode()}")
+                self.out += chunk
+
+    def finish(self, timeout: float = 60) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                reap(self.proc)
+                raise AssertionError(f"the command did not end within {timeout} s:\n{self.out.decode()}")
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            chunk = os.read(self.proc.stdout.fileno(), 65536) if ready else b""
+            if ready and not chunk:
+                break
+            self.out += chunk
+        self.proc.wait(timeout=30)
+        self.proc.stdout.close()
+        return self.out.decode()
+
+    def stored(self) -> tuple[str, str]:
+        store = SqliteStore(self.store)
+        try:
+            (iid,) = store.ids()
+            record = store.read(iid)  # not load(): the data class lives in the target, not importable here
+            assert record is not None
+            return record.meta["status"].upper(), record.steps["block"]["status"].upper()
+        finally:
+            store.close()
+
+
+def send(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Ctrl-C as a terminal sends it (to the foreground process group); SIGTERM/SIGHUP as `kill PID` does."""
+    if sig is signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+
+
+CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_cli_run_stops_gracefully_prints_resume_and_exits_128_plus_n(tmp_path: Path, sig: signal.Signals) -> None:
+    cli = Cli(tmp_path)
+    try:
+        cli.read_until("block: started")
+        worker = int(wait_for_text(tmp_path / "step.pid"))
+        send(cli.proc, sig)
+        out = cli.finish()
+    finally:
+        reap(cli.proc)
+    assert cli.proc.returncode == CODES[sig], out
+    assert "cancelling… " in out and "again to kill" in out
+    assert "wfaas-local resume " in out and "Aborted!" not in out and "Traceback" not in out
+    assert (tmp_path / "got_sigterm").exists()  # graceful: the step saw SIGTERM first
+    assert cli.stored() == ("CANCELLED", "CANCELLED")
+    wait_until(lambda: not alive(worker), 5, "the step's worker to be gone")
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)],
+    ids=["ctrl-c-twice", "sigterm-twice", "sigterm-then-ctrl-c"],
+)
+def test_cli_second_signal_kills_at_once_and_exits_with_the_first(
+    tmp_path: Path, first: signal.Signals, second: signal.Signals
+) -> None:
+    """The step ignores SIGTERM and the grace period is 60 s: only the second signal's kill ends it soon."""
+    cli = Cli(tmp_path, stubborn=True)
+    try:
+        cli.read_until("block: started")
+        wait_for_text(tmp_path / "step.pid")
+        send(cli.proc, first)
+        cli.read_until("again to kill")  # the graceful stop is under way, and the user is told so
+        wait_for_text(tmp_path / "got_sigterm")
+        sent = time.monotonic()
+        send(cli.proc, second)
+        out = cli.finish()
+    finally:
+        reap(cli.proc)
+    assert time.monotonic() - sent < 30, "the second signal waited for the 60 s grace period"
+    assert cli.proc.returncode == CODES[first], out
+    assert "Aborted!" not in out and "Traceback" not in out
+    assert "wfaas-local resume " in out
+    assert cli.stored() == ("CANCELLED", "CANCELLED")
+
+
+def test_cli_ctrl_c_while_it_closes_still_exits_130(tmp_path: Path) -> None:
+    """A second Ctrl-C after the run was cancelled, while the command closes the engine: still 130, no traceback."""
+    cli = Cli(tmp_path)
+    try:
+        cli.read_until("block: started")
+        wait_for_text(tmp_path / "step.pid")
+        send(cli.proc, signal.SIGINT)
+        cli.read_until("wfaas-local resume ")  # cancelled and checkpointed: now it closes
+        with contextlib.suppress(ProcessLookupError):
+            send(cli.proc, signal.SIGINT)
+        out = cli.finish()
+    finally:
+        reap(cli.proc)
+    assert cli.proc.returncode == 130, out
+    assert "Aborted!" not in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_cli_recover_stops_on_a_signal_like_run(tmp_path: Path, sig: signal.Signals) -> None:
+    first = Cli(tmp_path)
+    try:
+        first.read_until("block: started")
+        wait_for_text(tmp_path / "step.pid")
+        os.killpg(first.proc.pid, signal.SIGKILL)  # the run's owner dies: a run for `recover`
+        first.finish()
+    finally:
+        reap(first.proc)
+    (tmp_path / "step.pid").unlink()
+    cli = Cli(tmp_path, "recover")
+    try:
+        cli.read_until("recovered ")
+        wait_for_text(tmp_path / "step.pid")
+        send(cli.proc, sig)
+        out = cli.finish()
+    finally:
+        reap(cli.proc)
+    assert cli.proc.returncode == CODES[sig], out
+    assert "Aborted!" not in out and "Traceback" not in out
+    assert "wfaas-local resume " in out
+    assert cli.stored() == ("CANCELLED", "CANCELLED")

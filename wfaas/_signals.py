@@ -18,9 +18,10 @@ no grace. Two users of this module:
   closes.
 * **wfaas-local** (:class:`StopOnSignals`) handles SIGINT, SIGTERM and SIGHUP
   itself: the first prints a note and raises :class:`Interrupted` (a
-  ``KeyboardInterrupt``, so the engine cancels gracefully); later ones only
-  kill the steps at once, so the command still checkpoints, prints the resume
-  command and exits 128 + the first signal's number.
+  ``KeyboardInterrupt``, so the engine cancels gracefully); the second only
+  kills the steps at once, raising nothing, so the command still checkpoints,
+  prints the resume command and exits 128 + the first signal's number; a
+  third ends the process there and then, with that status.
 
 Killing at once runs on a helper thread: a handler runs between two bytecodes
 of the main thread, which may hold a lock the kill needs.
@@ -149,6 +150,7 @@ class StopOnSignals:
         self.note = note
         self.engine: Any = None
         self.signum: int | None = None
+        self.received = 0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopOnSignals:
@@ -163,19 +165,19 @@ class StopOnSignals:
         self._previous.clear()
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.received += 1
         if self.signum is None:
             self.signum = signum
             name = signal.Signals(signum).name
-            again = "Ctrl-C" if signum == signal.SIGINT else name
-            self._note(
-                f"cancelling… {again} again to kill"
-                if signum == signal.SIGINT
-                else f"{name}: cancelling… {again} again to kill"
-            )
+            self._note("cancelling… Ctrl-C again to kill" if name == "SIGINT" else f"{name}: cancelling… again to kill")
             raise Interrupted(signum)
-        if self.engine is not None:
+        if self.received == 2 and self.engine is not None:
             self._note("killing the running steps")
             kill_now([self.engine])
+        elif self.received > 2:
+            # Whatever still holds the command up (a hung store, say), the user wants out.
+            self._note("exiting at once")
+            os._exit(128 + self.signum)
 
     def _note(self, text: str) -> None:
         try:

@@ -2,7 +2,9 @@
 
 Exit codes: 0 the workflow completed (or the command did its job), 1 the
 workflow failed or was cancelled, 2 bad usage or an invalid definition (one
-clear line, never a traceback), 130 Ctrl-C.
+clear line, never a traceback), 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (the
+first of them cancels the runs gracefully, a second kills their steps at
+once; see ``_signals.py``).
 
 A run records its TARGET (``module:attr`` or ``file.py:attr``) with its
 checkpoints, so ``resume ID`` and ``recover`` find the definition again
@@ -29,7 +31,7 @@ from typing import Any, NoReturn
 
 import click
 
-from . import _threads, events
+from . import _signals, _threads, events
 from .definition import WorkflowDefinition, topological_order
 from .errors import InvalidDefinition, SerializationError, StoreError, WorkflowError
 from .states import Attempt, StepStatus, WorkflowState, WorkflowStatus
@@ -413,21 +415,23 @@ def follow(
         iid = start()
     except (WorkflowError, TypeError, ValueError) as exc:
         fail(str(exc).replace("\n", " "))
-    click.echo(f"{verb} {iid}", err=as_json)
-    progress.release()
     resume_cmd = f"wfaas-local resume {iid}" + (f" --store {store_path}" if store_path != DEFAULT_STORE else "")
     code = 0
     try:
+        click.echo(f"{verb} {iid}", err=as_json)
+        progress.release()
         with progress, _cancel_on_sigusr1(engine, [iid]):
             try:
                 engine.wait_for_completion(iid)
             except WorkflowError:
                 code = EXIT_FAILED
             engine.event_bus.flush()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        engine.force_cancel_all()  # wait_for_completion cancelled it, unless the signal came before
         engine.event_bus.flush()
-        out.print(f"interrupted: the run was cancelled and checkpointed; continue it with: {resume_cmd}", markup=False)
-        return EXIT_INTERRUPTED
+        why = _stopped_by(exc)
+        out.print(f"{why}: the run was cancelled and checkpointed; continue it with: {resume_cmd}", markup=False)
+        return _interrupt_code(exc)
     state = engine.get_status(iid)
     if as_json:
         click.echo(json.dumps(state_json(state), indent=2))
@@ -442,9 +446,24 @@ def follow(
     return code
 
 
+# The running command's signal handling: set up before its engine exists (the engine then leaves
+# SIGTERM/SIGHUP to it), taken down when the engine closes.
+_stop: _signals.StopOnSignals | None = None
+
+
+def _stopped_by(exc: BaseException) -> str:
+    signum = getattr(exc, "signum", signal.SIGINT)
+    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+
+
+def _interrupt_code(exc: BaseException) -> int:
+    return int(getattr(exc, "exit_code", EXIT_INTERRUPTED))
+
+
 def _engine(store: StateStore, workers: int | None, origin: str | None, dask: str | None = None) -> Any:
     from .engine import WorkflowEngine
 
+    global _stop
     backend = None
     if dask is not None:
         from .dask_backend import DaskBackend
@@ -455,8 +474,11 @@ def _engine(store: StateStore, workers: int | None, origin: str | None, dask: st
         except (ImportError, OSError, RuntimeError, ValueError) as exc:
             store.close()
             fail(f"--dask {dask}: {exc}")
+    if _stop is None:
+        _stop = _signals.StopOnSignals(lambda text: click.echo(text, err=True)).__enter__()
     engine = WorkflowEngine(store=store, max_workers=workers, cancel_signal=int(signal.SIGUSR1), backend=backend)
     engine.origin = origin
+    _stop.engine = engine
     return engine
 
 
@@ -468,7 +490,21 @@ dask_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """A signal that reaches no run (before the engine starts, in a read-only command) still exits 128 + N.
+
+    click would print ``Aborted!`` and exit 1.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            click.echo(_stopped_by(exc), err=True)
+            ctx.exit(_interrupt_code(exc))
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="wfaas", prog_name="wfaas-local")
 def main() -> None:
     """Run wfaas workflows on this machine and look at their runs.
@@ -527,12 +563,18 @@ def run(
 
 
 def _close(engine: Any, store: StateStore) -> None:
+    global _stop
     try:
         engine.force_cancel_all(grace=0.0) if engine.active_instances() else None
     except KeyboardInterrupt:
         pass
     engine.close()
     store.close()
+    if _stop is not None:
+        _stop.engine = None
+        if _stop.signum is None:  # after a signal ours stay: one more must not raise on the way out
+            _stop.__exit__()
+            _stop = None
 
 
 @main.command()
@@ -615,19 +657,33 @@ def recover(store: str, workers: int | None, dask: str | None) -> None:
     definitions = [load_target(origin) for origin in origins]
     engine = _engine(state_store, workers, None, dask)
     code = 0
+    recovered: list[str] = []
     try:
-        for definition in definitions:
-            engine.register_workflow(definition)
-        recovered = engine.recover()
-        for iid in recovered:
-            click.echo(f"recovered {iid}")
-        for iid in recovered:
-            try:
-                engine.wait_for_completion(iid)
-                click.echo(f"{iid}: COMPLETED")
-            except WorkflowError as exc:
-                click.echo(f"{iid}: {type(exc).__name__}: {exc}", err=True)
-                code = EXIT_FAILED
+        try:
+            for definition in definitions:
+                engine.register_workflow(definition)
+            recovered = engine.recover()
+            for iid in recovered:
+                click.echo(f"recovered {iid}")
+            for iid in recovered:
+                try:
+                    engine.wait_for_completion(iid)
+                    click.echo(f"{iid}: COMPLETED")
+                except WorkflowError as exc:
+                    click.echo(f"{iid}: {type(exc).__name__}: {exc}", err=True)
+                    code = EXIT_FAILED
+        except KeyboardInterrupt as exc:
+            recovered = recovered or engine.active_instances()
+            engine.force_cancel_all()  # gracefully; a second signal kills at once
+            where = f" --store {store}" if store != DEFAULT_STORE else ""
+            for iid in recovered:
+                if (state_store.read_meta(iid) or {}).get("status") == WorkflowStatus.CANCELLED.value:
+                    click.echo(
+                        f"{_stopped_by(exc)}: {iid} was cancelled and checkpointed; "
+                        f"continue it with: wfaas-local resume {iid}{where}",
+                        err=True,
+                    )
+            code = _interrupt_code(exc)
     finally:
         _close(engine, state_store)
     sys.exit(code)
