@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from . import _signals, _threads
+from . import _malloc, _signals, _threads
 from . import data as data_codec
 from . import errors as errors_module
 from .clock import Clock, SystemClock
@@ -100,6 +100,10 @@ class WorkflowEngine:
     ``with`` block, the runs are cancelled gracefully and checkpointed first. A
     second signal while they are cancelled kills their steps at once. A program
     that handles or ignores the signal itself (``nohup``) keeps its own.
+
+    With glibc, the first engine of a process fixes malloc's mmap threshold at
+    1 MiB (``mallopt``), so that buffers of a run's data are given back to the
+    system when freed; ``MALLOC_MMAP_THRESHOLD_`` in the environment wins.
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class WorkflowEngine:
         cancel_signal: int | None = None,
         backend: Backend | None = None,
     ) -> None:
+        _malloc.tune()  # a long-lived engine must not keep every run's freed buffers (see _malloc.py)
         self.store: StateStore = store if store is not None else InMemoryStore()
         self.event_bus = EventBus()
         self.clock: Clock = clock or SystemClock()
@@ -235,8 +240,7 @@ class WorkflowEngine:
             raise TimeoutError(
                 f"instance {instance_id} is still running after {seconds} s; it goes on — wait again, or cancel it"
             )
-        finished = self._scheduler.outcomes[instance_id]
-        if finished.status is W.COMPLETED:
+        if finished.status is W.COMPLETED:  # the scheduler set it on this very object before `done`
             return f"{label} completed successfully via workflow"
         assert finished.error is not None
         raise finished.error

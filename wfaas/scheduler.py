@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
+import hashlib
 import heapq
 import itertools
 import logging
@@ -222,6 +224,12 @@ class Run:
     def workflow_id(self) -> str:
         return self.compiled.definition.id
 
+    @functools.cached_property
+    def cls_key(self) -> str:
+        """Names the data class's encoding in the workers' caches: by content, so that runs of one
+        class share one entry instead of adding one per run to every worker (issue 14)."""
+        return hashlib.blake2b(self.cls_blob, digest_size=16).hexdigest()
+
     def dict_value(self, name: str) -> Any:
         """The decoded value of a field, cached when it is a dict (None if the field is absent)."""
         live = self.live_dicts.get(name)
@@ -350,7 +358,9 @@ class Scheduler:
         self.grace = grace
         self.owner = owner
         self.runs: dict[str, Run] = {}
+        # Running runs, and the errors of the last runs that failed or were cancelled (see _finished_outcome).
         self.outcomes: dict[str, Finished] = {}
+        self._errors_kept: collections.deque[str] = collections.deque()
         self._ready: collections.deque[tuple[Run, StepRun, int]] = collections.deque()
         self._timers: list[tuple[float, int, str, Any]] = []
         self._seq = itertools.count(1)
@@ -669,7 +679,7 @@ class Scheduler:
         key = compiled.body_keys[i]
         body_blob = None if key in slot.bodies else compiled.body_blobs[i]
         slot.bodies.add(key)
-        cls_key = run.iid
+        cls_key = run.cls_key
         cls_blob = None if cls_key in slot.classes else run.cls_blob
         slot.classes.add(cls_key)
         snap_blob = None if slot.snapshot == snap.key else snap.blob
@@ -1131,14 +1141,32 @@ class Scheduler:
                 self.bus.publish(batch.events)
             for run in batch.finished:
                 self.runs.pop(run.iid, None)
-                self.outcomes[run.iid] = Finished(run.status, run.error, run.done)
+                self._finished_outcome(run)
                 run.done.set()
                 for waiter in run.waiters:
                     waiter.set_result(run.status)
             for future, result in batch.resolve:
                 future.set_result(result)
+            # The store may hold on to the acknowledgement (and so this batch) until its next commit:
+            # let go of the runs now, or the last finished run stays in memory with all its data.
+            batch.runs, batch.events, batch.finished, batch.resolve = [], [], [], []
         if self._dirty or self._events or self._finished or self._resolve:
             self.wake()  # a failed commit changed state: another turn checkpoints it
+
+    def _finished_outcome(self, run: Run) -> None:
+        """What a finished run leaves for ``wait_for_completion``: nothing if it completed (the store says so),
+        its error if not, for the last ``ERRORS_KEPT`` such runs (older ones are rebuilt from the store)."""
+        finished = self.outcomes.pop(run.iid, None)
+        if finished is not None:  # waiting callers hold this one: tell them through it
+            finished.status, finished.error = run.status, run.error
+        if run.status is W.COMPLETED:
+            return
+        self.outcomes[run.iid] = Finished(run.status, run.error, _DONE)
+        self._errors_kept.append(run.iid)
+        if len(self._errors_kept) > ERRORS_KEPT:
+            old = self._errors_kept.popleft()
+            if old not in self.runs:  # not resumed meanwhile
+                self.outcomes.pop(old, None)
 
     def _checkpoint(self, run: Run) -> Checkpoint:
         meta = {
@@ -1211,7 +1239,8 @@ class Scheduler:
                 run.error = StepFailed(f"the engine's scheduler crashed: {exc!r}", instance_id=run.iid)
                 check_workflow_transition(run.iid, run.status, W.FAILED)
                 run.status = W.FAILED
-            self.outcomes[run.iid] = Finished(run.status, run.error, run.done)
+            finished = self.outcomes.setdefault(run.iid, Finished(run.status, run.error, run.done))
+            finished.status, finished.error = run.status, run.error  # waiting callers read this object
             run.done.set()
             for waiter in run.waiters:
                 if run.error is None:
@@ -1277,6 +1306,11 @@ def _delta(seconds: float) -> Any:
 _OOM_HINT_BYTES = 256 * 2**20
 # Attempts kept per step: a step retried indefinitely must not make each checkpoint grow without end.
 HISTORY_KEPT = 100
+# Errors of finished runs kept in memory, so that wait_for_completion raises the very exception (with its
+# cause); beyond that a long-lived engine would grow with every failed run, and the store answers instead.
+ERRORS_KEPT = 1000
+_DONE = threading.Event()
+_DONE.set()
 
 
 def _mib(n: int) -> str:
