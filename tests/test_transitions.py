@@ -198,7 +198,13 @@ def _status_writes() -> Iterator[tuple[str, str, ast.FunctionDef]]:
                 targets = node.targets if isinstance(node, ast.Assign) else []
                 for t in targets:
                     for leaf in t.elts if isinstance(t, ast.Tuple) else [t]:
-                        if isinstance(leaf, ast.Attribute) and leaf.attr == "status":
+                        # run.status / step.status; a Finished record copies a status already set
+                        if (
+                            isinstance(leaf, ast.Attribute)
+                            and leaf.attr == "status"
+                            and isinstance(leaf.value, ast.Name)
+                            and leaf.value.id != "finished"
+                        ):
                             yield name, fn.name, fn
 
 

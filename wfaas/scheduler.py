@@ -36,6 +36,7 @@ import os
 import pickle
 import select
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -495,14 +496,17 @@ class Scheduler:
 
     def _timer(self, when: float, kind: str, target: Any) -> int:
         seq = next(self._seq)
-        heapq.heappush(self._timers, (when, seq, kind, target))
+        # A weak reference: a timer outlives its use (a step's one-hour timeout after it succeeded) and
+        # must not keep the step, its run and the run's data alive until it expires.
+        heapq.heappush(self._timers, (when, seq, kind, weakref.ref(target)))
         return seq
 
     def _fire_timers(self, now: float) -> None:
         while self._timers and self._timers[0][0] <= now:
-            _, seq, kind, target = heapq.heappop(self._timers)
-            if target.timer != seq:
-                continue  # cancelled or superseded
+            _, seq, kind, ref = heapq.heappop(self._timers)
+            target = ref()
+            if target is None or target.timer != seq:
+                continue  # cancelled, superseded, or its run is gone
             target.timer = 0
             if kind == "timeout":
                 self._on_timeout(target)
@@ -1142,6 +1146,7 @@ class Scheduler:
             for run in batch.finished:
                 self.runs.pop(run.iid, None)
                 self._finished_outcome(run)
+                _let_go(run)
                 run.done.set()
                 for waiter in run.waiters:
                     waiter.set_result(run.status)
@@ -1251,6 +1256,16 @@ class Scheduler:
             _, _, future = self._commands.popleft()
             if future is not None:
                 future.set_exception(RuntimeError("the engine's scheduler crashed"))
+
+
+def _let_go(run: Run) -> None:
+    """Drop a finished run's data (its final state is committed): the Run itself lives on in a reference
+    cycle with its steps until the cyclic GC runs, which counts objects, not bytes, and may wait for
+    hundreds of runs' data (issue 14)."""
+    run.fields, run.live_dicts, run.deltas, run.snap, run.live = {}, {}, {}, None, None
+    run.field_writes, run.key_writes, run.field_key_marks = {}, {}, {}
+    for step in run.steps:
+        step.snapshot = None
 
 
 def _same_encoded(a: bytes | None, b: bytes | None) -> bool:
