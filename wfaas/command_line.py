@@ -475,7 +475,8 @@ def _engine(store: StateStore, workers: int | None, origin: str | None, dask: st
             store.close()
             fail(f"--dask {dask}: {exc}")
     if _stop is None:
-        _stop = _signals.StopOnSignals(lambda text: click.echo(text, err=True)).__enter__()
+        # print(), not click.echo: on a terminal the live panel's sys.stderr puts the line above the panel.
+        _stop = _signals.StopOnSignals(lambda text: print(text, file=sys.stderr, flush=True)).__enter__()
     engine = WorkflowEngine(store=store, max_workers=workers, cancel_signal=int(signal.SIGUSR1), backend=backend)
     engine.origin = origin
     _stop.engine = engine
