@@ -389,8 +389,12 @@ class WorkflowEngine:
             if finished is None:
                 continue
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not finished.done.wait(remaining):
-                return False
+            try:
+                if not finished.done.wait(remaining):
+                    return False
+            except _INTERRUPTS:
+                self._interrupted(self.active_instances())
+                raise
         self.close()
         return True
 
