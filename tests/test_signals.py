@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import select
 import signal
 import subprocess
@@ -518,3 +519,42 @@ def test_cli_recover_stops_on_a_signal_like_run(tmp_path: Path, sig: signal.Sign
     assert "Aborted!" not in out and "Traceback" not in out
     assert "wfaas-local resume " in out
     assert cli.stored() == ("CANCELLED", "CANCELLED")
+
+
+def test_cli_sighup_from_a_terminal_that_closed_exits_129(tmp_path: Path) -> None:
+    """The usual SIGHUP: the terminal went away, so every write to it fails (EIO). The run must still
+    be cancelled and checkpointed, and the command end with 129, not a traceback and 1."""
+    (tmp_path / "cli_wf.py").write_text(CLI_TARGET)
+    primary, secondary = pty.openpty()
+    store_path = str(tmp_path / "runs.sqlite")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wfaas.command_line", "run", f"{tmp_path}/cli_wf.py:workflow", "--store", store_path],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env={**os.environ, "WFAAS_TEST_OUT": str(tmp_path), "COLUMNS": "80", "TERM": "xterm"},
+        start_new_session=True,
+    )
+    os.close(secondary)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "step.pid").exists():  # keep reading, or the live panel blocks on a full pty
+            assert time.monotonic() < deadline, "the step did not start"
+            if select.select([primary], [], [], 0.1)[0]:
+                os.read(primary, 65536)
+        os.close(primary)  # the terminal goes away
+        primary = -1
+        os.kill(proc.pid, signal.SIGHUP)
+        proc.wait(timeout=60)
+    finally:
+        if primary >= 0:
+            os.close(primary)
+        reap(proc)
+    assert proc.returncode == 129
+    store = SqliteStore(tmp_path / "runs.sqlite")
+    try:
+        (iid,) = store.ids()
+        assert (store.read_meta(iid) or {}).get("status") == "cancelled"
+    finally:
+        store.close()
+    assert (tmp_path / "got_sigterm").exists()

@@ -29,9 +29,11 @@ of the main thread, which may hold a lock the kill needs.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import termios
 import threading
 import weakref
 from collections.abc import Callable
@@ -91,8 +93,11 @@ _stopping = False  # a first signal was turned into Terminated
 
 def attach(engine: Any) -> None:
     """Handle SIGTERM and SIGHUP for ``engine`` where the program left them at SIG_DFL (main thread only)."""
+    global _stopping
     if threading.current_thread() is not threading.main_thread():
         return
+    if not _engines:
+        _stopping = False  # engines that were dropped without close() leave no stop in progress
     _engines.add(engine)
     for sig in STOPPING_SIGNALS:
         if sig not in _installed and signal.getsignal(sig) is signal.SIG_DFL:
@@ -166,6 +171,8 @@ class StopOnSignals:
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         self.received += 1
+        if signum == signal.SIGHUP:
+            _quiet_a_dead_terminal()
         if self.signum is None:
             self.signum = signum
             name = signal.Signals(signum).name
@@ -184,3 +191,23 @@ class StopOnSignals:
             self.note(text)
         except (OSError, ValueError):  # a terminal that hung up (SIGHUP) cannot show it
             pass
+
+
+def _quiet_a_dead_terminal() -> None:
+    """Point stdout/stderr at /dev/null if they are a terminal that hung up.
+
+    Every write to such a terminal fails (EIO), and the lines the command still
+    prints (the live panel's last frame, the resume command) would turn a clean,
+    checkpointed stop into a traceback and exit 1. A terminal that is still
+    there (``kill -HUP`` from elsewhere) keeps showing them.
+    """
+    for fd in (1, 2):
+        try:
+            termios.tcgetattr(fd)
+        except termios.error as exc:
+            if exc.args and exc.args[0] == errno.EIO:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
+        except OSError:
+            pass  # a closed descriptor: nothing will be written there anyway

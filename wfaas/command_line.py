@@ -477,7 +477,12 @@ def _engine(store: StateStore, workers: int | None, origin: str | None, dask: st
     if _stop is None:
         # print(), not click.echo: on a terminal the live panel's sys.stderr puts the line above the panel.
         _stop = _signals.StopOnSignals(lambda text: print(text, file=sys.stderr, flush=True)).__enter__()
-    engine = WorkflowEngine(store=store, max_workers=workers, cancel_signal=int(signal.SIGUSR1), backend=backend)
+    try:
+        engine = WorkflowEngine(store=store, max_workers=workers, cancel_signal=int(signal.SIGUSR1), backend=backend)
+    except BaseException:
+        _stop.__exit__()
+        _stop = None
+        raise
     engine.origin = origin
     _stop.engine = engine
     return engine
