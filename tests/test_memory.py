@@ -4,7 +4,7 @@ Python level: a finished run leaves no Run, step, snapshot or checkpoint
 batch behind, nor a per-run entry in the worker slots; what grows per run is
 measured with tracemalloc, not RSS, so the tests do not depend on the
 allocator or the machine's load. Allocator level: with glibc, the engine fixes
-the mmap threshold, so a freed large buffer goes back to the system instead of
+the mmap threshold (128 KiB), so a freed large buffer goes back to the system instead of
 staying in the heap (checked where the next large block lands, not by RSS).
 See ``benchmarks/memory_over_runs.py`` for RSS over 1,000 runs.
 """
@@ -109,7 +109,7 @@ def test_a_worker_keeps_one_copy_of_a_data_class_however_many_runs_use_it(engine
 )
 def test_freed_large_buffers_go_back_to_the_system() -> None:
     """glibc raises its mmap threshold to the size of a freed mmapped block, so the next large block comes
-    from the heap and stays there when freed; an engine fixes the threshold at 1 MiB. Measured where the
+    from the heap and stays there when freed; an engine fixes the threshold at 128 KiB. Measured where the
     next 3 MiB block lands: in the heap ([heap] in /proc/self/maps) or a mapping of its own."""
     script = textwrap.dedent(
         """

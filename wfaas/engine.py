@@ -102,8 +102,9 @@ class WorkflowEngine:
     that handles or ignores the signal itself (``nohup``) keeps its own.
 
     With glibc, the first engine of a process fixes malloc's mmap threshold at
-    1 MiB (``mallopt``), so that buffers of a run's data are given back to the
-    system when freed; ``MALLOC_MMAP_THRESHOLD_`` in the environment wins.
+    128 KiB (``mallopt``; glibc would raise it), so that buffers of a run's data
+    are given back to the system when freed; ``MALLOC_MMAP_THRESHOLD_`` in the
+    environment wins.
     """
 
     def __init__(
