@@ -558,3 +558,33 @@ def test_cli_sighup_from_a_terminal_that_closed_exits_129(tmp_path: Path) -> Non
     finally:
         store.close()
     assert (tmp_path / "got_sigterm").exists()
+
+
+def test_cli_resume_stops_on_sigterm_like_run(tmp_path: Path) -> None:
+    first = Cli(tmp_path)
+    try:
+        first.read_until("block: started")
+        wait_for_text(tmp_path / "step.pid")
+        send(first.proc, signal.SIGINT)
+        first.finish()
+    finally:
+        reap(first.proc)
+    (tmp_path / "step.pid").unlink()
+    (tmp_path / "got_sigterm").unlink()
+    store = SqliteStore(first.store)
+    try:
+        (iid,) = store.ids()
+    finally:
+        store.close()
+    cli = Cli(tmp_path, "resume", iid)
+    try:
+        cli.read_until("block: started")
+        wait_for_text(tmp_path / "step.pid")
+        send(cli.proc, signal.SIGTERM)
+        out = cli.finish()
+    finally:
+        reap(cli.proc)
+    assert cli.proc.returncode == 143, out
+    assert f"wfaas-local resume {iid}" in out and "Traceback" not in out
+    assert (tmp_path / "got_sigterm").exists()
+    assert cli.stored() == ("CANCELLED", "CANCELLED")
