@@ -124,6 +124,7 @@ def _engine_handler(signum: int, frame: FrameType | None) -> None:
     if not engines:
         # No engine left to stop: the default action, as if we had never been here.
         signal.signal(signum, signal.SIG_DFL)
+        _installed.discard(signum)
         os.kill(os.getpid(), signum)
         return
     running = [e for e in engines if e.active_instances()]
