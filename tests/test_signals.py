@@ -371,7 +371,7 @@ class Cli:
         env = {**os.environ, "WFAAS_TEST_OUT": str(tmp_path), "WFAAS_TEST_STUBBORN": "1" if stubborn else "0"}
         command = args or ("run", f"{tmp_path}/cli_wf.py:workflow")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wfaas.command_line", *command, "--store", self.store],
+            [sys.executable, "-X", "faulthandler", "-m", "wfaas.command_line", *command, "--store", self.store],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -400,8 +400,7 @@ class Cli:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                reap(self.proc)
-                raise AssertionError(f"the command did not end within {timeout} s:\n{self.out.decode()}")
+                raise AssertionError(f"the command did not end within {timeout} s:\n{self._stacks()}")
             ready, _, _ = select.select([self.proc.stdout], [], [], left)
             chunk = os.read(self.proc.stdout.fileno(), 65536) if ready else b""
             if ready and not chunk:
@@ -410,6 +409,22 @@ class Cli:
         self.proc.wait(timeout=30)
         self.proc.stdout.close()
         return self.out.decode()
+
+    def _stacks(self) -> str:
+        """The output so far and, if the command still runs, every thread's stack (faulthandler, SIGABRT)."""
+        assert self.proc.stdout is not None
+        state = f"(exit status {self.proc.poll()}; some child still holds the output open)"
+        if self.proc.poll() is None:
+            state = "(still running; its threads:)"
+            os.kill(self.proc.pid, signal.SIGABRT)
+            end = time.monotonic() + 5
+            while time.monotonic() < end and select.select([self.proc.stdout], [], [], 0.5)[0]:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                self.out += chunk
+        reap(self.proc)
+        return f"{state}\n{self.out.decode(errors='replace')}"
 
     def stored(self) -> tuple[str, str]:
         store = SqliteStore(self.store)
