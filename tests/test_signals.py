@@ -378,6 +378,7 @@ class Cli:
             env=env,
         )
         self.out = b""
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # what the command inherits
 
     def read_until(self, text: str, timeout: float = 60) -> None:
         """Read output until ``text`` appears (failing after ``timeout`` s, or if the command ends first)."""
@@ -386,7 +387,7 @@ class Cli:
         while text.encode() not in self.out:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no {text!r} within {timeout} s; output so far:\n{self.out.decode()}")
+                raise AssertionError(f"no {text!r} within {timeout} s; output so far {self._stacks()}")
             ready, _, _ = select.select([self.proc.stdout], [], [], left)
             if ready:
                 chunk = os.read(self.proc.stdout.fileno(), 65536)
@@ -415,7 +416,12 @@ class Cli:
         assert self.proc.stdout is not None
         state = f"(exit status {self.proc.poll()}; some child still holds the output open)"
         if self.proc.poll() is None:
-            state = "(still running; its threads:)"
+            masks = []
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                lines = (task / "status").read_text().splitlines()
+                wanted = ("Name", "SigBlk", "SigPnd", "ShdPnd", "SigCgt")
+                masks.append(" ".join(x for x in lines if x.startswith(wanted)))
+            state = "(still running; its threads' signal masks and stacks:)\n" + "\n".join(masks)
             os.kill(self.proc.pid, signal.SIGABRT)
             end = time.monotonic() + 5
             while time.monotonic() < end and select.select([self.proc.stdout], [], [], 0.5)[0]:
@@ -424,7 +430,8 @@ class Cli:
                     break
                 self.out += chunk
         reap(self.proc)
-        return f"{state}\n{self.out.decode(errors='replace')}"
+        inherited = ", ".join(sorted(s.name for s in self.mask)) or "none"
+        return f"{state}\nsignals blocked when it was started: {inherited}\n{self.out.decode(errors='replace')}"
 
     def stored(self) -> tuple[str, str]:
         store = SqliteStore(self.store)
@@ -603,3 +610,4 @@ def test_cli_resume_stops_on_sigterm_like_run(tmp_path: Path) -> None:
     assert f"wfaas-local resume {iid}" in out and "Traceback" not in out
     assert (tmp_path / "got_sigterm").exists()
     assert cli.stored() == ("CANCELLED", "CANCELLED")
+
