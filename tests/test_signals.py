@@ -610,4 +610,3 @@ def test_cli_resume_stops_on_sigterm_like_run(tmp_path: Path) -> None:
     assert f"wfaas-local resume {iid}" in out and "Traceback" not in out
     assert (tmp_path / "got_sigterm").exists()
     assert cli.stored() == ("CANCELLED", "CANCELLED")
-
