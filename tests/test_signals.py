@@ -27,9 +27,17 @@ from typing import Any
 
 import psutil
 import pytest
-from wfaas import SqliteStore, StepDefinition, StepStatus, WorkflowDefinition, WorkflowEngine, WorkflowStatus
+from wfaas import (
+    SqliteStore,
+    StepDefinition,
+    StepStatus,
+    Terminated,
+    WorkflowDefinition,
+    WorkflowEngine,
+    WorkflowStatus,
+)
 
-from conftest import Data, alive, reap, wait_for_text, wait_until, write_atomic
+from conftest import Data, alive, reap, wait_for, wait_for_text, wait_until, write_atomic
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -610,3 +618,38 @@ def test_cli_resume_stops_on_sigterm_like_run(tmp_path: Path) -> None:
     assert f"wfaas-local resume {iid}" in out and "Traceback" not in out
     assert (tmp_path / "got_sigterm").exists()
     assert cli.stored() == ("CANCELLED", "CANCELLED")
+
+
+@pytest.mark.usefixtures("default_dispositions")
+def test_a_signal_handled_on_another_thread_still_stops_the_wait(engine: WorkflowEngine, tmp_path: Path) -> None:
+    """CPython runs a Python signal handler in the main thread between bytecodes. If the C-level
+    handler ran elsewhere (the signal arrived on another thread, or just before the main thread
+    blocked in a lock), nothing wakes a main thread blocked in ``wait_for_completion``: the SIGTERM
+    would wait for the run to end. The wait wakes regularly instead."""
+    go = tmp_path / "go"
+
+    def step(ctx: Any) -> None:
+        write_atomic(tmp_path / "started", "yes")
+        wait_for(go)
+
+    engine.register_workflow(WorkflowDefinition("sigwait", data_type=Data).add_step(StepDefinition("s", "s", step)))
+    idle = threading.Event()
+
+    def deliver() -> None:  # a thread of the program that does not block SIGTERM gets it
+        wait_for_text(tmp_path / "started")
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        idle.wait(30)
+
+    sender = threading.Thread(target=deliver)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Terminated):
+            iid = engine.start_workflow("sigwait", Data())
+            sender.start()
+            engine.wait_for_completion(iid, timeout=60)
+        assert time.monotonic() - started < 20, "the SIGTERM waited for the run"
+    finally:
+        go.touch()
+        idle.set()
+        if sender.is_alive():
+            sender.join(30)

@@ -233,7 +233,7 @@ class WorkflowEngine:
         if finished is None:
             return self._wait_foreign(instance_id, label, seconds)
         try:
-            done = finished.done.wait(seconds)
+            done = _wait(finished.done, seconds)
         except _INTERRUPTS:
             self._interrupted([instance_id])
             raise
@@ -271,6 +271,9 @@ class WorkflowEngine:
     def cancel_workflow(self, instance_id: str, *, grace: float | None = None) -> None:
         """Stop dispatching, stop running steps (SIGTERM, grace, SIGKILL); returns once CANCELLED."""
         inner = self._call(self._scheduler.cancel, instance_id, grace)
+        done = threading.Event()
+        inner.add_done_callback(lambda _: done.set())
+        _wait(done, None)  # a second Ctrl-C or SIGTERM during the grace period must be seen at once
         inner.result()
 
     def _interrupted(self, instance_ids: Iterable[str]) -> None:
@@ -391,7 +394,7 @@ class WorkflowEngine:
                 continue
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                if not finished.done.wait(remaining):
+                if not _wait(finished.done, remaining):
                     return False
             except _INTERRUPTS:
                 self._interrupted(self.active_instances())
@@ -452,6 +455,30 @@ class WorkflowEngine:
         for iid in before - set(self.store.ids()):
             self._scheduler.outcomes.pop(iid, None)
         return removed
+
+
+# How often a main thread waiting for a run wakes up (see _wait).
+SIGNAL_CHECK = 0.2
+
+
+def _wait(event: threading.Event, seconds: float | None) -> bool:
+    """``event.wait(seconds)`` that lets the program's signal handlers run.
+
+    CPython runs a Python signal handler in the main thread between bytecodes;
+    a lock wait is interrupted only if the signal reaches that very thread
+    before it blocks. A Ctrl-C or SIGTERM that arrived just before, or on
+    another thread, would wait for the run to end. So the main thread wakes
+    every ``SIGNAL_CHECK`` seconds; other threads block for the whole wait.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return event.wait(seconds)
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while True:
+        left = SIGNAL_CHECK if deadline is None else min(SIGNAL_CHECK, deadline - time.monotonic())
+        if event.wait(max(left, 0.0)):
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
 
 
 def _close(scheduler: Scheduler, pool: Pool, bus: EventBus, grace: float) -> None:
