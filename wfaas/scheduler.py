@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
+import hashlib
 import heapq
 import itertools
 import logging
@@ -34,6 +36,7 @@ import os
 import pickle
 import select
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -224,6 +227,12 @@ class Run:
     def workflow_id(self) -> str:
         return self.compiled.definition.id
 
+    @functools.cached_property
+    def cls_key(self) -> str:
+        """Names the data class's encoding in the workers' caches: by content, so that runs of one
+        class share one entry instead of adding one per run to every worker (issue 14)."""
+        return hashlib.blake2b(self.cls_blob, digest_size=16).hexdigest()
+
     def dict_value(self, name: str) -> Any:
         """The decoded value of a field, cached when it is a dict (None if the field is absent)."""
         live = self.live_dicts.get(name)
@@ -352,7 +361,9 @@ class Scheduler:
         self.grace = grace
         self.owner = owner
         self.runs: dict[str, Run] = {}
+        # Running runs, and the errors of the last runs that failed or were cancelled (see _finished_outcome).
         self.outcomes: dict[str, Finished] = {}
+        self._errors_kept: collections.deque[str] = collections.deque()
         self._ready: collections.deque[tuple[Run, StepRun, int]] = collections.deque()
         self._timers: list[tuple[float, int, str, Any]] = []
         self._seq = itertools.count(1)
@@ -487,14 +498,17 @@ class Scheduler:
 
     def _timer(self, when: float, kind: str, target: Any) -> int:
         seq = next(self._seq)
-        heapq.heappush(self._timers, (when, seq, kind, target))
+        # A weak reference: a timer outlives its use (a step's one-hour timeout after it succeeded) and
+        # must not keep the step, its run and the run's data alive until it expires.
+        heapq.heappush(self._timers, (when, seq, kind, weakref.ref(target)))
         return seq
 
     def _fire_timers(self, now: float) -> None:
         while self._timers and self._timers[0][0] <= now:
-            _, seq, kind, target = heapq.heappop(self._timers)
-            if target.timer != seq:
-                continue  # cancelled or superseded
+            _, seq, kind, ref = heapq.heappop(self._timers)
+            target = ref()
+            if target is None or target.timer != seq:
+                continue  # cancelled, superseded, or its run is gone
             target.timer = 0
             if kind == "timeout":
                 self._on_timeout(target)
@@ -527,10 +541,12 @@ class Scheduler:
                 step.attempts = step.budget_start = rec.get("attempts", 0)
                 step.started_at, step.finished_at = rec.get("started_at"), rec.get("finished_at")
                 step.history = list(rec.get("history") or ())
-                status = S(rec["status"])
-                if status in (S.SUCCEEDED, S.SKIPPED) and step.sid not in reruns:
-                    step.status, step.error = status, rec.get("error")
+                step.status = S(rec["status"])  # loaded as recorded; a step that runs again moves to PENDING
+                if step.status in (S.SUCCEEDED, S.SKIPPED) and step.sid not in reruns:
+                    step.error = rec.get("error")
                     done.append(step)
+                elif step.status is not S.PENDING:
+                    self._set_status(run, step, S.PENDING)
         run.unfinished = len(steps) - len(done)
         for step in done:
             step.counted = True
@@ -577,10 +593,7 @@ class Scheduler:
         try:
             decision, due = decide(condition, step.ready_at, now, step.not_before)
         except Exception as exc:  # noqa: BLE001 - a raising run_if fails the step, with its cause
-            error = StepFailed(f"run_if raised {type(exc).__name__}: {exc}", **self._where(run, step))
-            error.__cause__ = exc
-            self._set_status(run, step, S.RUNNING)
-            self._fail_for_good(run, step, error)
+            self._condition_raised(run, step, exc)
             return
         if decision is Decision.WAIT:
             self._set_status(run, step, S.WAITING)
@@ -591,6 +604,24 @@ class Scheduler:
             self._finish(run, step, S.SKIPPED, reason="run_if was false")
         else:
             self._enqueue(run, step, now)
+
+    def _condition_raised(self, run: Run, step: StepRun, exc: Exception) -> None:
+        """A raising run_if is the step's failed attempt (recorded, StepFailed, on_failure), never retried:
+        a retry would dispatch the step without asking run_if again."""
+        step.attempts += 1
+        now = self.clock.now()
+        step.started_at = now
+        error = StepFailed(f"run_if raised {type(exc).__name__}: {exc}", **self._where(run, step))
+        error.__cause__ = exc
+        figures = {"wall": 0.0, "cpu": None, "max_rss": None, "queued": 0.0, "exitcode": None, "signal": None}
+        waited = self.clock.monotonic() - step.waited_from if step.wait_kind else 0.0
+        step.usage = {**figures, "waited": waited, "wait_kind": step.wait_kind}
+        step.history.append(
+            {"number": step.attempts, "outcome": "failed", "started_at": now, "finished_at": now, **step.usage}
+        )
+        step.history[-1]["error"] = _reason(error)
+        self._set_status(run, step, step.status)  # checkpoint the attempt even while on_failure runs
+        self._attempt_failed(run, step, error, exc, may_retry=False)
 
     def _context(self, run: Run, step: StepRun) -> WorkflowContext[Any]:
         values = dict(run.dict_value(data_codec.CONTEXT_FIELD))
@@ -654,7 +685,7 @@ class Scheduler:
         key = compiled.body_keys[i]
         body_blob = None if key in slot.bodies else compiled.body_blobs[i]
         slot.bodies.add(key)
-        cls_key = run.iid
+        cls_key = run.cls_key
         cls_blob = None if cls_key in slot.classes else run.cls_blob
         slot.classes.add(cls_key)
         snap_blob = None if slot.snapshot == snap.key else snap.blob
@@ -861,13 +892,20 @@ class Scheduler:
 
     # -- failures ----------------------------------------------------------------
 
-    def _attempt_failed(self, run: Run, step: StepRun, error: WorkflowError, cause: BaseException) -> None:
+    def _attempt_failed(
+        self, run: Run, step: StepRun, error: WorkflowError, cause: BaseException, *, may_retry: bool = True
+    ) -> None:
         i = step.index
         sdef = run.compiled.steps[i]
         policy = run.compiled.retry[i]
         used = step.attempts - step.budget_start
         forever = sdef.failure_action is FailureAction.RETRY_INDEFINITELY
-        will_retry = run.stopping is None and (forever or used < policy.max_attempts) and _retryable(sdef.body, cause)
+        will_retry = (
+            may_retry
+            and run.stopping is None
+            and (forever or used < policy.max_attempts)
+            and _retryable(sdef.body, cause)
+        )
         step.error = _reason(error)
         self._event(
             ev.StepFailed,
@@ -1137,14 +1175,33 @@ class Scheduler:
                 self.bus.publish(batch.events)
             for run in batch.finished:
                 self.runs.pop(run.iid, None)
-                self.outcomes[run.iid] = Finished(run.status, run.error, run.done)
+                self._finished_outcome(run)
+                _let_go(run)
                 run.done.set()
                 for waiter in run.waiters:
                     waiter.set_result(run.status)
             for future, result in batch.resolve:
                 future.set_result(result)
+            # The store may hold on to the acknowledgement (and so this batch) until its next commit:
+            # let go of the runs now, or the last finished run stays in memory with all its data.
+            batch.runs, batch.events, batch.finished, batch.resolve = [], [], [], []
         if self._dirty or self._events or self._finished or self._resolve:
             self.wake()  # a failed commit changed state: another turn checkpoints it
+
+    def _finished_outcome(self, run: Run) -> None:
+        """What a finished run leaves for ``wait_for_completion``: nothing if it completed (the store says so),
+        its error if not, for the last ``ERRORS_KEPT`` such runs (older ones are rebuilt from the store)."""
+        finished = self.outcomes.pop(run.iid, None)
+        if finished is not None:  # waiting callers hold this one: tell them through it
+            finished.status, finished.error = run.status, run.error
+        if run.status is W.COMPLETED:
+            return
+        self.outcomes[run.iid] = Finished(run.status, run.error, _DONE)
+        self._errors_kept.append(run.iid)
+        if len(self._errors_kept) > ERRORS_KEPT:
+            old = self._errors_kept.popleft()
+            if old not in self.runs:  # not resumed meanwhile
+                self.outcomes.pop(old, None)
 
     def _checkpoint(self, run: Run) -> Checkpoint:
         meta = {
@@ -1219,16 +1276,32 @@ class Scheduler:
     def _abandon(self, exc: BaseException) -> None:
         self._stopped = True
         for run in list(self.runs.values()):
-            run.error = StepFailed(f"the engine's scheduler crashed: {exc!r}", instance_id=run.iid)
-            run.status = W.FAILED
-            self.outcomes[run.iid] = Finished(W.FAILED, run.error, run.done)
+            if not run.status.is_terminal:  # a run that finished but whose commit is pending keeps its status
+                run.error = StepFailed(f"the engine's scheduler crashed: {exc!r}", instance_id=run.iid)
+                check_workflow_transition(run.iid, run.status, W.FAILED)
+                run.status = W.FAILED
+            finished = self.outcomes.setdefault(run.iid, Finished(run.status, run.error, run.done))
+            finished.status, finished.error = run.status, run.error  # waiting callers read this object
             run.done.set()
             for waiter in run.waiters:
-                waiter.set_exception(run.error)
+                if run.error is None:
+                    waiter.set_result(run.status)
+                else:
+                    waiter.set_exception(run.error)
         while self._commands:
             _, _, future = self._commands.popleft()
             if future is not None:
                 future.set_exception(RuntimeError("the engine's scheduler crashed"))
+
+
+def _let_go(run: Run) -> None:
+    """Drop a finished run's data (its final state is committed): the Run itself lives on in a reference
+    cycle with its steps until the cyclic GC runs, which counts objects, not bytes, and may wait for
+    hundreds of runs' data (issue 14)."""
+    run.fields, run.live_dicts, run.deltas, run.snap, run.live = {}, {}, {}, None, None
+    run.field_writes, run.key_writes, run.field_key_marks = {}, {}, {}
+    for step in run.steps:
+        step.snapshot = None
 
 
 def _same_encoded(a: bytes | None, b: bytes | None) -> bool:
@@ -1284,6 +1357,11 @@ def _delta(seconds: float) -> Any:
 _OOM_HINT_BYTES = 256 * 2**20
 # Attempts kept per step: a step retried indefinitely must not make each checkpoint grow without end.
 HISTORY_KEPT = 100
+# Errors of finished runs kept in memory, so that wait_for_completion raises the very exception (with its
+# cause); beyond that a long-lived engine would grow with every failed run, and the store answers instead.
+ERRORS_KEPT = 1000
+_DONE = threading.Event()
+_DONE.set()
 
 
 def _mib(n: int) -> str:
