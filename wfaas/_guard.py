@@ -26,6 +26,7 @@ means, and stops its workers with their grace period).
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing.connection
 import multiprocessing.process
 import os
@@ -34,6 +35,9 @@ import threading
 from typing import Any
 
 _PR_SET_NAME = 15  # linux/prctl.h
+READY = b"ready"
+READY_TIMEOUT = 30.0  # seconds; it takes milliseconds, but a loaded machine may be slow to schedule it
+log = logging.getLogger("wfaas")
 
 
 def _name_me(name: bytes) -> None:
@@ -62,6 +66,7 @@ def main(conn: multiprocessing.connection.Connection) -> None:
     # workers with a grace period); the guard acts only when the engine is gone.
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    conn.send_bytes(READY)  # out of the engine's group and deaf to its signals: workers may start now
     watched: dict[int, psutil.Process] = {}
     while True:
         try:
@@ -83,11 +88,19 @@ class Guard:
     """The engine side: start the guard process, tell it each worker's PID, close it."""
 
     def __init__(self, ctx: Any) -> None:
-        reader, self._conn = ctx.Pipe(duplex=False)
+        reader, self._conn = ctx.Pipe(duplex=True)
         self._lock = threading.Lock()  # a Dask worker starts step processes from several threads
         self._process = ctx.Process(target=main, args=(reader,), name="wfaas-guard", daemon=True)
         self._process.start()
         reader.close()
+        # Wait until the guard has left the engine's process group: a `kill -9` of that group in the
+        # moment between would take the guard too, and leave workers started meanwhile running.
+        if self._conn.poll(READY_TIMEOUT):
+            self._conn.recv_bytes()
+        else:
+            log.warning(
+                "wfaas: the guard process did not start within %s s; workers may outlive a killed engine", READY_TIMEOUT
+            )
         # multiprocessing SIGTERMs and then joins its children at interpreter exit; the guard ignores
         # SIGTERM and ends only when the engine's process has, so that join would never return.
         # Out of that list, it is joined by close() or, when the program ends, ends on its own.
