@@ -469,9 +469,12 @@ def follow(
     except (WorkflowError, TypeError, ValueError) as exc:
         fail(str(exc).replace("\n", " "))
     resume_cmd = f"wfaas-local resume {iid}" + (f" --store {store_path}" if store_path != DEFAULT_STORE else "")
-    how = f"continue it with: {resume_cmd}"
+    how_in_a_line = f"continue it with: {resume_cmd}"
+    how = f"continue it with:\n  {resume_cmd}"  # on a terminal the command gets a line of its own, to copy whole
     if store_path == ":memory:":  # nothing outlives this process: there is no run to resume
-        how = "it cannot be resumed (--store :memory: keeps no run): run it again, with a store file to resume later"
+        how = how_in_a_line = (
+            "it cannot be resumed (--store :memory: keeps no run): run it again, with a store file to resume later"
+        )
     code = 0
     stopped: StoreError | None = None
     try:
@@ -494,7 +497,7 @@ def follow(
     progress.active = False
     if stopped is not None:
         # The store could not take the run's last state: say why in one line, not what it holds.
-        then = f"; {how}" if stopped.resumable else ""
+        then = f"; {how_in_a_line}" if stopped.resumable else ""
         _console(stderr=True).print(f"STOPPED: {stopped}{then}", markup=False)
         return code
     state = engine.get_status(iid)
