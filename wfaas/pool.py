@@ -21,7 +21,6 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
-import pickle
 import signal
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from . import _guard, _threads, _worker
+from . import _guard, _threads, _worker, wire
 
 
 @dataclass
@@ -107,7 +106,7 @@ class Pool(Protocol):
     def spawn(self, slot: Slot) -> None: ...
     def waitables(self) -> dict[Any, tuple[str, Slot]]: ...
     def send(self, slot: Slot, message: bytes) -> None: ...
-    def receive(self, slot: Slot) -> tuple[Any, ...] | None: ...
+    def receive(self, slot: Slot) -> wire.FromWorker | None: ...
     def exit_of(self, slot: Slot) -> Exit: ...
     def kill(self, slot: Slot, grace: float, done: Callable[[Slot, Exit], None], exit_: Exit | None = None) -> None: ...
     def hurry(self, slot: Slot) -> None: ...
@@ -176,11 +175,11 @@ class WorkerPool:
         slot.conn.send_bytes(message)
 
     @staticmethod
-    def receive(slot: Slot) -> tuple[Any, ...] | None:
+    def receive(slot: Slot) -> wire.FromWorker | None:
         """The next message from the slot, or None if its pipe broke (the process died)."""
         assert slot.conn is not None
         try:
-            result: tuple[Any, ...] = pickle.loads(slot.conn.recv_bytes())
+            result: wire.FromWorker = wire.loads(slot.conn.recv_bytes())
         except (EOFError, OSError):
             slot.eof = True
             return None
@@ -233,7 +232,7 @@ class WorkerPool:
             # tree holds them all (it is their subreaper); once it exited, they would be init's.
             if slot.task is None and not slot.dying and slot.conn is not None and slot.pid not in parents:
                 try:
-                    slot.conn.send_bytes(pickle.dumps(("stop",)))
+                    slot.conn.send_bytes(wire.STOP)
                     asked.add(slot.index)
                 except OSError:
                     pass

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from . import _threads
+from . import _threads, wire
 from . import data as data_codec
 from . import events as ev
 from .capture import AttemptLog
@@ -662,9 +662,22 @@ class Scheduler:
         # pickle drops __cause__ (the step's own exception): send it beside the error.
         error = step.final_error
         error_blob = data_codec.encode_value((error, error.__cause__)) if hook == "failure" and error else None
-        meta = (run.iid, run.workflow_id, step.sid, step.attempts, hook, error_blob)
-        message = ("run", id(task), key, body_blob, cls_key, cls_blob, snap.key, snap_blob, meta)
-        return pickle.dumps(message, protocol=5)
+        message = wire.RunStep(
+            id(task),
+            key,
+            body_blob,
+            cls_key,
+            cls_blob,
+            snap.key,
+            snap_blob,
+            run.iid,
+            run.workflow_id,
+            step.sid,
+            step.attempts,
+            hook,
+            error_blob,
+        )
+        return wire.dumps(message)
 
     # -- results ---------------------------------------------------------------
 
@@ -674,12 +687,12 @@ class Scheduler:
         task.run.inflight -= 1
         self._inflight -= 1
 
-    def _on_message(self, slot: Slot, message: tuple[Any, ...]) -> None:
+    def _on_message(self, slot: Slot, message: wire.FromWorker) -> None:
         task: Task = slot.task
-        if message[0] == "out":  # lines the step printed while it runs; its reply follows
+        if isinstance(message, wire.Output):  # lines the step printed while it runs; its reply follows
             run, step = task.run, task.step
             self._event(
-                ev.StepOutput, run, self.clock.now(), step_id=step.sid, attempt=task.attempt, lines=tuple(message[2])
+                ev.StepOutput, run, self.clock.now(), step_id=step.sid, attempt=task.attempt, lines=tuple(message.lines)
             )
             return
         if slot.dying:
@@ -688,20 +701,20 @@ class Scheduler:
             self.pool.hurry(slot)
         self._release(task)
         run, step = task.run, task.step
-        kind, logs, usage = message[0], message[4], message[-1]
-        if logs:
-            self._events.extend(logs)
-        if len(message) > 6 and message[5] is not None:
-            self._keep_output(task, *message[5])
+        usage = message.usage
+        if message.logs:
+            self._events.extend(message.logs)
+        if message.output is not None:
+            self._keep_output(task, *message.output)
         if usage.get("retire") and not slot.dying:
             log.info("replacing worker %s: %s", slot.pid, usage["retire"])
             self.pool.kill(slot, 0.0, self._killed)  # it exits by itself; this reaps it and starts the next
         if task.hook:
             self._hook_done(run, step)
             return
-        if kind == "done":
-            outcome, changes = message[2], message[3]
-            if outcome == "failure":
+        if isinstance(message, wire.Done):
+            outcome, changes = message.outcome, message.changes
+            if outcome == wire.FAILURE:
                 error: WorkflowError = StepFailed("the step returned StepResult.FAILURE", **self._where(run, step))
                 self._end_attempt(task, "failed", usage, error=error)
                 self._attempt_failed(run, step, error, error)
@@ -711,18 +724,18 @@ class Scheduler:
                 self._end_attempt(task, "failed", usage, error=conflict)
                 self._attempt_failed(run, step, conflict, conflict)
                 return
-            self._end_attempt(task, "succeeded" if outcome == "success" else "skipped", usage)
-            if outcome == "success" and overrides(run.compiled.steps[step.index].body, "on_success"):
+            self._end_attempt(task, "succeeded" if outcome == wire.SUCCESS else "skipped", usage)
+            if outcome == wire.SUCCESS and overrides(run.compiled.steps[step.index].body, "on_success"):
                 self._queue_hook(run, step, "success")  # only now is the success certain
                 return
-            status = S.SUCCEEDED if outcome == "success" else S.SKIPPED
+            status = S.SUCCEEDED if outcome == wire.SUCCESS else S.SKIPPED
             self._finish(run, step, status, reason="the step returned StepResult.SKIP", duration=usage["wall"])
         else:
-            exc = _decode_error(message[2])
-            exc.__cause__ = _RemoteTraceback(message[3])
+            exc = _decode_error(message.error)
+            exc.__cause__ = _RemoteTraceback(message.traceback)
             error = StepFailed(f"{type(exc).__name__}: {exc}", **self._where(run, step))
             error.__cause__ = exc
-            self._end_attempt(task, "failed", usage, error=error, traceback=message[3] or None)
+            self._end_attempt(task, "failed", usage, error=error, traceback=message.traceback or None)
             self._attempt_failed(run, step, error, exc)
         self._maybe_finish(run)
 
