@@ -38,7 +38,7 @@ import dill
 from . import data as data_codec
 from . import wire
 from .capture import Capture, ProcessState, format_record
-from .steps import StepExecutor, StepResult, WorkflowContext
+from .steps import StepExecutor, StepResult, WorkflowContext, values_written
 
 
 class _Collector(logging.Handler):
@@ -289,7 +289,7 @@ def _run(body: Any, cls: type, fields: dict[str, bytes], run: wire.RunStep) -> t
     if result is StepResult.FAILURE:
         return wire.FAILURE, {}
     # ctx.data, not the object built above: a step may assign a new object to it.
-    changes = data_codec.diff_fields(ctx.data, fields, values if ctx._written else None)
+    changes = data_codec.diff_fields(ctx.data, fields, values if values_written(ctx) else None)
     return result.value, changes
 
 

@@ -494,13 +494,11 @@ def error_from_meta(instance_id: str, meta: dict[str, Any]) -> WorkflowError:
     """Rebuild an instance's error from its stored record (for runs of another process)."""
     if meta["status"] == W.CANCELLED.value:
         return errors_module.Cancelled(instance_id, meta["workflow_id"])
-    kind = getattr(errors_module, meta.get("error_type") or "", None)
     message = meta.get("error") or "failed"
-    if isinstance(kind, type) and issubclass(kind, errors_module._StepError):
-        error = kind.__new__(kind)
-        errors_module._StepError.__init__(
-            error, message, instance_id=instance_id, step_id=meta.get("failed_step") or ""
-        )
-        Exception.__init__(error, message)
+    step_id = meta.get("failed_step") or ""
+    error = errors_module.step_error_named(
+        meta.get("error_type") or "", message, instance_id=instance_id, step_id=step_id
+    )
+    if error is not None:
         return error
     return errors_module.StepFailed(message, instance_id=instance_id, step_id=meta.get("failed_step") or "")
