@@ -39,7 +39,7 @@ from typing import Any
 
 from . import _dask_remote, _threads, wire
 from ._worker import format_traceback
-from .pool import Exit, Pool, Slot, WorkerPool
+from .pool import Exit, Pool, Slot, Waitable, WorkerPool
 
 __all__ = ["DaskBackend"]
 
@@ -235,13 +235,13 @@ class DaskPool:
             slot.token = slot.future = slot.where = None
             slot.bodies, slot.classes, slot.snapshot, slot.eof = set(), set(), None, False
 
-    def waitables(self) -> dict[Any, tuple[str, Slot]]:
-        out: dict[Any, tuple[str, Slot]] = {}
+    def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:
+        out: dict[Any, tuple[Waitable, Slot]] = {}
         for slot in self._dask():
             if not slot.dying:
-                out[slot.sentinel] = ("exit", slot)
+                out[slot.sentinel] = (Waitable.EXIT, slot)
             if slot.task is not None and not slot.eof:
-                out[slot.conn] = ("result", slot)
+                out[slot.conn] = (Waitable.RESULT, slot)
         return out
 
     def send(self, slot: Slot, message: bytes) -> None:

@@ -35,7 +35,9 @@ from .errors import (
 )
 from .events import EventBus
 from .pool import Backend, Pool, WorkerPool
-from .scheduler import Compiled, Run, Scheduler, encode_bodies
+from .rundata import RunData
+from .runs import Compiled, Run, encode_bodies
+from .scheduler import Scheduler
 from .states import WorkflowState, WorkflowStatus
 from .store import InMemoryStore, StateStore, data_class
 
@@ -183,8 +185,8 @@ class WorkflowEngine:
         fields = data_codec.encode_fields(data, where=where)
         cls_blob = self._class_blob(type(data))
         iid = uuid.uuid4().hex
-        run = Run(iid, compiled, type(data), cls_blob, fields, created_at=self.clock.now())
-        run.dirty_fields.update(fields)
+        run = Run(iid, compiled, type(data), cls_blob, RunData(fields), created_at=self.clock.now())
+        run.data.dirty_fields.update(fields)
         run.extra = {"class": cls_blob, "fingerprint": compiled.fingerprint, "origin": self.origin}
         result: str = self._call(self._scheduler.start_run, run, None, set())
         return result
@@ -211,7 +213,7 @@ class WorkflowEngine:
         waiting cancels the instance gracefully, then re-raises.
         """
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-        finished = self._scheduler.outcomes.get(instance_id)
+        finished = self._scheduler.outcome(instance_id)
         if finished is None:
             return self._wait_foreign(instance_id, label, seconds)
         try:
@@ -223,7 +225,8 @@ class WorkflowEngine:
             raise TimeoutError(
                 f"instance {instance_id} is still running after {seconds} s; it goes on — wait again, or cancel it"
             )
-        finished = self._scheduler.outcomes[instance_id]
+        finished = self._scheduler.outcome(instance_id)
+        assert finished is not None
         if finished.status is W.COMPLETED:
             return f"{label} completed successfully via workflow"
         assert finished.error is not None
@@ -328,7 +331,7 @@ class WorkflowEngine:
             compiled,
             cls,
             record.extra["class"],
-            dict(record.resolved_fields()),
+            RunData(dict(record.resolved_fields())),
             created_at=meta["created_at"],
         )
         run.status = status
@@ -369,7 +372,7 @@ class WorkflowEngine:
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         deadline = None if seconds is None else time.monotonic() + seconds
         for iid in self.active_instances():
-            finished = self._scheduler.outcomes.get(iid)
+            finished = self._scheduler.outcome(iid)
             if finished is None:
                 continue
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -421,7 +424,7 @@ class WorkflowEngine:
         before = set(self.store.ids())
         removed = self.store.cleanup_old_workflows(ttl, now=self.clock.now())
         for iid in before - set(self.store.ids()):
-            self._scheduler.outcomes.pop(iid, None)
+            self._scheduler.finished.pop(iid, None)
         return removed
 
 

@@ -18,6 +18,7 @@ process (``_guard.py``) kills every worker's tree if the engine dies.
 
 from __future__ import annotations
 
+import enum
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -69,6 +70,13 @@ class Exit:
         return said
 
 
+class Waitable(enum.Enum):
+    """What a descriptor the scheduler blocks on says when it is ready (see ``Pool.waitables``)."""
+
+    RESULT = "result"  # the slot's pipe: a message (or EOF)
+    EXIT = "exit"  # the slot's process sentinel: it died
+
+
 class Slot:
     """One worker process and what it already holds (step bodies, data class, snapshot)."""
 
@@ -104,7 +112,7 @@ class Pool(Protocol):
 
     def start(self) -> None: ...
     def spawn(self, slot: Slot) -> None: ...
-    def waitables(self) -> dict[Any, tuple[str, Slot]]: ...
+    def waitables(self) -> dict[Any, tuple[Waitable, Slot]]: ...
     def send(self, slot: Slot, message: bytes) -> None: ...
     def receive(self, slot: Slot) -> wire.FromWorker | None: ...
     def exit_of(self, slot: Slot) -> Exit: ...
@@ -158,16 +166,16 @@ class WorkerPool:
         slot.task, slot.dying = None, False
         slot.bodies, slot.classes, slot.snapshot, slot.last_rss, slot.eof = set(), set(), None, 0, False
 
-    def waitables(self) -> dict[Any, tuple[str, Slot]]:
+    def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:
         """Every object the scheduler blocks on, mapped to (kind, slot)."""
-        out: dict[Any, tuple[str, Slot]] = {}
+        out: dict[Any, tuple[Waitable, Slot]] = {}
         for slot in self.slots:
             if slot.process is None:
                 continue
             if not slot.dying:
-                out[slot.process.sentinel] = ("exit", slot)
+                out[slot.process.sentinel] = (Waitable.EXIT, slot)
             if slot.task is not None and slot.conn is not None and not slot.eof:
-                out[slot.conn] = ("result", slot)
+                out[slot.conn] = (Waitable.RESULT, slot)
         return out
 
     def send(self, slot: Slot, message: bytes) -> None:

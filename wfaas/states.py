@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from .errors import InvalidStateTransition
 
-__all__ = ["Attempt", "StepState", "StepStatus", "WorkflowState", "WorkflowStatus"]
+__all__ = ["Attempt", "AttemptOutcome", "StepState", "StepStatus", "WorkflowState", "WorkflowStatus"]
 
 D = TypeVar("D")
 
@@ -88,8 +88,15 @@ def check_step_transition(instance_id: str, step_id: str, current: StepStatus, n
         raise InvalidStateTransition(f"step {step_id!r} of instance {instance_id}", current, new)
 
 
-# How one attempt ended, as the report colours it.
-OUTCOMES = ("succeeded", "failed", "timed_out", "crashed", "cancelled", "skipped")
+class AttemptOutcome(enum.Enum):
+    """How one attempt ended (``Attempt.outcome`` holds the value; the report colours each)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CRASHED = "crashed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,151 @@
+"""The scheduler loop's I/O: what it blocks on, how other threads reach it, and its timers.
+
+``Poller`` blocks on many descriptors at once; ``WakeUp`` is the pipe other
+threads write to so the block ends; ``Commands`` carries calls from other
+threads to the scheduler thread; ``Timers`` is the heap of deadlines whose
+earliest sets how long the loop may block. None of them knows what a run is.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import enum
+import heapq
+import logging
+import math
+import os
+import select
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+log = logging.getLogger("wfaas")
+
+
+class Poller:
+    """Blocks on many descriptors at once, with one ``poll`` object kept across turns.
+
+    ``multiprocessing.connection.wait`` builds and fills a new selector on
+    every call; at two or three turns a step that was a measurable share of
+    the scheduler's time per step. Here only what changed between turns is
+    (un)registered.
+    """
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._fds: set[int] = set()
+
+    def wait(self, objects: list[Any], timeout: float | None) -> list[Any]:
+        """The objects (descriptors, or anything with ``fileno()``) ready to read, closed, or failed."""
+        by_fd = {obj if isinstance(obj, int) else obj.fileno(): obj for obj in objects}
+        for fd in self._fds - by_fd.keys():
+            self._poll.unregister(fd)
+        for fd in by_fd.keys() - self._fds:
+            self._poll.register(fd, select.POLLIN)
+        self._fds = set(by_fd)
+        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        return [by_fd[fd] for fd, _ in self._poll.poll(ms) if fd in by_fd]
+
+
+class WakeUp:
+    """A pipe that ends the loop's block when any thread writes to it."""
+
+    def __init__(self) -> None:
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._w, False)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        # Called from any thread (kill threads, commit acknowledgements, a virtual clock),
+        # also after close(): never write to the descriptor once closed, its number may be reused.
+        with self._lock:
+            if self._w < 0:
+                return
+            try:
+                os.write(self._w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full, so a wake-up is pending anyway
+
+    def drain(self) -> None:
+        try:
+            os.read(self.fd, 4096)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            os.close(self.fd)
+            os.close(self._w)
+            self._w = -1
+
+
+Command = tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any] | None]
+
+
+class Commands:
+    """Calls from other threads, run in order on the scheduler thread."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[Command] = collections.deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def put(self, fn: Callable[..., Any], args: tuple[Any, ...], future: concurrent.futures.Future[Any] | None) -> None:
+        self._queue.append((fn, args, future))
+
+    def run(self) -> Iterator[tuple[concurrent.futures.Future[Any], Any]]:
+        """Run every queued call; yields (future, result) to resolve once this turn is committed."""
+        while self._queue:
+            fn, args, future = self._queue.popleft()
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the caller through its future
+                if future is not None:
+                    future.set_exception(exc)
+                else:
+                    log.exception("wfaas scheduler command %s failed", getattr(fn, "__name__", fn))
+            else:
+                if future is not None:
+                    yield future, result
+
+    def fail_all(self, error: BaseException) -> None:
+        """The scheduler is gone: every caller still waiting gets ``error``."""
+        while self._queue:
+            _, _, future = self._queue.popleft()
+            if future is not None:
+                future.set_exception(error)
+
+
+class TimerKind(enum.Enum):
+    """What happens when a timer fires."""
+
+    TIMEOUT = "timeout"  # an attempt ran too long: stop its tree
+    WAIT = "wait"  # a delay or scheduled_at is over: decide the step again
+    RETRY = "retry"  # a retry's backoff is over: queue the step
+
+
+class Timers:
+    """A heap of deadlines; a target's timer is live while ``target.timer`` holds its sequence number."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, TimerKind, Any]] = []
+
+    def add(self, when: float, seq: int, kind: TimerKind, target: Any) -> int:
+        heapq.heappush(self._heap, (when, seq, kind, target))
+        return seq
+
+    @property
+    def next_deadline(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def due(self, now: float) -> Iterator[tuple[TimerKind, Any]]:
+        """The live timers due at ``now``, earliest first; stale ones (cancelled, superseded) are dropped."""
+        while self._heap and self._heap[0][0] <= now:
+            _, seq, kind, target = heapq.heappop(self._heap)
+            if target.timer != seq:
+                continue
+            target.timer = 0
+            yield kind, target
