@@ -227,7 +227,7 @@ def main(conn: Connection, live_output: bool = True) -> None:
         capture.start()
         meter.start()
         try:
-            outcome, changes = _run(bodies[run.body_key], classes[run.cls_key], snap_fields, run)
+            outcome, changes = execute(bodies[run.body_key], classes[run.cls_key], snap_fields, run)
             raised: BaseException | None = None
         except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
             raised = exc
@@ -253,7 +253,7 @@ def main(conn: Connection, live_output: bool = True) -> None:
             return  # the engine starts a fresh worker in this one's place
 
 
-def _run(body: Any, cls: type, fields: dict[str, bytes], run: wire.RunStep) -> tuple[str, dict[str, Any]]:
+def execute(body: Any, cls: type, fields: dict[str, bytes], run: wire.RunStep) -> tuple[str, dict[str, Any]]:
     """Run the body (or hook): its outcome (``wire.SUCCESS`` ...) and the fields it changed."""
     step_id, hook = run.step_id, run.hook
     data = data_codec.build(cls, fields)
