@@ -252,9 +252,10 @@ def test_journal_mode_is_wal_and_synchronous_is_set_on_the_stores_connection(
         with sqlite3.connect(path) as other:
             assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         # synchronous is per connection (a fresh one says FULL, 2): ask the store's own,
-        # the one that commits the checkpoints, not sqlitedict's default OFF (0).
-        assert st._db.conn.select_one("PRAGMA synchronous")[0] == value
-        assert st._db.conn.select_one("PRAGMA journal_mode")[0] == "wal"
+        # the one that commits the checkpoints.
+        writer = st._writer._conn  # type: ignore[union-attr]
+        assert writer.execute("PRAGMA synchronous").fetchone()[0] == value
+        assert writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         st.close()
 
@@ -420,7 +421,11 @@ def probe(tmp_path: Path, path: Path, timeout: float = 30, **options: Any) -> di
             text=True,
             timeout=timeout,
             cwd="/",
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},  # the data class (conftest.Data)
+            # The data class (conftest.Data), and the wfaas under test (a PYTHONPATH given to the tests).
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+            },
         )
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(
@@ -557,7 +562,10 @@ def locked_dir() -> Iterator[Path]:
     base.chmod(0o755)
     (base / "ro").mkdir()
     (base / "rw").mkdir()
-    (base / "rw").chmod(0o777)
+    # Writable by the probe, and by no one else: a store in a folder others may write is refused.
+    (base / "rw").chmod(0o700)
+    if os.geteuid() == 0:
+        os.chown(base / "rw", 65534, 65534)
     yield base / "ro"
     (base / "ro").chmod(0o755)
     subprocess.run(["rm", "-rf", str(base)], check=True)
@@ -750,3 +758,18 @@ def test_a_running_step_is_visible_as_running_to_another_process(tmp_path: Path)
             assert gate.started_at is not None
         finally:
             reader.close()
+
+
+def test_the_file_keeps_sqlitedicts_layout(tmp_path: Path) -> None:
+    # wfaas writes with the standard library's sqlite3 (README "Durability"); the file stays
+    # what sqlitedict reads, so tools built on it keep working.
+    from sqlitedict import SqliteDict
+
+    path = tmp_path / "runs.sqlite"
+    st = SqliteStore(path)
+    st.save(state("i1", W.FAILED, n=3))
+    st.close()
+    with SqliteDict(str(path), tablename="wfaas", flag="r", journal_mode="WAL") as view:
+        assert view["wfaas/format"] == FORMAT_VERSION
+        assert view["m/i1"]["status"] == W.FAILED.value
+        assert view["i/i1/s/a"]["status"] == S.SUCCEEDED.value

@@ -60,7 +60,7 @@ from .store import InMemoryStore, StateStore
 
 
 def __getattr__(name: str) -> object:
-    # Imported only when asked for: importlib.metadata and sqlitedict cost import time.
+    # Imported only when asked for: importlib.metadata and sqlite3 cost import time.
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
 

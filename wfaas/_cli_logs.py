@@ -180,6 +180,8 @@ def print_failed_traceback(state: WorkflowState[Any], console: Any, store_flag: 
     for line in compact_traceback(text):
         # On a terminal a line is cut at its width rather than wrapped: the whole text is one command away.
         console.print(shorten(f"  {line}", console.width) if console.is_terminal else f"  {line}", markup=False)
+    if ":memory:" in store_flag:
+        return  # nothing outlives this process: no command could show more later
     console.print(f"its output: wfaas-local logs {state.instance_id} {step}{store_flag}", markup=False)
     console.print(f"every attempt: wfaas-local status {state.instance_id} --step {step}{store_flag}", markup=False)
 

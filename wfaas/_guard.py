@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing.connection
 import multiprocessing.process
+import os
 import signal
 import threading
 from typing import Any
@@ -50,6 +51,13 @@ def main(conn: multiprocessing.connection.Connection) -> None:
     from .pool import kill_tree
 
     _name_me(b"wfaas-guard")
+    # Out of the engine's process group: `kill -9 -PGID` of the engine's group (a shell job, a test
+    # harness, a supervisor) must not take the guard with it, or nothing would be left to kill the
+    # workers, which lead groups of their own.
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # already a group leader
     # Signals for the engine's process group are the engine's to handle (a graceful stop stops the
     # workers with a grace period); the guard acts only when the engine is gone.
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):

@@ -150,15 +150,35 @@ def build_data(definition: WorkflowDefinition, data: str | None, params: tuple[s
         fail(f"--data: cannot build {cls.__name__}: {exc}")
 
 
-def open_store(path: str, *, readonly: bool = False) -> StateStore:
+def open_store(path: str, *, readonly: bool = False, must_exist: bool = False) -> StateStore:
+    """The store at ``path``; commands that only read (``readonly``) or resume (``must_exist``) never create one."""
     if path == ":memory:":
         return InMemoryStore()
     from .sqlite_store import SqliteStore
 
+    if (readonly or must_exist) and not os.path.lexists(path):
+        fail(
+            f"no wfaas store at {path}: nothing has run with it here, and this command never creates one; "
+            "name the store with --store PATH or the WFAAS_STORE environment variable"
+        )
     try:
-        return SqliteStore(path, readonly=readonly)
+        return SqliteStore(path, readonly=readonly, create=not must_exist)
     except StoreError as exc:
         fail(str(exc))
+
+
+def read_metas(store: StateStore) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """Every run's meta, and one line per run whose record is damaged (the others are still shown)."""
+    metas, damaged = [], []
+    for iid in store.ids():
+        try:
+            meta = store.read_meta(iid)
+        except StoreError as exc:
+            damaged.append(str(exc))
+            continue
+        if meta is not None:
+            metas.append((iid, meta))
+    return metas, damaged
 
 
 def load_state(store: StateStore, iid: str) -> WorkflowState[Any]:
@@ -194,7 +214,10 @@ def resolve_id(store: StateStore, prefix: str | None) -> str:
     if prefix is None:
         if not ids:
             fail("no runs in this store yet; start one with `wfaas-local run TARGET`")
-        metas = [(store.read_meta(i) or {}, i) for i in ids]
+        readable, _ = read_metas(store)  # a damaged run is never the newest: it cannot be shown
+        if not readable:
+            fail(f"no readable run in this store: {store!r} holds only damaged records")
+        metas = [(meta, i) for i, meta in readable]
         return max(metas, key=lambda m: m[0].get("created_at") or datetime.min.replace(tzinfo=UTC))[1]
     matches = [i for i in ids if i.startswith(prefix)]
     if not matches:
@@ -454,19 +477,30 @@ def follow(
     click.echo(f"{verb} {iid}", err=as_json)
     progress.release()
     resume_cmd = f"wfaas-local resume {iid}" + (f" --store {store_path}" if store_path != DEFAULT_STORE else "")
+    how = f"continue it with: {resume_cmd}"
+    if store_path == ":memory:":  # nothing outlives this process: there is no run to resume
+        how = "it cannot be resumed (--store :memory: keeps no run): run it again, with a store file to resume later"
     code = 0
+    stopped: StoreError | None = None
     try:
         with progress, _cancel_on_sigusr1(engine, [iid]):
             try:
                 engine.wait_for_completion(iid)
+            except StoreError as exc:
+                stopped, code = exc, EXIT_FAILED
             except WorkflowError:
                 code = EXIT_FAILED
             engine.event_bus.flush()
     except KeyboardInterrupt:
         engine.event_bus.flush()
-        out.print(f"interrupted: the run was cancelled and checkpointed; continue it with: {resume_cmd}", markup=False)
+        out.print(f"interrupted: the run was cancelled and checkpointed; {how}", markup=False)
         return EXIT_INTERRUPTED
     progress.active = False
+    if stopped is not None:
+        # The store could not take the run's last state: say why in one line, not what it holds.
+        then = f"; {how}" if stopped.resumable else ""
+        _console(stderr=True).print(f"STOPPED: {stopped}{then}", markup=False)
+        return code
     state = engine.get_status(iid)
     if as_json:
         click.echo(json.dumps(state_json(state), indent=2))
@@ -480,9 +514,12 @@ def follow(
         failed = f"FAILED at step {state.failed_step}: {step_error(state.error or '')}"
         err.print(shorten(failed, err.width) if err.is_terminal else failed, markup=False)
         _cli_logs.print_failed_traceback(state, err, "" if store_path == DEFAULT_STORE else f" --store {store_path}")
-        err.print(f"fix the cause, then continue with:\n  {resume_cmd}", markup=False)
+        if store_path == ":memory:":
+            err.print(how, markup=False)
+        else:
+            err.print(f"fix the cause, then continue with:\n  {resume_cmd}", markup=False)
     elif state.status is WorkflowStatus.CANCELLED:
-        _console(stderr=True).print(f"CANCELLED; continue with: {resume_cmd}", markup=False)
+        _console(stderr=True).print(f"CANCELLED; {how}", markup=False)
     return code
 
 
@@ -512,7 +549,17 @@ dask_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Every command: a store that turns out bad while a command reads it is one line, exit 2, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreError as exc:
+            raise UsageProblem(str(exc).replace("\n", " ")) from exc
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="wfaas", prog_name="wfaas-local")
 def main() -> None:
     """Run wfaas workflows on this machine and look at their runs.
@@ -626,7 +673,7 @@ def resume(
     Example:
       wfaas-local resume 3f2a --rerun clean
     """
-    state_store = open_store(store)
+    state_store = open_store(store, must_exist=True)
     iid = resolve_id(state_store, instance_id)
     record = state_store.read(iid)
     assert record is not None
@@ -672,12 +719,18 @@ def recover(store: str, workers: int | None, quiet: bool, dask: str | None) -> N
     """
     from .engine import owner_alive
 
-    state_store = open_store(store)
+    state_store = open_store(store, must_exist=True)
     origins: dict[str, list[str]] = {}
-    for iid in state_store.ids():
-        meta = state_store.read_meta(iid) or {}
+    metas, damaged = read_metas(state_store)
+    for line in damaged:  # the damage stays with its run: the others are recovered
+        click.echo(f"skipping: {line}", err=True)
+    for iid, meta in metas:
         if meta.get("status") in ("running", "pending") and not owner_alive(meta.get("owner") or {}):
-            record = state_store.read(iid)
+            try:
+                record = state_store.read(iid)
+            except StoreError as exc:
+                click.echo(f"skipping: {exc}", err=True)
+                continue
             origin = record.extra.get("origin") if record else None
             if origin:
                 origins.setdefault(origin, []).append(iid)
@@ -812,10 +865,8 @@ def list_runs(store: str, status_filter: str | None, limit: int, as_json: bool) 
     """
     state_store = open_store(store, readonly=True)
     rows = []
-    for iid in state_store.ids():
-        meta = state_store.read_meta(iid)
-        if meta is None:
-            continue
+    metas, damaged = read_metas(state_store)
+    for iid, meta in metas:
         if status_filter and meta["status"] != status_filter.lower():
             continue
         rows.append((meta.get("created_at"), iid, meta))
@@ -842,16 +893,27 @@ def list_runs(store: str, status_filter: str | None, limit: int, as_json: bool) 
                 indent=2,
             )
         )
+        _exit_if_damaged(damaged)
         return
     from .cli_tables import owner_note, print_runs
 
     if not rows:
         which = f" {status_filter.upper()}" if status_filter else ""
-        click.echo(f"no{which} runs in {store} yet; start one with `wfaas-local run TARGET`")
-        return
-    store_arg = None if store == DEFAULT_STORE else store
-    notes = {iid: n for _, iid, m in rows if (n := owner_note(m, iid, store_arg))}
-    print_runs(rows, _console(), notes)
+        none = f"no{which} readable runs in {store}" if damaged else f"no{which} runs in {store} yet"
+        click.echo(none if damaged else f"{none}; start one with `wfaas-local run TARGET`")
+    else:
+        store_arg = None if store == DEFAULT_STORE else store
+        notes = {iid: n for _, iid, m in rows if (n := owner_note(m, iid, store_arg))}
+        print_runs(rows, _console(), notes)
+    _exit_if_damaged(damaged)
+
+
+def _exit_if_damaged(damaged: list[str]) -> None:
+    """After showing the runs that could be read: one line per damaged run, exit 2."""
+    for line in damaged:
+        click.echo(f"Error: {line}", err=True)
+    if damaged:
+        sys.exit(EXIT_USAGE)
 
 
 @main.command()

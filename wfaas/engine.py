@@ -31,6 +31,7 @@ from .errors import (
     InvalidStateTransition,
     NotFound,
     ShuttingDown,
+    StoreError,
     WorkflowError,
 )
 from .events import EventBus
@@ -62,7 +63,8 @@ class CleanupHandle:
     def _loop(self, ref: weakref.ref[WorkflowEngine], ttl: float, interval: float) -> None:
         while not self._stop.is_set():
             engine = ref()
-            if engine is None or engine._closed:
+            # After shutdown() runs still finish: they must stay readable (the crate's task stops too).
+            if engine is None or engine._closed or engine._shutting_down:
                 return
             try:
                 self.removed += engine._cleanup(ttl)
@@ -118,6 +120,7 @@ class WorkflowEngine:
         self._class_blobs: dict[type, bytes] = {}
         self._shutting_down = False
         self._closed = False
+        self._cleanups: weakref.WeakSet[CleanupHandle] = weakref.WeakSet()
         me = psutil.Process()
         # Recorded with every run this engine owns; `cancel_signal` tells another
         # process (wfaas-local cancel) which signal asks this one to cancel its runs.
@@ -227,6 +230,11 @@ class WorkflowEngine:
             )
         finished = self._scheduler.outcome(instance_id)
         assert finished is not None
+        if isinstance(finished.error, StoreError):
+            raise finished.error  # the store failed: what it holds (or not) is not the answer
+        if self.store.read_meta(instance_id) is None:
+            # Removed from the store since it ended (cleanup_old_workflows, delete): unknown, as to get_status.
+            raise NotFound(instance_id, " (it ended and was removed from the store since)")
         if finished.status is W.COMPLETED:
             return f"{label} completed successfully via workflow"
         assert finished.error is not None
@@ -325,15 +333,15 @@ class WorkflowEngine:
                 instance_id,
                 ", ".join(bodies),
             )
-        cls = data_class(record)
-        run = Run(
-            instance_id,
-            compiled,
-            cls,
-            record.extra["class"],
-            RunData(dict(record.resolved_fields())),
-            created_at=meta["created_at"],
-        )
+        try:
+            cls, fields = data_class(record), dict(record.resolved_fields())
+        except Exception as exc:  # bytes that do not decode: that run's record is damaged, said as such
+            where = record.where or repr(self.store)
+            raise StoreError(
+                f"the record of run {instance_id} in the wfaas store {where} is damaged ({type(exc).__name__}: "
+                f"{exc}); it cannot be resumed, other runs are not affected: restore the store from a backup"
+            ) from exc
+        run = Run(instance_id, compiled, cls, record.extra["class"], RunData(fields), created_at=meta["created_at"])
         run.status = status
         run.extra = {"fingerprint": compiled.fingerprint}
         steps = {sid: rec for sid, rec in record.steps.items() if sid in compiled.index}
@@ -344,7 +352,11 @@ class WorkflowEngine:
         """Resume every instance left RUNNING by a process that died; returns their ids."""
         resumed = []
         for iid in self.store.ids():
-            meta = self.store.read_meta(iid)
+            try:
+                meta = self.store.read_meta(iid)
+            except StoreError as exc:  # a damaged record stays that run's problem
+                log.warning("cannot recover instance %s: %s", iid, exc)
+                continue
             if meta is None or W(meta["status"]) not in (W.RUNNING, W.PENDING):
                 continue
             if iid in self._scheduler.runs or owner_alive(meta.get("owner") or {}):
@@ -352,7 +364,11 @@ class WorkflowEngine:
             if meta["workflow_id"] not in self._definitions:
                 log.warning("cannot recover instance %s: workflow %r is not registered", iid, meta["workflow_id"])
                 continue
-            self.resume(iid)
+            try:
+                self.resume(iid)
+            except StoreError as exc:
+                log.warning("cannot recover instance %s: %s", iid, exc)
+                continue
             resumed.append(iid)
         return resumed
 
@@ -363,8 +379,10 @@ class WorkflowEngine:
         return list(self._scheduler.runs)
 
     def shutdown(self) -> None:
-        """Accept no new workflows; running ones go on."""
+        """Accept no new workflows; running ones go on. The cleanup task stops (finished runs stay)."""
         self._shutting_down = True
+        for handle in list(self._cleanups):
+            handle._stop.set()
 
     def wait_for_shutdown(self, timeout: float | timedelta | None = None) -> bool:
         """Wait for running workflows to end, then stop the workers; False if ``timeout`` passed first."""
@@ -413,7 +431,11 @@ class WorkflowEngine:
         """Remove finished instances older than ``ttl`` every ``interval`` seconds, in the background."""
         ttl_s = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
         interval_s = interval.total_seconds() if isinstance(interval, timedelta) else float(interval)
-        return CleanupHandle(self, ttl_s, interval_s)
+        if self._shutting_down or self._closed:
+            raise ShuttingDown("start_cleanup_task() after shutdown()")
+        handle = CleanupHandle(self, ttl_s, interval_s)
+        self._cleanups.add(handle)
+        return handle
 
     def _cleanup(self, ttl: float) -> int:
         removed: int = self._call(self._cleanup_now, ttl)

@@ -239,10 +239,23 @@ class SerializationError(WorkflowError):
 
 
 class StoreError(WorkflowError):
-    """Raised when a state store cannot be opened, read or written."""
+    """Raised when a state store cannot be opened, read or written.
 
-    def __init__(self, message: str) -> None:
+    ``resumable`` is True when a run stopped by it can be resumed once the
+    cause is fixed (a full disk: what was committed is kept), False when not
+    (the store file was deleted).
+    """
+
+    def __init__(self, message: str, *, resumable: bool = False) -> None:
         super().__init__(message)
+        self.resumable = resumable
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_store_error, (str(self), self.resumable))
+
+
+def _rebuild_store_error(message: str, resumable: bool) -> StoreError:
+    return StoreError(message, resumable=resumable)
 
 
 def _rebuild_plain(cls: type[WorkflowError], message: str) -> WorkflowError:

@@ -647,7 +647,10 @@ class Scheduler:
             self.wake()  # a failed commit changed state: another turn checkpoints it
 
     def _store_failed(self, runs: list[Run], exc: Exception) -> None:
-        log.error("wfaas could not write a checkpoint; stopping the runs involved", exc_info=exc)
+        # The error is handled: it becomes each run's error (wait_for_completion, the events).
+        # One line for who follows the log; the traceback only for who debugs.
+        log.info("wfaas could not write a checkpoint; stopping %d run(s): %s", len(runs), exc)
+        log.debug("the checkpoint's failure", exc_info=exc)
         for run in runs:
             if not run.final:
                 run.stopping = Stopping.FAIL

@@ -1,6 +1,8 @@
-"""``SqliteStore``: checkpoints in one SQLite file, through sqlitedict.
+"""``SqliteStore``: checkpoints in one SQLite file.
 
-Layout: one table ``wfaas`` of (key TEXT, value BLOB). Per instance::
+Layout: one table ``wfaas`` of (key TEXT PRIMARY KEY, value BLOB), sqlitedict's
+layout (``SqliteDict(path, tablename="wfaas", flag="r", journal_mode="WAL")``
+reads it). Per instance::
 
     m/<iid>              meta: status, error, times, owner       (rewritten each turn it changes)
     i/<iid>/s/<step>     one record per step                      (written when that step changes)
@@ -10,36 +12,49 @@ Layout: one table ``wfaas`` of (key TEXT, value BLOB). Per instance::
     l/<iid>/<step>\x1f<attempt>\x1f<part>   what one attempt printed and logged (an ``AttemptLog``)
 
 and ``wfaas/format`` holds the layout version. A scheduler turn is one
-transaction: the puts are queued to sqlitedict's thread and a blocking commit
-ends them, so a checkpoint costs O(what changed).
+transaction, so a checkpoint costs O(what changed).
 
-Durability: sqlitedict opens connections with ``journal_mode=DELETE`` and
-``synchronous=OFF``. We ask for WAL (readers in other processes, such as
-``wfaas-local status``, never block the writer, and a commit is one append)
-and set ``synchronous=NORMAL`` on the connection after it opens. In WAL mode
-NORMAL never corrupts the file and keeps every commit across a crash of the
-process (``kill -9``), because the commit is in the OS before ``commit()``
-returns; only a power cut or OS crash can lose the last commits. Pass
-``synchronous="FULL"`` to fsync every commit and survive that too, at the
-cost of one fsync per scheduler turn.
+Writing: one writer thread of ours owns the writing connection and runs the
+queued transactions in order; each ends by calling its ``done`` with None or
+with a :class:`StoreError`. A failed transaction (full disk, I/O error, the
+file deleted) is rolled back and reported; the thread never dies of it, so no
+caller ever waits for an answer that cannot come. (sqlitedict, which wfaas
+used before, runs ``commit()`` outside its writer thread's error handling: on
+a full disk the thread dies and every later call waits forever, and it has no
+public "commit, then tell me" call; see README "Durability".)
+
+Reading: a second connection, read-only, beside the writer; in WAL mode it sees
+every committed turn and is never blocked by the writer.
+
+Durability: WAL with ``synchronous=NORMAL`` never corrupts the file and keeps
+every commit across a crash of the process (``kill -9``), because the commit
+is in the OS before ``COMMIT`` returns; only a power cut or OS crash can lose
+the last commits. ``synchronous="FULL"`` fsyncs every commit and survives
+that too, at the cost of one fsync per scheduler turn.
+
+Trust: values are pickles, so opening a store runs code from it. A store, its
+``-wal``/``-shm`` files or its folder that others may write, or that belongs
+to another user, is refused (as ssh refuses such keys); see ``_trust``.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
+import grp
 import logging
 import os
 import pickle
+import pwd
 import queue
 import sqlite3
 import stat
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import sqlitedict
-from sqlitedict import SqliteDict
 
 from . import _threads
 from . import data as data_codec
@@ -51,16 +66,12 @@ __all__ = ["FORMAT_VERSION", "SqliteStore"]
 
 FORMAT_VERSION = 1
 
-# sqlitedict logs every SQLite error with a traceback on stderr before raising it again
-# later; wfaas turns those errors into StoreError sentences, so its own log stays quiet.
-logging.getLogger("sqlitedict").setLevel(logging.CRITICAL)
+log = logging.getLogger("wfaas")
 _TABLE = "wfaas"
 _HEADER = b"SQLite format 3\x00"
-# sqlitedict's in-band commit request and end-of-results marker (it has no public
-# "commit, then tell me" call; these are what its own commit(blocking=True) uses).
-_COMMIT = sqlitedict._REQUEST_COMMIT
-_NO_MORE = sqlitedict._RESPONSE_NO_MORE
-_ROWS_PER_STATEMENT = 400  # 800 bound parameters, well under SQLite's limit
+_BUSY_SECONDS = 10.0  # another process holding the write lock (a concurrent creator, a reader's checkpoint)
+_Statements = list[tuple[str, Any]]  # (sql, parameters); a list of rows for executemany
+_Done = Callable[[StoreError | None], None]
 
 
 def _log_key(instance_id: str, step_id: str, attempt: int, part: str) -> str:
@@ -76,109 +87,163 @@ def _encode(value: Any) -> sqlite3.Binary:
     return sqlite3.Binary(data_codec.encode_value(value))
 
 
-def _decode(blob: bytes) -> Any:
-    return pickle.loads(bytes(blob))
-
-
 class SqliteStore(StateStore):
     """A :class:`StateStore` in one SQLite file; safe to read from other processes while a run writes.
 
     ``synchronous`` is ``"NORMAL"`` (survives a process crash) or ``"FULL"``
     (also survives a power cut; slower). ``readonly=True`` opens an existing
-    store for reading only (what ``wfaas-local status`` does).
+    store for reading only (what ``wfaas-local status`` does). ``create=False``
+    opens an existing store for writing but never creates one (what
+    ``wfaas-local resume`` does): a missing file raises :class:`StoreError`.
+
+    Opening a store unpickles what it holds, so it runs code from it like
+    opening a pickle: a store file, its folder, or its ``-wal``/``-shm``
+    files that another user owns, or that its group or others may write, is
+    refused with a :class:`StoreError` naming the mode or owner and the fix.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "NORMAL", readonly: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "NORMAL",
+        readonly: bool = False,
+        create: bool = True,
+    ) -> None:
         if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, got {synchronous!r}")
         self.path = Path(path)
         self.readonly = readonly
+        self._closed = True  # until fully open: close() and atexit have nothing to do
         self._lock = threading.Lock()
-        self._check_file()
+        self._read_lock = threading.Lock()
+        self._writer: _Writer | None = None
+        self._empty = False  # a read-only open of a store another process is creating right now
         try:
-            with _threads.signals_blocked():  # sqlitedict starts its writer thread here
-                self._db = SqliteDict(
-                    str(self.path),
-                    tablename=_TABLE,
-                    flag="r" if readonly else "c",
-                    autocommit=False,
-                    journal_mode="WAL",
-                    encode=_encode,
-                    decode=_decode,
-                    outer_stack=False,
-                )
-            self._db.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            self._db.conn.execute("PRAGMA busy_timeout=10000")
-            version = self._db.get("wfaas/format")
-            if version is None and not readonly:
-                self._db["wfaas/format"] = FORMAT_VERSION
-                self._db.commit()
+            self._open_file(create and not readonly)
+            self._connect(synchronous.upper())
         except StoreError:
+            self._close_connections()
             raise
-        except Exception as exc:  # every open failure becomes one clear StoreError
+        except Exception as exc:  # every other open failure becomes one clear StoreError
+            self._close_connections()
+            if isinstance(exc, PermissionError):
+                raise StoreError(
+                    f"cannot open the wfaas store {self.path}: {exc.strerror} ({exc.filename}); run as a user who "
+                    "may read it, or fix its permissions"
+                ) from exc
+            if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
+                raise StoreError(
+                    f"cannot open the wfaas store {self.path}: its disk is full ({exc}); free space on its "
+                    "filesystem and try again"
+                ) from exc
             raise StoreError(
                 f"cannot open the wfaas store {self.path}: {type(exc).__name__}: {exc}. If the file is damaged, "
                 "move it aside (its runs are lost) or restore it from a backup; wfaas never recreates it silently"
             ) from exc
-        if version is not None and version > FORMAT_VERSION:
-            self._db.close(force=True)
-            raise StoreError(
-                f"the wfaas store {self.path} was written by a newer wfaas (format {version}, this one reads "
-                f"up to {FORMAT_VERSION}); upgrade wfaas (pip install -U wfaas) to use it"
-            )
-        self._read_lock = threading.Lock()
-        self._reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
-        self._acks: queue.Queue[Any] = queue.Queue()
-        self._committer: threading.Thread | None = None
         self._closed = False
         atexit.register(self.close)
 
-    def _check_file(self) -> None:
+    # -- opening -------------------------------------------------------------------
+
+    def _open_file(self, create: bool) -> None:
         path = self.path
         if path.is_dir():
             raise StoreError(f"the wfaas store {path} is a directory; give a file path such as {path / 'runs.sqlite'}")
-        if path.exists():
-            if not self.readonly and not os.access(path, os.W_OK):
+        self._trust()  # before creating anything in a folder others may write
+        if not path.exists():
+            if not create:
+                raise StoreError(f"no wfaas store at {path}; run a workflow first, or pass the right --store")
+            self._create(path)
+            self._trust()
+        if not self.readonly:
+            if not os.access(path, os.W_OK):
                 raise StoreError(f"the wfaas store {path} is not writable; fix its permissions or choose another path")
-            if not self.readonly and not os.access(path.parent, os.W_OK | os.X_OK):
+            if not os.access(path.parent, os.W_OK | os.X_OK):
                 raise StoreError(
                     f"the wfaas store {path} is in a directory without write permission ({path.parent}); SQLite "
                     "keeps its write-ahead log beside the file: make the directory writable or move the store"
                 )
-            if path.stat().st_size:
-                with open(path, "rb") as f:
-                    if f.read(16) != _HEADER:
-                        raise StoreError(
-                            f"{path} is not a wfaas store (not an SQLite database); choose another --store path, "
-                            "or move the file aside"
-                        )
-                self._probe()
-            return
-        if self.readonly:
-            raise StoreError(f"no wfaas store at {path}; run a workflow first, or pass the right --store")
+        if path.stat().st_size:
+            with open(path, "rb") as f:
+                if f.read(16) != _HEADER:
+                    raise StoreError(
+                        f"{path} is not a wfaas store (not an SQLite database); choose another --store path, "
+                        "or move the file aside"
+                    )
+            self._probe()
+
+    def _create(self, path: Path) -> None:
         parent = path.parent
         if not parent.exists():
             try:
-                parent.mkdir(parents=True, exist_ok=True)
+                # A folder wfaas makes for its store is the owner's alone (the store is code: see _trust).
+                parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create the directory {parent} for the wfaas store: {exc}") from exc
         if not os.access(parent, os.W_OK | os.X_OK):
             raise StoreError(
                 f"cannot create the wfaas store {path}: no write permission on {parent}; choose another path"
             )
+        # No O_EXCL: processes creating one store at once all open the same file (issue 14 item 6).
         # Runs can hold anything a step wrote: readable by the owner only.
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, stat.S_IRUSR | stat.S_IWUSR)
-        os.close(fd)
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, stat.S_IRUSR | stat.S_IWUSR))
+        except OSError as exc:
+            raise StoreError(f"cannot create the wfaas store {path}: {exc}; choose another path") from exc
+
+    def _trust(self) -> None:
+        """Refuse a store that someone else could have written: opening it runs code from it.
+
+        As ssh does with keys: the file, its ``-wal``/``-shm`` and its folder
+        must belong to this user (or root) and be writable by no group and no
+        other user.
+        """
+        me = os.geteuid()
+        folder = self.path.parent
+        for what, target in (
+            ("the wfaas store", self.path),
+            ("the write-ahead log of the wfaas store", Path(f"{self.path}-wal")),
+            ("the shared-memory file of the wfaas store", Path(f"{self.path}-shm")),
+            ("the folder of the wfaas store", folder),
+        ):
+            try:
+                st = os.stat(target)
+            except FileNotFoundError:
+                continue
+            shown = self.path if target == self.path else f"{self.path} ({target})"
+            if st.st_uid not in (me, 0):
+                raise StoreError(
+                    f"refusing {what} {shown}: it belongs to {_user(st.st_uid)}, not to you ({_user(me)}), and "
+                    "opening a store runs code from it (it holds pickles); if you trust it, copy the store "
+                    "into a folder of your own and open the copy, or run as its owner"
+                )
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (
+                st.st_mode & stat.S_IWOTH == 0 and _private_group(st.st_gid, me)
+            ):
+                whom = (
+                    "its group and others"
+                    if st.st_mode & stat.S_IWGRP and st.st_mode & stat.S_IWOTH
+                    else ("its group" if st.st_mode & stat.S_IWGRP else "others")
+                )
+                fix = (
+                    f"chmod go-w {target}"
+                    if target != folder or not st.st_mode & stat.S_ISVTX
+                    else f"put the store in a folder of your own (mkdir -m 700 DIR) instead of {folder}"
+                )
+                raise StoreError(
+                    f"refusing {what} {shown}: it is writable by {whom} (mode {stat.S_IMODE(st.st_mode):04o}), "
+                    f"and opening a store runs code from it (it holds pickles); if that is not intended: {fix}"
+                )
 
     def _probe(self) -> None:
-        """Check an existing file with the stdlib driver before sqlitedict's thread touches it.
+        """Check an existing file with SQLite's quick check before using it (reads it once).
 
-        A damaged file kills sqlitedict's thread on the first bad page, and every
-        later call then waits forever (sqlitedict#24); SQLite's own quick check
-        finds such pages first, at the cost of reading the file once.
+        A damaged page is then reported as a damaged store at open, not as a
+        failure somewhere in the middle of a run.
         """
         try:
-            probe = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+            probe = sqlite3.connect(self._ro_uri(), uri=True, timeout=_BUSY_SECONDS)
             try:
                 verdict = probe.execute("PRAGMA quick_check").fetchone()
             finally:
@@ -194,60 +259,138 @@ class SqliteStore(StateStore):
         if not verdict or verdict[0] != "ok":
             raise StoreError(self._damaged(str(verdict[0] if verdict else "no answer")))
 
+    def _ro_uri(self) -> str:
+        return f"file:{urllib.parse.quote(str(self.path))}?mode=ro"  # a "?" or "#" in the path is not a URI part
+
+    def _connect(self, synchronous: str) -> None:
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)  # the file a commit must still be writing to
+        if not self.readonly:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=_BUSY_SECONDS)
+            try:
+                tables = self._tables(conn)
+                if tables and _TABLE not in tables:  # before anything changes the file (WAL is written in it)
+                    raise StoreError(self._foreign(tables))
+                _wal(conn)
+                conn.execute(f"PRAGMA synchronous={synchronous}")
+                self._init_schema(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._writer = _Writer(conn, self._write_failed, self._check_identity)
+        self._reader = sqlite3.connect(self._ro_uri(), uri=True, check_same_thread=False, timeout=_BUSY_SECONDS)
+        tables = self._tables(self._reader)
+        if tables and _TABLE not in tables:
+            raise StoreError(self._foreign(tables))
+        if not tables:
+            # Only a read-only open can get here: the file is being created by another process.
+            self._empty = True
+            return
+        rows = self._reader.execute(f'SELECT value FROM "{_TABLE}" WHERE key = ?', ("wfaas/format",)).fetchall()
+        version = pickle.loads(rows[0][0]) if rows else FORMAT_VERSION
+        if version > FORMAT_VERSION:
+            raise StoreError(
+                f"the wfaas store {self.path} was written by a newer wfaas (format {version}, this one reads "
+                f"up to {FORMAT_VERSION}); upgrade wfaas (pip install -U wfaas) to use it"
+            )
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        """Make an empty file a store; refuse an SQLite database that is something else (issue 13 defect 12)."""
+        tables = self._tables(conn)
+        if tables and _TABLE not in tables:
+            raise StoreError(self._foreign(tables))
+        if _TABLE in tables:
+            return
+        # Several processes may create one store at once: the first to get the lock makes the table.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            tables = self._tables(conn)
+            if tables and _TABLE not in tables:
+                raise StoreError(self._foreign(tables))
+            conn.execute(f'CREATE TABLE IF NOT EXISTS "{_TABLE}" (key TEXT PRIMARY KEY, value BLOB)')
+            conn.execute(
+                f'INSERT OR IGNORE INTO "{_TABLE}" (key, value) VALUES (?, ?)',
+                ("wfaas/format", _encode(FORMAT_VERSION)),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _tables(conn: sqlite3.Connection) -> list[str]:
+        return [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+
+    def _foreign(self, tables: list[str]) -> str:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        return (
+            f"{self.path} is an SQLite database but not a wfaas store (its tables: {shown}); wfaas leaves it "
+            "untouched: choose another --store path"
+        )
+
     def _damaged(self, detail: str) -> str:
         return (
             f"the wfaas store {self.path} is damaged or not a wfaas store ({detail}); move it aside (its runs "
             "are lost) or restore it from a backup; wfaas never recreates a store silently"
         )
 
-    # -- primitives ----------------------------------------------------------------
+    # -- writing -------------------------------------------------------------------
+
+    def _check_identity(self) -> None:
+        """Before each commit: the path still names the file we opened (issue 14 item 7).
+
+        SQLite goes on writing into a deleted (or replaced) file without a word, and
+        everything written there is lost when it closes.
+        """
+        try:
+            st = os.stat(self.path)
+            same = (st.st_dev, st.st_ino) == self._identity
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise StoreError(
+                f"the wfaas store {self.path} was deleted or replaced while this process was writing to it; "
+                "nothing more is written, so that no checkpoint goes into a file nobody can open: restore the "
+                "file from a backup if you have one, or run the workflow again"
+            )
+
+    def _write_failed(self, exc: BaseException) -> StoreError:
+        if isinstance(exc, StoreError):
+            return exc
+        name = getattr(exc, "sqlite_errorname", "")
+        if name == "SQLITE_FULL" or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+            advice = "the disk is full; everything committed before is kept: free space on its filesystem, then resume"
+        else:
+            advice = "everything committed before is kept: fix the cause, then resume"
+        return StoreError(
+            f"cannot write to the wfaas store {self.path} ({type(exc).__name__}: {exc}); {advice}", resumable=True
+        )
 
     def write(self, checkpoints: list[Checkpoint]) -> None:
-        with self._lock:
-            self._enqueue(checkpoints)
-            self._db.commit(blocking=True)
+        self._write_statements(self._statements(checkpoints))
 
     def write_async(self, checkpoints: list[Checkpoint], done: Callable[[Exception | None], None]) -> None:
-        """Queue the statements and the commit in order; ``done`` runs on the committer thread once committed.
+        """Queue one transaction; ``done`` runs on the writer thread once it is committed, or failed.
 
         The scheduler keeps working meanwhile (steps that were already ready get
         dispatched); only what depends on this checkpoint waits for ``done``.
         """
-        marker: queue.Queue[Any] = queue.Queue()
+        self._submit(self._statements(checkpoints), done)
+
+    def _submit(self, statements: _Statements, done: _Done) -> None:
         with self._lock:
-            self._enqueue(checkpoints)
-            self._db.conn.execute(_COMMIT)
-            # Answered by sqlitedict's thread only after the commit queued before it ran.
-            self._db.conn.execute("SELECT 1", res=marker)
-            self._ensure_committer()
-            self._acks.put((marker, done))
+            if self._writer is None or self._closed:
+                raise StoreError(f"the wfaas store {self.path} is closed; open it again to write")
+            self._writer.submit(statements, done)
 
-    def _ensure_committer(self) -> None:
-        if self._committer is None:
-            self._committer = _threads.start(self._acknowledge, "wfaas-sqlite-commit")
-
-    def _acknowledge(self) -> None:
-        while True:
-            item = self._acks.get()
-            if item is None:
-                return
-            marker, done = item
-            while marker.get() != _NO_MORE:
-                pass
-            try:
-                self._db.conn.check_raise_error()
-            except Exception as exc:  # noqa: BLE001 - handed to the scheduler as a failed checkpoint
-                done(exc)
-            else:
-                done(None)
-
-    def _enqueue(self, checkpoints: list[Checkpoint]) -> None:
-        """Queue one turn's statements (the caller holds the lock and queues the commit)."""
+    def _statements(self, checkpoints: list[Checkpoint]) -> _Statements:
+        """One turn's statements, encoded in the caller's thread."""
         if self.readonly:
             raise StoreError(f"the wfaas store {self.path} was opened read-only")
         rows: list[tuple[str, sqlite3.Binary]] = []
         ranges: list[tuple[str, str]] = []  # key ranges to delete first
-        keys: list[str] = []  # single keys to delete
+        keys: list[tuple[str]] = []  # single keys to delete
         for cp in checkpoints:
             prefix = f"i/{cp.instance_id}/"
             if cp.replace:
@@ -258,7 +401,7 @@ class SqliteStore(StateStore):
                 deltas = f"{prefix}k/{name}/"
                 ranges.append((deltas, deltas[:-1] + "0"))
                 if blob is None:
-                    keys.append(f"{prefix}f/{name}")
+                    keys.append((f"{prefix}f/{name}",))
                 else:
                     rows.append((f"{prefix}f/{name}", sqlite3.Binary(blob)))
             for name, changes in cp.deltas.items():
@@ -267,30 +410,41 @@ class SqliteStore(StateStore):
                 rows.append((f"m/{cp.instance_id}", _encode(cp.meta)))
             for (sid, number, part), log in cp.logs.items():
                 if log is None:
-                    keys.append(_log_key(cp.instance_id, sid, number, part))
+                    keys.append((_log_key(cp.instance_id, sid, number, part),))
                 else:
                     rows.append((_log_key(cp.instance_id, sid, number, part), _encode(log)))
-        conn = self._db.conn
-        for low, high in ranges:
-            conn.execute(f'DELETE FROM "{_TABLE}" WHERE key >= ? AND key < ?', (low, high))
-        for key in keys:
-            conn.execute(f'DELETE FROM "{_TABLE}" WHERE key = ?', (key,))
-        # One statement per chunk of rows: every statement is a trip to sqlitedict's thread.
-        for i in range(0, len(rows), _ROWS_PER_STATEMENT):
-            chunk = rows[i : i + _ROWS_PER_STATEMENT]
-            values = ", ".join(["(?, ?)"] * len(chunk))
-            conn.execute(f'REPLACE INTO "{_TABLE}" (key, value) VALUES {values}', [x for row in chunk for x in row])
+        statements: _Statements = []
+        if ranges:
+            statements.append((f'DELETE FROM "{_TABLE}" WHERE key >= ? AND key < ?', ranges))
+        if keys:
+            statements.append((f'DELETE FROM "{_TABLE}" WHERE key = ?', keys))
+        if rows:
+            statements.append((f'REPLACE INTO "{_TABLE}" (key, value) VALUES (?, ?)', rows))
+        return statements
 
-    # Reads go through a private stdlib connection: in WAL mode it sees every committed
-    # turn beside the writer, and a page damaged later raises here instead of killing
-    # sqlitedict's thread, after which every call would wait forever (sqlitedict#24).
+    # -- reading -------------------------------------------------------------------
 
     def _select(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        if self._empty:
+            return []
         with self._read_lock:
             try:
                 return self._reader.execute(sql, args).fetchall()
             except sqlite3.DatabaseError as exc:
                 raise StoreError(self._damaged(str(exc))) from exc
+
+    def _decode(self, instance_id: str, key: str, blob: bytes) -> Any:
+        try:
+            return pickle.loads(bytes(blob))
+        except Exception as exc:  # any unpickling failure means a damaged record
+            raise StoreError(self._bad_record(instance_id, f"{key}: {type(exc).__name__}: {exc}")) from exc
+
+    def _bad_record(self, instance_id: str, detail: str) -> str:
+        return (
+            f"the wfaas store {self.path} holds a damaged record of run {instance_id} ({detail}); that run "
+            "cannot be read, other runs are not affected: restore the store from a backup, or remove that run "
+            f"with: python -c \"from wfaas import SqliteStore; SqliteStore('{self.path}').delete('{instance_id}')\""
+        )
 
     def read(self, instance_id: str) -> Record | None:
         prefix = f"i/{instance_id}/"
@@ -298,53 +452,69 @@ class SqliteStore(StateStore):
             f'SELECT key, value FROM "{_TABLE}" WHERE key = ? OR (key >= ? AND key < ?)',
             (f"m/{instance_id}", prefix, prefix[:-1] + "0"),
         )
-        meta = next((_decode(value) for key, value in rows if key.startswith("m/")), None)
+        meta_key = f"m/{instance_id}"
+        meta = next((self._decode(instance_id, key, value) for key, value in rows if key == meta_key), None)
         if meta is None:
             return None
-        record = Record(meta, {}, {}, {})
+        record = Record(_check_meta(self, instance_id, meta), {}, {}, {}, where=str(self.path))
         for key, value in rows:
-            if key.startswith("m/"):
+            if key == meta_key:
                 continue
-            kind, name = key[len(prefix)], key[len(prefix) + 2 :]
-            if kind == "f":
+            kind, name = key[len(prefix) : len(prefix) + 2], key[len(prefix) + 2 :]
+            if kind == "f/" and name.isidentifier():
                 record.fields[name] = bytes(value)
-            elif kind == "k":
-                field_name, key_hex = name.rsplit("/", 1)
-                record.deltas.setdefault(field_name, {})[bytes.fromhex(key_hex)] = bytes(value)
-            elif kind == "s":
-                record.steps[name] = _decode(value)
-            else:
-                record.extra[name] = _decode(value)
+            elif kind == "k/" and (delta := _delta_key(name)) is not None:
+                record.deltas.setdefault(delta[0], {})[delta[1]] = bytes(value)
+            elif kind == "s/" and name:
+                record.steps[name] = self._decode(instance_id, key, value)
+            elif kind == "x/" and name:
+                record.extra[name] = self._decode(instance_id, key, value)
+            else:  # a key damaged in a sound file: SQLite's checks cannot see it
+                raise StoreError(self._bad_record(instance_id, f"unexpected key {key!r}"))
         return record
 
     def read_logs(self, instance_id: str, step_id: str | None = None) -> list[AttemptLog]:
         # Outside the i/<iid>/ range that read() loads: status and resume never read logs.
         low = f"l/{instance_id}/" if step_id is None else f"l/{instance_id}/{step_id}\x1f"
         rows = self._select(f'SELECT key, value FROM "{_TABLE}" WHERE key >= ? AND key < ?', (low, _after(low)))
-        logs = [_decode(value) for _, value in rows]
+        logs = [self._decode(instance_id, key, value) for key, value in rows]
         return sorted(logs, key=lambda log: (log.step_id, log.attempt, log.part))
 
     def read_meta(self, instance_id: str) -> dict[str, Any] | None:
-        rows = self._select(f'SELECT value FROM "{_TABLE}" WHERE key = ?', (f"m/{instance_id}",))
-        meta: dict[str, Any] | None = _decode(rows[0][0]) if rows else None
-        return meta
+        key = f"m/{instance_id}"
+        rows = self._select(f'SELECT value FROM "{_TABLE}" WHERE key = ?', (key,))
+        if not rows:
+            return None
+        return _check_meta(self, instance_id, self._decode(instance_id, key, rows[0][0]))
 
     def ids(self) -> list[str]:
         rows = self._select(f'SELECT key FROM "{_TABLE}" WHERE key >= ? AND key < ?', ("m/", "m0"))
         return [key[2:] for (key,) in rows]
 
     def remove(self, instance_id: str) -> bool:
-        if self.read_meta(instance_id) is None:
+        # Looks for the key without decoding it: a run whose record is damaged can be removed.
+        if not self._select(f'SELECT 1 FROM "{_TABLE}" WHERE key = ?', (f"m/{instance_id}",)):
             return False
-        prefix = f"i/{instance_id}/"
-        logs = f"l/{instance_id}/"
-        with self._lock:
-            self._db.conn.execute(
-                f'DELETE FROM "{_TABLE}" WHERE (key >= ? AND key < ?) OR key = ? OR (key >= ? AND key < ?)',
-                (prefix, prefix[:-1] + "0", f"m/{instance_id}", logs, _after(logs)),
-            )
-            self._db.commit(blocking=True)
+        prefix, logs = f"i/{instance_id}/", f"l/{instance_id}/"
+        delete = f'DELETE FROM "{_TABLE}" WHERE (key >= ? AND key < ?) OR key = ? OR (key >= ? AND key < ?)'
+        self._write_statements([(delete, [(prefix, prefix[:-1] + "0", f"m/{instance_id}", logs, _after(logs))])])
         return True
+
+    def _write_statements(self, statements: _Statements) -> None:
+        """Run statements as one transaction; returns once committed, raises StoreError if not."""
+        if self.readonly:
+            raise StoreError(f"the wfaas store {self.path} was opened read-only")
+        answered = threading.Event()
+        errors: list[StoreError | None] = []
+
+        def done(error: StoreError | None) -> None:
+            errors.append(error)
+            answered.set()
+
+        self._submit(statements, done)
+        answered.wait()  # the writer thread answers every job, also when the commit fails
+        if errors[0] is not None:
+            raise errors[0]
 
     def integrity_check(self) -> str:
         """SQLite's ``PRAGMA integrity_check``: ``"ok"`` for a sound file, else what is wrong."""
@@ -356,19 +526,133 @@ class SqliteStore(StateStore):
         return "\n".join(str(r[0]) for r in rows) or "no answer"
 
     def close(self) -> None:
-        """Commit and close the file (idempotent; also run at interpreter exit)."""
-        if getattr(self, "_closed", True):
-            return
-        self._closed = True
-        atexit.unregister(self.close)
-        if self._committer is not None:
-            self._acks.put(None)
-            self._committer.join(timeout=30)
-        # The reader first: the last connection to close removes the write-ahead log only if it may write.
-        with self._read_lock:
-            self._reader.close()
+        """Commit what is queued and close the file (idempotent; also run at interpreter exit)."""
         with self._lock:
-            self._db.close()
+            if self._closed:
+                return
+            self._closed = True
+        atexit.unregister(self.close)
+        self._close_connections()
+
+    def _close_connections(self) -> None:
+        # The reader first: the last connection to close removes the write-ahead log only if it may write.
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            with self._read_lock:
+                reader.close()
+        if self._writer is not None:
+            self._writer.close()
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
+
+
+class _Writer:
+    """The one thread that writes: transactions in the order queued; each one answered, never fatal."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        describe: Callable[[BaseException], StoreError],
+        check: Callable[[], None],
+    ) -> None:
+        self._conn = conn
+        self._describe = describe
+        self._check = check
+        self._jobs: queue.SimpleQueue[tuple[_Statements, _Done] | None] = queue.SimpleQueue()
+        self._thread = _threads.start(self._run, "wfaas-sqlite-writer")
+
+    def submit(self, statements: _Statements, done: _Done) -> None:
+        self._jobs.put((statements, done))
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        conn = self._conn
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            statements, done = job
+            error: StoreError | None = None
+            try:
+                self._check()
+                conn.execute("BEGIN IMMEDIATE")
+                for sql, args in statements:
+                    conn.executemany(sql, args)
+                conn.execute("COMMIT")
+            except BaseException as exc:  # noqa: BLE001 - reported to the job's caller; the thread goes on
+                error = self._describe(exc)
+                error.__cause__ = exc
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite rolled it back itself (as after SQLITE_FULL)
+            try:
+                done(error)
+            except Exception:  # a callback's own failure must not stop the commits of others
+                log.exception("wfaas: a store write's completion callback failed")
+        try:
+            conn.close()  # the last connection checkpoints the log into the file and removes it
+        except sqlite3.Error:
+            pass  # nothing committed is lost: the log stays beside the file and is read on next open
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL (once per file; it stays WAL).
+
+    The switch needs the file to itself, and SQLite answers SQLITE_BUSY at once,
+    without its busy handler, while another process has it open, as when several
+    create one store at once: wait and try again here, as the busy handler would.
+    """
+    deadline = time.monotonic() + _BUSY_SECONDS
+    pause = 0.001
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", "") != "SQLITE_BUSY" or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+def _delta_key(name: str) -> tuple[str, bytes] | None:
+    field_name, _, key_hex = name.rpartition("/")
+    if not field_name.isidentifier():
+        return None
+    try:
+        return field_name, bytes.fromhex(key_hex)
+    except ValueError:
+        return None
+
+
+def _check_meta(store: SqliteStore, instance_id: str, meta: Any) -> dict[str, Any]:
+    if not isinstance(meta, dict) or "status" not in meta or "workflow_id" not in meta:
+        raise StoreError(store._bad_record(instance_id, f"m/{instance_id}: not a run's record"))
+    return meta
+
+
+def _private_group(gid: int, uid: int) -> bool:
+    """A user's own group (named after them, no other member): group-writable is then owner-writable.
+
+    That is what a umask of 002 with user-private groups gives (Debian's ssh accepts it too).
+    """
+    try:
+        user, group = pwd.getpwuid(uid), grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return user.pw_gid == gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"

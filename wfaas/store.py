@@ -15,6 +15,7 @@ A store implements five primitives (``write``, ``read``, ``ids``, ``remove``,
 from __future__ import annotations
 
 import abc
+import logging
 import pickle
 import threading
 from collections.abc import Callable, Iterable
@@ -24,11 +25,13 @@ from typing import Any
 
 from . import data as data_codec
 from .capture import AttemptLog
-from .errors import NotFound
+from .errors import NotFound, StoreError
 from .states import StepState, WorkflowState, WorkflowStatus
 from .steps import WorkflowContext
 
 __all__ = ["Checkpoint", "InMemoryStore", "Record", "StateStore"]
+
+log = logging.getLogger("wfaas")
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Record:
     fields: dict[str, bytes]
     extra: dict[str, Any]
     deltas: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+    where: str = ""  # the file it was read from, for messages about a damaged record
 
     def apply(self, cp: Checkpoint) -> None:
         if cp.meta is not None:
@@ -175,7 +179,7 @@ class StateStore(abc.ABC):
         """Instances that are not COMPLETED, FAILED or CANCELLED, newest first."""
         active = []
         for iid in self.ids():
-            meta = self.read_meta(iid)
+            meta = self._meta_or_skip(iid)
             if meta and not WorkflowStatus(meta["status"]).is_terminal:
                 active.append(iid)
         return self._states(active)
@@ -193,7 +197,7 @@ class StateStore(abc.ABC):
         cutoff = (now or datetime.now(UTC)) - timedelta(seconds=seconds)
         removed = 0
         for iid in self.ids():
-            meta = self.read_meta(iid)
+            meta = self._meta_or_skip(iid)
             if meta and WorkflowStatus(meta["status"]).is_terminal and meta["updated_at"] < cutoff:
                 removed += self.remove(iid)
         return removed
@@ -217,12 +221,24 @@ class StateStore(abc.ABC):
             return self.remove(instance_id)
         return False
 
+    def _meta_or_skip(self, instance_id: str) -> dict[str, Any] | None:
+        """The run's meta; None, with a warning, for a run whose record is damaged (the others go on)."""
+        try:
+            return self.read_meta(instance_id)
+        except StoreError as exc:
+            log.warning("skipping run %s: %s", instance_id, exc)
+            return None
+
     def _states(self, ids: Iterable[str]) -> list[WorkflowState[Any]]:
         states = []
         for iid in ids:
-            record = self.read(iid)
-            if record is not None:
-                states.append(record_to_state(iid, record))
+            # A damaged run is skipped with a warning: the damage stays with it.
+            try:
+                record = self.read(iid)
+                if record is not None:
+                    states.append(record_to_state(iid, record))
+            except StoreError as exc:
+                log.warning("skipping run %s: %s", iid, exc)
         states.sort(key=lambda s: s.created_at or datetime.min.replace(tzinfo=UTC), reverse=True)
         return states
 
@@ -242,22 +258,31 @@ def data_class(record: Record) -> type:
 def record_to_state(instance_id: str, record: Record, *, decode_data: bool = True) -> WorkflowState[Any]:
     """Decode a record into the public :class:`WorkflowState` (``decode_data=False``: data is None)."""
     meta = record.meta
-    fields = record.resolved_fields()
-    ctx_blob = fields.get(data_codec.CONTEXT_FIELD)
+    try:
+        fields = record.resolved_fields()
+        ctx_blob = fields.get(data_codec.CONTEXT_FIELD)
+        context = pickle.loads(ctx_blob) if ctx_blob is not None else {}
+        status = WorkflowStatus(meta["status"])
+    except Exception as exc:  # bytes that do not decode: a damaged record, said as one
+        where = f" in the wfaas store {record.where}" if record.where else ""
+        raise StoreError(
+            f"the record of run {instance_id}{where} is damaged ({type(exc).__name__}: {exc}); that run cannot "
+            "be read, other runs are not affected: restore the store from a backup, or delete that run"
+        ) from exc
     # Steps in definition order (the fingerprint keeps it), whatever order the store returns.
     order = {sid: i for i, sid in enumerate((record.extra.get("fingerprint") or {}).get("steps", {}))}
     steps = sorted(record.steps.items(), key=lambda item: order.get(item[0], len(order)))
     return WorkflowState(
         instance_id=instance_id,
         workflow_id=meta["workflow_id"],
-        status=WorkflowStatus(meta["status"]),
+        status=status,
         data=data_codec.build(data_class(record), fields) if decode_data else None,
         step_states={sid: StepState.from_record(rec) for sid, rec in steps},
         error=meta.get("error"),
         failed_step=meta.get("failed_step"),
         created_at=meta.get("created_at"),
         updated_at=meta.get("updated_at"),
-        context=pickle.loads(ctx_blob) if ctx_blob is not None else {},
+        context=context,
         owner=meta.get("owner"),
     )
 

@@ -147,9 +147,11 @@ def crashed(task: Task, exit_: Exit) -> WorkerCrashed:
 
 
 def store_failed(run: Run, exc: Exception) -> StoreError:
+    """The run's error when a checkpoint holding its changes failed; a store's own error says what to do."""
+    resumable = exc.resumable if isinstance(exc, StoreError) else True
+    cause = str(exc) if isinstance(exc, StoreError) else f"checkpoint failed ({type(exc).__name__}: {exc})"
     return StoreError(
-        f"instance {run.iid}: checkpoint failed ({type(exc).__name__}: {exc}); the run was stopped so that "
-        "no step runs on uncommitted results; fix the store and resume it"
+        f"instance {run.iid} stopped so that no step runs on uncommitted results: {cause}", resumable=resumable
     )
 
 
