@@ -413,7 +413,7 @@ def test_a_crash_with_a_large_last_rss_hints_at_the_oom_killer(ticker: Ticker) -
 def test_a_worker_over_its_memory_limit_is_killed_at_once_and_the_step_fails(ticker: Ticker) -> None:
     iid = ticker.start(wf(step("a", ok).with_memory_limit(100 * 2**20)))
     slot = ticker.pool.busy()["a"]
-    ticker.scheduler._over_memory(slot, slot.task, 300 * 2**20)  # what the watchdog thread calls
+    ticker.scheduler.supervisor.over_memory(slot, slot.task, 300 * 2**20)  # what the watchdog thread calls
     ticker.turn()
     [kill] = ticker.pool.kills
     assert kill.grace == 0.0

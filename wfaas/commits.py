@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from .events import EventBus
 from .runs import Run
 from .store import Checkpoint, StateStore
 
@@ -48,13 +49,48 @@ class Batch:
 
 
 class Commits:
-    """The batches handed to the store and not yet released, oldest first."""
+    """What this turn changed (``dirty`` runs, ``events``, ``finished`` runs, futures to ``resolve``),
+    and the batches handed to the store and not yet released, oldest first."""
 
-    def __init__(self, store: StateStore, wake: Callable[[], None]) -> None:
-        self.store = store
-        self.wake = wake
+    def __init__(self, store: StateStore, bus: EventBus, wake: Callable[[], None]) -> None:
+        self.store, self.bus, self.wake = store, bus, wake
+        self.dirty: dict[str, Run] = {}
+        self.events: list[Any] = []
+        self.finished: list[Run] = []
+        self.resolve: list[tuple[concurrent.futures.Future[Any], Any]] = []
         self.pending: collections.deque[Batch] = collections.deque()
         self.committed_mark = 0  # ready-queue entries up to this sequence number are committed
+
+    def write_turn(self, mark: int, owner: dict[str, Any], now: datetime) -> None:
+        """This turn's changes as one batch; while a write is in flight they wait and go out with the next."""
+        if self.writing:
+            return  # group commit
+        batch = Batch(mark, list(self.dirty.values()), self.events, self.finished, self.resolve)
+        self.events, self.finished, self.resolve = [], [], []
+        checkpoints = [checkpoint(run, owner, now) for run in self.dirty.values()]
+        self.dirty.clear()
+        self.write(batch, checkpoints)
+
+    def release(self, ended: Callable[[Run], None], failed: Callable[[list[Run], Exception], None]) -> None:
+        """Release, in order, what waited for commits that are done: dependents, events, waiters.
+
+        ``ended(run)`` for each run whose end is committed, before its waiters
+        wake; ``failed(runs, error)`` for a batch the store could not write.
+        """
+        for batch in self.completed():
+            if batch.error is not None:
+                failed(batch.runs, batch.error)
+            if batch.events:
+                self.bus.publish(batch.events)
+            for run in batch.finished:
+                ended(run)
+                run.done.set()
+                for waiter in run.waiters:
+                    waiter.set_result(run.status)
+            for future, result in batch.resolve:
+                future.set_result(result)
+        if self.dirty or self.events or self.finished or self.resolve:
+            self.wake()  # a failed commit changed state: another turn checkpoints it
 
     @property
     def writing(self) -> bool:

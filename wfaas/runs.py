@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from . import data as data_codec
+from . import wire
 from .capture import AttemptLog
 from .definition import NO_RETRY, RetryPolicy, StepDefinition, WorkflowDefinition, fingerprint
 from .errors import WorkflowError
@@ -24,6 +25,7 @@ from .pool import Slot
 from .readiness import Gate
 from .rundata import RunData, Snapshot
 from .states import StepStatus, WorkflowStatus
+from .steps import WorkflowContext
 
 _ids = itertools.count(1)
 
@@ -200,9 +202,47 @@ class Run:
     def snapshot(self) -> Snapshot:
         return self.data.snapshot(self.iid)
 
-    def live_data(self) -> Any:
-        """A live data object at the current version (for run_if)."""
-        return self.data.build(self.cls)
+    def context(self, step: StepRun) -> WorkflowContext[Any]:
+        """What ``run_if`` sees: a live data object at the current version, and the shared values."""
+        values = dict(self.data.dict_value(data_codec.CONTEXT_FIELD))
+        data = self.data.build(self.cls)
+        return WorkflowContext(
+            data, instance_id=self.iid, workflow_id=self.workflow_id, step_id=step.sid, attempt=step.attempts + 1,
+            values=values,
+        )  # fmt: skip
+
+    def keep_log(self, task: Task, lines: list[Any], cut: int, kept: int) -> None:
+        """What an attempt (or hook) printed and logged, for the next checkpoint; the ``kept`` latest attempts'."""
+        step = task.step
+        part = f"on_{task.hook.value}" if task.hook else ""
+        self.logs[(step.sid, task.attempt, part)] = AttemptLog(step.sid, task.attempt, lines, cut, part)
+        if not part and task.attempt > kept:
+            # Logs are kept for the attempts the history keeps: a step retried forever stays bounded.
+            self.logs[(step.sid, task.attempt - kept, "")] = None
+
+
+def run_message(task: Task) -> wire.RunStep:
+    """The message that starts ``task`` in its slot: only what the worker does not hold yet travels."""
+    run, step, slot, snap, hook = task.run, task.step, task.slot, task.snapshot, task.hook
+    key = run.compiled.body_keys[step.index]
+    body_blob = None if key in slot.bodies else run.compiled.body_blobs[step.index]
+    slot.bodies.add(key)
+    cls_blob = None if run.iid in slot.classes else run.cls_blob
+    slot.classes.add(run.iid)
+    snap_blob = None if slot.snapshot == snap.key else snap.blob
+    slot.snapshot = snap.key
+    # pickle drops __cause__ (the step's own exception): send it beside the error.
+    error = step.final_error
+    error_blob = data_codec.encode_value((error, error.__cause__)) if hook is Hook.FAILURE and error else None
+    return wire.RunStep(
+        id(task), key, body_blob, run.iid, cls_blob, snap.key, snap_blob,
+        run.iid, run.workflow_id, step.sid, task.attempt, hook.value if hook else None, error_blob,
+    )  # fmt: skip
+
+
+def memory_limit_of(task: Task) -> int | None:
+    """The task's memory limit in bytes (hooks have none), for the watchdog."""
+    return None if task.hook else task.run.compiled.memory_limit[task.step.index]
 
 
 @dataclass

@@ -43,20 +43,18 @@ from datetime import datetime
 from typing import Any
 
 from . import _threads, verdicts, wire
-from . import data as data_codec
 from . import events as ev
-from .capture import AttemptLog
 from .clock import Clock
-from .commits import Batch, Commits, checkpoint
+from .commits import Commits
 from .definition import FailureAction
-from .errors import Cancelled, InvalidStateTransition, NotFound, StepFailed, WorkflowError
+from .errors import Cancelled, InvalidStateTransition, StepFailed, WorkflowError
 from .loopio import Commands, Poller, TimerKind, Timers, WakeUp
 from .pool import Exit, Pool, Slot, Waitable
 from .readiness import Decision, Gate, Outcome, decide
-from .runs import Finished, Hook, KillReason, Run, StepRun, Stopping, Task, WaitKind
+from .runs import Finished, Hook, Run, StepRun, Stopping, Task, WaitKind, memory_limit_of, run_message
 from .states import AttemptOutcome, StepStatus, WorkflowStatus, check_step_transition, check_workflow_transition
-from .steps import WorkflowContext
 from .store import StateStore
+from .supervision import Supervisor
 from .verdicts import Verdict
 from .watchdog import MemoryWatchdog
 
@@ -80,15 +78,12 @@ class Scheduler:
         self._commands = Commands()
         self.wake = WakeUp()
         self._poller = Poller()
-        self._commits = Commits(store, self.wake)
+        self._out = self._commits = Commits(store, bus, self.wake)  # _out: what this turn changed
         self._again = False  # another turn is due at once
-        self._dirty: dict[str, Run] = {}
-        self._events: list[Any] = []
-        self._finished: list[Run] = []
-        self._resolve: list[tuple[concurrent.futures.Future[Any], Any]] = []
         self._stopped = False
         self._thread = threading.Thread(target=self.run, name="wfaas-scheduler", daemon=True)
-        self._watchdog = MemoryWatchdog(pool, _memory_limit_of, self._over_memory)
+        self.supervisor = Supervisor(pool, grace, self.submit, self._after_kill)
+        self._watchdog = MemoryWatchdog(pool, memory_limit_of, self.supervisor.over_memory)
         clock.add_listener(self.wake)
 
     # -- talking to the scheduler from other threads ---------------------------
@@ -146,7 +141,7 @@ class Scheduler:
                     self._on_message(slot, message)
             elif kind is Waitable.EXIT and not slot.dying:
                 self._on_worker_exit(slot)
-        self._resolve.extend(self._commands.run())
+        self._out.resolve.extend(self._commands.run())
         # Steps ready before this turn depend on nothing uncommitted: they go before the timers
         # and the commit, so workers are busy while this turn's checkpoint is written.
         self._send(self._dispatch(up_to=self._commits.committed_mark))
@@ -154,7 +149,7 @@ class Scheduler:
             self._on_timer(timer, target)
         self._commit()
         self._send(self._dispatch(up_to=self._commits.committed_mark))
-        if self._dirty:
+        if self._out.dirty:
             self._again = True  # what the last dispatch changed (steps now RUNNING) is checkpointed next turn
 
     def _wait(self, max_wait: float | None) -> list[tuple[Waitable, Slot]]:
@@ -174,7 +169,7 @@ class Scheduler:
 
     def _on_timer(self, kind: TimerKind, target: Any) -> None:
         if kind is TimerKind.TIMEOUT:
-            self._on_timeout(target)
+            self.supervisor.on_timeout(target)
         elif kind is TimerKind.WAIT:
             self._decide(target.run, target, self.clock.monotonic())
         elif target.run.stopping is None and target.status is S.WAITING:  # RETRY
@@ -209,7 +204,7 @@ class Scheduler:
         run.status = W.RUNNING
         run.dirty_steps.update(range(len(run.steps)))
         self.runs[run.iid] = run
-        self._dirty[run.iid] = run
+        self._out.dirty[run.iid] = run
         self._event(ev.WorkflowStarted, run, self.clock.now())
         mono = self.clock.monotonic()
         for step in done:
@@ -240,7 +235,7 @@ class Scheduler:
             cond = sdef.condition
 
             def condition() -> bool:
-                return bool(cond(self._context(run, step)))
+                return bool(cond(run.context(step)))
 
         try:
             decision, due = decide(condition, step.ready_at, now, step.not_before)
@@ -257,17 +252,6 @@ class Scheduler:
             self._finish(run, step, S.SKIPPED, reason="run_if was false")
         else:
             self._enqueue(run, step, now)
-
-    def _context(self, run: Run, step: StepRun) -> WorkflowContext[Any]:
-        values = dict(run.data.dict_value(data_codec.CONTEXT_FIELD))
-        return WorkflowContext(
-            run.live_data(),
-            instance_id=run.iid,
-            workflow_id=run.workflow_id,
-            step_id=step.sid,
-            attempt=step.attempts + 1,
-            values=values,
-        )
 
     def _enqueue(self, run: Run, step: StepRun, now: float) -> None:
         step.enqueued = now
@@ -318,21 +302,7 @@ class Scheduler:
         timeout = compiled.timeout[i]
         if timeout is not None and not hook:
             task.timer = self._timer(now + timeout, TimerKind.TIMEOUT, task)
-        key = compiled.body_keys[i]
-        body_blob = None if key in slot.bodies else compiled.body_blobs[i]
-        slot.bodies.add(key)
-        cls_blob = None if run.iid in slot.classes else run.cls_blob
-        slot.classes.add(run.iid)
-        snap_blob = None if slot.snapshot == snap.key else snap.blob
-        slot.snapshot = snap.key
-        # pickle drops __cause__ (the step's own exception): send it beside the error.
-        error = step.final_error
-        error_blob = data_codec.encode_value((error, error.__cause__)) if hook is Hook.FAILURE and error else None
-        message = wire.RunStep(
-            id(task), key, body_blob, run.iid, cls_blob, snap.key, snap_blob,
-            run.iid, run.workflow_id, step.sid, step.attempts, hook.value if hook else None, error_blob,
-        )  # fmt: skip
-        return wire.dumps(message)
+        return wire.dumps(run_message(task))
 
     # -- 4. results: merge, finish, propagate ---------------------------------------------
 
@@ -349,12 +319,12 @@ class Scheduler:
             self.pool.hurry(slot)
         self._release(task)
         if message.logs:
-            self._events.extend(message.logs)
+            self._out.events.extend(message.logs)
         if message.output is not None:
             self._keep_output(task, *message.output)
         if message.usage.get("retire") and not slot.dying:
             log.info("replacing worker %s: %s", slot.pid, message.usage["retire"])
-            self.pool.kill(slot, 0.0, self._killed)  # it exits by itself; this reaps it and starts the next
+            self.supervisor.retire(slot)
         if task.hook:
             self._hook_done(run, step)
         elif isinstance(message, wire.Done):
@@ -372,7 +342,7 @@ class Scheduler:
         else:
             conflict = run.data.merge(step.sid, task.snapshot.version, message.changes)
             if conflict is None:
-                self._dirty[run.iid] = run
+                self._out.dirty[run.iid] = run
                 success = message.outcome == wire.SUCCESS
                 self._end_attempt(task, A.SUCCEEDED if success else A.SKIPPED, usage)
                 if success and (hook := verdicts.hook_after_success(run, step)):
@@ -408,12 +378,8 @@ class Scheduler:
     def _keep_output(self, task: Task, lines: list[Any], cut: int, fresh: int = 0) -> None:
         """What an attempt (or hook) printed and logged: checkpointed with it; what was not sent live, published."""
         run, step = task.run, task.step
-        part = f"on_{task.hook.value}" if task.hook else ""
-        run.logs[(step.sid, task.attempt, part)] = AttemptLog(step.sid, task.attempt, lines, cut, part)
-        if not part and task.attempt > verdicts.HISTORY_KEPT:
-            # Logs are kept for the attempts the history keeps: a step retried forever stays bounded.
-            run.logs[(step.sid, task.attempt - verdicts.HISTORY_KEPT, "")] = None
-        self._dirty[run.iid] = run
+        run.keep_log(task, lines, cut, verdicts.HISTORY_KEPT)
+        self._out.dirty[run.iid] = run
         if fresh < len(lines):
             new = tuple(lines[fresh:])
             self._event(ev.StepOutput, run, self.clock.now(), step_id=step.sid, attempt=task.attempt, lines=new)
@@ -498,25 +464,6 @@ class Scheduler:
 
     # -- 6. timeouts, crashes, kills ------------------------------------------------------
 
-    def _on_timeout(self, task: Task) -> None:
-        if task.slot.task is task and not task.slot.dying:
-            task.kill_reason = KillReason.TIMEOUT
-            self.pool.kill(task.slot, task.run.grace if task.run.grace is not None else self.grace, self._killed)
-
-    def _over_memory(self, slot: Slot, task: Task, rss: int) -> None:
-        """Called on the watchdog thread: hand the kill decision to the scheduler thread."""
-        try:
-            self.submit(self._stop_over_memory, slot, task, rss, reply=False)
-        except RuntimeError:
-            pass  # the engine closed meanwhile
-
-    def _stop_over_memory(self, slot: Slot, task: Task, rss: int) -> None:
-        if slot.task is task and not slot.dying and task.kill_reason is None:
-            task.kill_reason = KillReason.MEMORY
-            slot.last_rss = rss
-            # No grace: every moment it keeps running it takes more of the machine.
-            self.pool.kill(slot, 0.0, self._killed)
-
     def _on_worker_exit(self, slot: Slot) -> None:
         """A worker died on its own: fail only the step it ran, replace it."""
         while slot.task is not None and slot.conn is not None and slot.conn.poll():
@@ -524,23 +471,11 @@ class Scheduler:
             if message is None:
                 break
             self._on_message(slot, message)  # it finished before dying: keep its result
-        if slot.dying:
-            return  # it asked to be replaced (its reply said "retire"), and that has begun
-        exit_ = self.pool.exit_of(slot)
-        if slot.task is not None:
-            slot.task.kill_reason = KillReason.CRASH
-        # What the dead worker's step started still runs in its process group: stop it
-        # before anything is retried (never two attempts' processes at once).
-        self.pool.kill(slot, 0.0, self._killed, exit_)
-
-    def _killed(self, slot: Slot, exit_: Exit) -> None:
-        """Called on the kill thread once the slot's whole tree is dead."""
-        try:
-            self.submit(self._after_kill, slot, exit_, reply=False)
-        except RuntimeError:
-            pass  # the engine closed meanwhile
+        if not slot.dying:  # dying: it asked to be replaced (its reply said "retire"), and that has begun
+            self.supervisor.worker_exited(slot)
 
     def _after_kill(self, slot: Slot, exit_: Exit) -> None:
+        """A stopped tree is dead (``supervision.py`` stopped it): the attempt ends as its kill reason says."""
         task: Task | None = slot.task
         self.pool.spawn(slot)
         if task is None:
@@ -579,8 +514,8 @@ class Scheduler:
             self._event(ev.WorkflowCompleted, run, now, duration=self.clock.monotonic() - run.started_mono)
         check_workflow_transition(run.iid, run.status, new)
         run.status = new
-        self._dirty[run.iid] = run
-        self._finished.append(run)
+        self._out.dirty[run.iid] = run
+        self._out.finished.append(run)
 
     def _busy(self, run: Run) -> bool:
         """An attempt or hook of ``run`` is in a worker slot (a slot being stopped counts)."""
@@ -590,12 +525,7 @@ class Scheduler:
         """Stop dispatching, kill running steps' trees; the future resolves once the run is CANCELLED."""
         run = self.runs.get(iid)
         if run is None:
-            meta = self.store.read_meta(iid)
-            if meta is None:
-                raise NotFound(iid)
-            status = W(meta["status"])
-            hint = "it has already finished" if status.is_terminal else f"it is owned by process {_owner(meta)}"
-            raise InvalidStateTransition(f"instance {iid}", status, W.CANCELLED, hint)
+            raise verdicts.not_cancellable(iid, self.store.read_meta(iid))
         if run.final:
             raise InvalidStateTransition(f"instance {iid}", run.status, W.CANCELLED, "it has already finished")
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -604,47 +534,22 @@ class Scheduler:
         if run.stopping is not Stopping.CANCEL:
             run.stopping = Stopping.CANCEL
             self._park_waiting(run)
-        for slot in self.pool.slots:
-            task = slot.task
-            if task is not None and task.run is run and task.kill_reason is None and not slot.dying:
-                task.kill_reason = KillReason.CANCEL
-                self.pool.kill(slot, self.grace if grace is None else grace, self._killed)
-            elif task is not None and task.run is run and slot.dying and grace == 0:
-                # A second, immediate cancel while a graceful kill is waiting: kill now.
-                self.pool.kill(slot, 0, lambda s, e: None)
+        self.supervisor.cancel(run, grace)
         self._maybe_finish(run)
         return future
 
     # -- 8. commit: one checkpoint per turn, then what it allows ---------------------------
 
     def _commit(self) -> None:
-        self._release_committed()
-        if not self._commits.writing:  # group commit: changes made meanwhile go out once this write is done
-            batch = Batch(next(self._seq), list(self._dirty.values()), self._events, self._finished, self._resolve)
-            self._events, self._finished, self._resolve = [], [], []
-            now = self.clock.now()
-            checkpoints = [checkpoint(run, self.owner, now) for run in self._dirty.values()]
-            self._dirty.clear()
-            self._commits.write(batch, checkpoints)
-        self._release_committed()
+        """Release what earlier commits allow; write this turn's changes (unless a write is in flight)."""
+        self._commits.release(self._ended, self._store_failed)
+        self._commits.write_turn(next(self._seq), self.owner, self.clock.now())
+        self._commits.release(self._ended, self._store_failed)
 
-    def _release_committed(self) -> None:
-        """Release, in order, what waited for commits that are done: dependents, events, waiters."""
-        for batch in self._commits.completed():
-            if batch.error is not None:
-                self._store_failed(batch.runs, batch.error)
-            if batch.events:
-                self.bus.publish(batch.events)
-            for run in batch.finished:
-                self.finished[run.iid] = Finished(run.status, run.error, run.done)
-                self.runs.pop(run.iid, None)
-                run.done.set()
-                for waiter in run.waiters:
-                    waiter.set_result(run.status)
-            for future, result in batch.resolve:
-                future.set_result(result)
-        if self._dirty or self._events or self._finished or self._resolve:
-            self.wake()  # a failed commit changed state: another turn checkpoints it
+    def _ended(self, run: Run) -> None:
+        """A run's end is committed: it leaves the scheduler; its waiters learn how it ended."""
+        self.finished[run.iid] = Finished(run.status, run.error, run.done)
+        self.runs.pop(run.iid, None)
 
     def _store_failed(self, runs: list[Run], exc: Exception) -> None:
         # The error is handled: it becomes each run's error (wait_for_completion, the events).
@@ -656,10 +561,7 @@ class Scheduler:
                 run.stopping = Stopping.FAIL
                 run.error = verdicts.store_failed(run, exc)
                 self._park_waiting(run)
-                for slot in self.pool.slots:
-                    if slot.task is not None and slot.task.run is run and not slot.dying:
-                        slot.task.kill_reason = KillReason.CANCEL
-                        self.pool.kill(slot, self.grace, self._killed)
+                self.supervisor.stop_run(run)
                 self._maybe_finish(run)
 
     # -- helpers ---------------------------------------------------------------------
@@ -670,11 +572,11 @@ class Scheduler:
             run.done_steps += (new in _DONE) - (step.status in _DONE)
             step.status = new
         run.dirty_steps.add(step.index)
-        self._dirty[run.iid] = run
+        self._out.dirty[run.iid] = run
 
     def _event(self, kind: type, run: Run, when: datetime, **fields: Any) -> None:
         if self.bus.has_subscribers:
-            self._events.append(kind(instance_id=run.iid, workflow_id=run.workflow_id, timestamp=when, **fields))
+            self._out.events.append(kind(instance_id=run.iid, workflow_id=run.workflow_id, timestamp=when, **fields))
 
     def _abandon(self, exc: BaseException) -> None:
         self._stopped = True
@@ -703,12 +605,3 @@ def _restore(run: Run, records: dict[str, dict[str, Any]], reruns: set[str]) -> 
             step.status, step.error = status, rec.get("error")
             done.append(step)
     return done
-
-
-def _memory_limit_of(task: Task) -> int | None:
-    return None if task.hook else task.run.compiled.memory_limit[task.step.index]
-
-
-def _owner(meta: dict[str, Any]) -> str:
-    owner = meta.get("owner") or {}
-    return str(owner.get("pid", "?"))

@@ -14,11 +14,20 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .definition import FailureAction
-from .errors import DataConflict, StepFailed, StepTimeout, StoreError, WorkerCrashed, WorkflowError
+from .errors import (
+    DataConflict,
+    InvalidStateTransition,
+    NotFound,
+    StepFailed,
+    StepTimeout,
+    StoreError,
+    WorkerCrashed,
+    WorkflowError,
+)
 from .pool import Exit
 from .rundata import Conflict
 from .runs import Hook, KillReason, Run, StepRun, Stopping, Task
-from .states import AttemptOutcome
+from .states import AttemptOutcome, WorkflowStatus
 from .steps import StepExecutor, overrides
 
 log = logging.getLogger("wfaas")
@@ -144,6 +153,16 @@ def crashed(task: Task, exit_: Exit) -> WorkerCrashed:
     )
     error.exitcode, error.signal_name = exit_.exitcode, exit_.signal_name
     return error
+
+
+def not_cancellable(iid: str, meta: dict[str, Any] | None) -> WorkflowError:
+    """Why a run this engine does not hold cannot be cancelled here (``meta``: its stored record, if any)."""
+    if meta is None:
+        return NotFound(iid)
+    status = WorkflowStatus(meta["status"])
+    owner = (meta.get("owner") or {}).get("pid", "?")
+    hint = "it has already finished" if status.is_terminal else f"it is owned by process {owner}"
+    return InvalidStateTransition(f"instance {iid}", status, WorkflowStatus.CANCELLED, hint)
 
 
 def store_failed(run: Run, exc: Exception) -> StoreError:
