@@ -158,12 +158,7 @@ class _Meter:
         return {"wall": wall, "cpu": cpu, "max_rss": max(ru_self.ru_maxrss, children_peak) * 1024.0}
 
 
-def main(conn: Connection, live_output: bool = True) -> None:
-    """The worker loop; returns when told to stop or when the engine closes the pipe.
-
-    With ``live_output``, what a step prints is also sent while it runs
-    (``wire.Output`` messages before its reply).
-    """
+def _setup_process() -> None:
     os.setpgid(0, 0)
     _become_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -171,10 +166,18 @@ def main(conn: Connection, live_output: bool = True) -> None:
     # processes of its own, but a step may well use multiprocessing. Its children die with
     # this worker's tree anyway (timeouts, cancel, engine death).
     current_process()._config["daemon"] = False  # type: ignore[attr-defined]
-
     # Line by line, as on a terminal: a print reaches the capture (and its time stamp) when it is made.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
+
+
+def main(conn: Connection, live_output: bool = True) -> None:
+    """The worker loop; returns when told to stop or when the engine closes the pipe.
+
+    With ``live_output``, what a step prints is also sent while it runs
+    (``wire.Output`` messages before its reply).
+    """
+    _setup_process()
     send_lock = threading.Lock()  # the capture's thread sends output while the step runs
     task: list[int] = [0]
 
@@ -191,13 +194,8 @@ def main(conn: Connection, live_output: bool = True) -> None:
     root.addHandler(collector)
     root.setLevel(logging.DEBUG)
     state = ProcessState()  # what every attempt starts from
-
     meter = _Meter()
-    bodies: dict[str, Any] = {}
-    classes: dict[str, type] = {}
-    snap_key: object = None
-    snap_fields: dict[str, bytes] = {}
-
+    held = _Held()
     while True:
         try:
             message = wire.loads(conn.recv_bytes())
@@ -207,14 +205,9 @@ def main(conn: Connection, live_output: bool = True) -> None:
         if isinstance(message, wire.Stop):
             return
         run: wire.RunStep = message
-        if run.snap is not None:
-            snap_key, snap_fields = run.snap_key, pickle.loads(run.snap)
-        assert snap_key == run.snap_key, "engine and worker disagree on the data snapshot"
+        held.take_snapshot(run)
         try:
-            if run.body is not None:
-                bodies[run.body_key] = pickle.loads(run.body)
-            if run.cls is not None:
-                classes[run.cls_key] = pickle.loads(run.cls)
+            held.load(run)
         except Exception as exc:  # noqa: BLE001 - reported as the step's error, with what to do
             error = ImportError(
                 f"the worker cannot load step {run.step_id!r} or its data class: {type(exc).__name__}: {exc}; "
@@ -222,35 +215,62 @@ def main(conn: Connection, live_output: bool = True) -> None:
             )
             conn.send_bytes(wire.dumps(wire.failed(run.task_id, error, format_traceback(exc))))
             continue
-        collector.records = []
         task[0] = run.task_id
-        capture.start()
-        meter.start()
-        try:
-            outcome, changes = execute(bodies[run.body_key], classes[run.cls_key], snap_fields, run)
-            raised: BaseException | None = None
-        except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
-            raised = exc
-        _reap()  # before the meter stops: what the step left counts in its CPU time
-        usage: dict[str, Any] = meter.stop()
-        lines, cut, fresh, retire = capture.stop(state)
-        if retire is not None:
-            usage["retire"] = retire
-        output = (lines, cut, fresh) if lines or cut else None
-        reply: wire.Reply
-        if raised is None:
-            reply = wire.Done(run.task_id, outcome, changes, collector.records, output, usage)
-        else:
-            tb = format_traceback(raised)
-            reply = wire.Failed(run.task_id, wire.encode_error(raised), tb, collector.records, output, usage)
+        reply = _attempt(run, held, capture, meter, collector, state)
         try:
             with send_lock:
                 conn.send_bytes(wire.dumps(reply))
         except OSError:
             _engine_gone()
             return
-        if retire is not None:
+        if reply.usage.get("retire") is not None:
             return  # the engine starts a fresh worker in this one's place
+
+
+class _Held:
+    """What this worker already holds: step bodies, data classes, the last snapshot (each is sent once)."""
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, Any] = {}
+        self.classes: dict[str, type] = {}
+        self.snap_key: object = None
+        self.fields: dict[str, bytes] = {}
+
+    def take_snapshot(self, run: wire.RunStep) -> None:
+        if run.snap is not None:
+            self.snap_key, self.fields = run.snap_key, pickle.loads(run.snap)
+        assert self.snap_key == run.snap_key, "engine and worker disagree on the data snapshot"
+
+    def load(self, run: wire.RunStep) -> None:
+        """Take in the body and data class ``run`` brings; raises if one cannot be loaded here."""
+        if run.body is not None:
+            self.bodies[run.body_key] = pickle.loads(run.body)
+        if run.cls is not None:
+            self.classes[run.cls_key] = pickle.loads(run.cls)
+
+
+def _attempt(
+    run: wire.RunStep, held: _Held, capture: Capture, meter: _Meter, collector: _Collector, state: ProcessState
+) -> wire.Reply:
+    """One attempt (or hook), measured and captured; its reply."""
+    collector.records = []
+    capture.start()
+    meter.start()
+    try:
+        outcome, changes = execute(held.bodies[run.body_key], held.classes[run.cls_key], held.fields, run)
+        raised: BaseException | None = None
+    except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
+        raised = exc
+    _reap()  # before the meter stops: what the step left counts in its CPU time
+    usage: dict[str, Any] = meter.stop()
+    lines, cut, fresh, retire = capture.stop(state)
+    if retire is not None:
+        usage["retire"] = retire
+    output = (lines, cut, fresh) if lines or cut else None
+    if raised is None:
+        return wire.Done(run.task_id, outcome, changes, collector.records, output, usage)
+    tb = format_traceback(raised)
+    return wire.Failed(run.task_id, wire.encode_error(raised), tb, collector.records, output, usage)
 
 
 def execute(body: Any, cls: type, fields: dict[str, bytes], run: wire.RunStep) -> tuple[str, dict[str, Any]]:

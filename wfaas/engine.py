@@ -306,18 +306,7 @@ class WorkflowEngine:
                 f"instance {instance_id}", status, W.RUNNING, "it completed; name steps to run again with rerun=[...]"
             )
         if status in (W.RUNNING, W.PENDING):
-            owner = meta.get("owner") or {}
-            if instance_id in self._scheduler.runs:
-                raise InvalidStateTransition(
-                    f"instance {instance_id}", status, W.RUNNING, "it is running in this engine"
-                )
-            if owner_alive(owner) and owner.get("pid") != self._owner["pid"]:
-                raise InvalidStateTransition(
-                    f"instance {instance_id}",
-                    status,
-                    W.RUNNING,
-                    f"it is still running in process {owner.get('pid')}; cancel it there or wait for it",
-                )
+            self._refuse_if_running(instance_id, status, meta.get("owner") or {})
         stored_fp = record.extra.get("fingerprint")
         changes = fingerprint_changes(stored_fp, fingerprint(compiled.definition)) if stored_fp else ([], [])
         structural, bodies = changes
@@ -347,6 +336,18 @@ class WorkflowEngine:
         steps = {sid: rec for sid, rec in record.steps.items() if sid in compiled.index}
         result: str = self._call(self._scheduler.start_run, run, steps, reruns)
         return result
+
+    def _refuse_if_running(self, instance_id: str, status: WorkflowStatus, owner: dict[str, Any]) -> None:
+        """A RUNNING or PENDING run may be resumed only if no live process runs it."""
+        if instance_id in self._scheduler.runs:
+            raise InvalidStateTransition(f"instance {instance_id}", status, W.RUNNING, "it is running in this engine")
+        if owner_alive(owner) and owner.get("pid") != self._owner["pid"]:
+            raise InvalidStateTransition(
+                f"instance {instance_id}",
+                status,
+                W.RUNNING,
+                f"it is still running in process {owner.get('pid')}; cancel it there or wait for it",
+            )
 
     def recover(self) -> list[str]:
         """Resume every instance left RUNNING by a process that died; returns their ids."""
