@@ -77,6 +77,8 @@ class Commits:
         ``ended(run)`` for each run whose end is committed, before its waiters
         wake; ``failed(runs, error)`` for a batch the store could not write.
         """
+        if not (self.pending and self.pending[0].committed):
+            return  # nothing was committed since the last call (and nothing failed)
         for batch in self.completed():
             if batch.error is not None:
                 failed(batch.runs, batch.error)
@@ -120,7 +122,7 @@ def checkpoint(run: Run, owner: dict[str, Any], now: datetime) -> Checkpoint:
     """Everything of ``run`` that changed since its last checkpoint (and clears those marks)."""
     meta = {
         "workflow_id": run.workflow_id,
-        "status": run.status.value,
+        "status": run.status._value_,  # _value_, not value: a plain attribute, read per step
         "error": str(run.error) if run.error else None,
         "error_type": type(run.error).__name__ if run.error else None,
         "failed_step": run.failed_step,
@@ -132,7 +134,7 @@ def checkpoint(run: Run, owner: dict[str, Any], now: datetime) -> Checkpoint:
     for i in run.dirty_steps:
         s = run.steps[i]
         steps[s.sid] = {
-            "status": s.status.value,
+            "status": s.status._value_,
             "attempts": s.attempts,
             "started_at": s.started_at,
             "finished_at": s.finished_at,

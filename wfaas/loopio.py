@@ -84,22 +84,16 @@ class WakeUp:
 Command = tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any] | None]
 
 
-class Commands:
-    """Calls from other threads, run in order on the scheduler thread."""
-
-    def __init__(self) -> None:
-        self._queue: collections.deque[Command] = collections.deque()
-
-    def __bool__(self) -> bool:
-        return bool(self._queue)
+class Commands(collections.deque[Command]):
+    """Calls from other threads, run in order on the scheduler thread (a deque: its truth test is C, once a turn)."""
 
     def put(self, fn: Callable[..., Any], args: tuple[Any, ...], future: concurrent.futures.Future[Any] | None) -> None:
-        self._queue.append((fn, args, future))
+        self.append((fn, args, future))
 
     def run(self) -> Iterator[tuple[concurrent.futures.Future[Any], Any]]:
         """Run every queued call; yields (future, result) to resolve once this turn is committed."""
-        while self._queue:
-            fn, args, future = self._queue.popleft()
+        while self:
+            fn, args, future = self.popleft()
             try:
                 result = fn(*args)
             except BaseException as exc:  # handed to the caller through its future
@@ -113,8 +107,8 @@ class Commands:
 
     def fail_all(self, error: BaseException) -> None:
         """The scheduler is gone: every caller still waiting gets ``error``."""
-        while self._queue:
-            _, _, future = self._queue.popleft()
+        while self:
+            _, _, future = self.popleft()
             if future is not None:
                 future.set_exception(error)
 
@@ -141,8 +135,13 @@ class Timers:
     def next_deadline(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 
-    def due(self, now: float) -> Iterator[tuple[TimerKind, Any]]:
+    def due(self, now: float) -> list[tuple[TimerKind, Any]]:
         """The live timers due at ``now``, earliest first; stale ones (cancelled, superseded) are dropped."""
+        if not self._heap or self._heap[0][0] > now:
+            return []  # most turns
+        return list(self._pop_due(now))
+
+    def _pop_due(self, now: float) -> Iterator[tuple[TimerKind, Any]]:
         while self._heap and self._heap[0][0] <= now:
             _, seq, kind, target = heapq.heappop(self._heap)
             if target.timer != seq:

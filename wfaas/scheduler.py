@@ -141,7 +141,8 @@ class Scheduler:
                     self._on_message(slot, message)
             elif kind is Waitable.EXIT and not slot.dying:
                 self._on_worker_exit(slot)
-        self._out.resolve.extend(self._commands.run())
+        if self._commands:
+            self._out.resolve.extend(self._commands.run())
         # Steps ready before this turn depend on nothing uncommitted: they go before the timers
         # and the commit, so workers are busy while this turn's checkpoint is written.
         self._send(self._dispatch(up_to=self._commits.committed_mark))
@@ -154,9 +155,9 @@ class Scheduler:
 
     def _wait(self, max_wait: float | None) -> list[tuple[Waitable, Slot]]:
         deadline = self._timers.next_deadline
-        busy = any(s.task is not None for s in self.pool.slots)
-        if deadline is not None and not (busy or self._ready or self._commands or self._commits.pending):
-            self.clock.idle(deadline)
+        waiting = self._ready or self._commands or self._commits.pending
+        if deadline is not None and not waiting and not any(s.task is not None for s in self.pool.slots):
+            self.clock.idle(deadline)  # nothing but timers can make progress
         timeout = 0.0 if self._commands or self._again else self.clock.wait_timeout(deadline)
         if max_wait is not None:
             timeout = max_wait if timeout is None else min(timeout, max_wait)

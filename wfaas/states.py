@@ -21,6 +21,10 @@ D = TypeVar("D")
 class WorkflowStatus(enum.Enum):
     """Where an instance is in its life."""
 
+    # Hashed by identity (members are singletons): Enum's own __hash__ is a Python call, and the
+    # transition tables and status sets are looked up several times per step.
+    __hash__ = object.__hash__
+
     PENDING = "pending"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -35,6 +39,8 @@ class WorkflowStatus(enum.Enum):
 
 class StepStatus(enum.Enum):
     """Where a step of an instance is in its life. WAITING = delay, schedule or backoff."""
+
+    __hash__ = object.__hash__  # see WorkflowStatus
 
     PENDING = "pending"
     WAITING = "waiting"

@@ -226,14 +226,14 @@ def attempt_record(
         "cpu": usage.get("cpu") if usage else None,
         "max_rss": int(usage["max_rss"]) if usage and "max_rss" in usage else sampled,
         "waited": task.waited,
-        "wait_kind": task.wait_kind.value if task.wait_kind else None,
+        "wait_kind": task.wait_kind._value_ if task.wait_kind else None,  # _value_: see commits.checkpoint
         "queued": task.queued,
         "exitcode": exit_.exitcode if exit_ else None,
         "signal": exit_.signal_name if exit_ else None,
     }
     record = {
         "number": task.attempt,
-        "outcome": outcome.value,
+        "outcome": outcome._value_,
         "started_at": task.step.started_at,
         "finished_at": now,
         **figures,
