@@ -8,6 +8,7 @@ read them to decide.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import enum
 import itertools
@@ -160,6 +161,42 @@ class Task:
     waited: float = 0.0  # before it: delay / schedule / backoff (of wait_kind)
     wait_kind: WaitKind | None = None
     queued: float = 0.0  # then: waiting for a free worker
+
+    @classmethod
+    def start(cls, run: Run, step: StepRun, slot: Slot, now: float) -> Task:
+        """The attempt (or hook) ``step`` starts in ``slot`` at monotonic ``now``, with how long it waited."""
+        assert step.snapshot is not None
+        task = cls(run, step, slot, step.attempts, step.snapshot, now, hook=step.hook, pid=slot.pid)
+        if step.wait_kind is not None:
+            task.waited, task.wait_kind = step.enqueued - step.waited_from, step.wait_kind
+        task.queued = now - step.enqueued
+        return task
+
+
+class ReadyQueue(collections.deque[tuple["Run", StepRun, int]]):
+    """Steps waiting for a free worker, oldest first (hooks first of all), with the snapshot they will start from.
+
+    Each entry holds a token; only the entry whose token the step holds in
+    ``StepRun.queued`` is live (a step parked or queued again leaves a stale
+    one behind, dropped when reached). Tokens are the scheduler's sequence
+    numbers, so ``take`` can stop at the entries newer than the last commit.
+    """
+
+    def push(self, run: Run, step: StepRun, token: int, *, first: bool = False) -> None:
+        step.snapshot = run.snapshot()
+        step.queued = token
+        (self.appendleft if first else self.append)((run, step, token))
+
+    def take(self, idle: list[Slot], up_to: int) -> list[tuple[Run, StepRun, Slot]]:
+        """Live entries queued up to token ``up_to``, one per idle slot; a stopping run's only if hooks."""
+        taken = []
+        while idle and self and self[0][2] <= up_to:
+            run, step, token = self.popleft()
+            if step.queued != token or (run.stopping is not None and not step.hook):
+                continue
+            step.queued = 0
+            taken.append((run, step, idle.pop()))
+        return taken
 
 
 @dataclass(eq=False)

@@ -33,7 +33,6 @@ loop's I/O and timers (``loopio.py``), the records (``runs.py``).
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import itertools
 import logging
@@ -51,7 +50,18 @@ from .errors import Cancelled, InvalidStateTransition, StepFailed, WorkflowError
 from .loopio import Commands, Poller, TimerKind, Timers, WakeUp
 from .pool import Exit, Pool, Slot, Waitable
 from .readiness import Decision, Gate, Outcome, decide
-from .runs import Finished, Hook, Run, StepRun, Stopping, Task, WaitKind, memory_limit_of, run_message
+from .runs import (
+    Finished,
+    Hook,
+    ReadyQueue,
+    Run,
+    StepRun,
+    Stopping,
+    Task,
+    WaitKind,
+    memory_limit_of,
+    run_message,
+)
 from .states import AttemptOutcome, StepStatus, WorkflowStatus, check_step_transition, check_workflow_transition
 from .store import StateStore
 from .supervision import Supervisor
@@ -72,7 +82,7 @@ class Scheduler:
         self.pool, self.store, self.bus, self.clock, self.grace, self.owner = pool, store, bus, clock, grace, owner
         self.runs: dict[str, Run] = {}
         self.finished: dict[str, Finished] = {}  # runs that ended, for waiters in this process
-        self._ready: collections.deque[tuple[Run, StepRun, int]] = collections.deque()
+        self._ready = ReadyQueue()
         self._seq = itertools.count(1)  # orders ready-queue entries against commits; numbers timers
         self._timers = Timers()
         self._commands = Commands()
@@ -256,15 +266,11 @@ class Scheduler:
 
     def _enqueue(self, run: Run, step: StepRun, now: float) -> None:
         step.enqueued = now
-        step.snapshot = run.snapshot()
-        step.queued = next(self._seq)
-        self._ready.append((run, step, step.queued))
+        self._ready.push(run, step, next(self._seq))
 
     def _queue_hook(self, run: Run, step: StepRun, hook: Hook) -> None:
         step.hook = hook
-        step.snapshot = run.snapshot()
-        step.queued = next(self._seq)
-        self._ready.appendleft((run, step, step.queued))
+        self._ready.push(run, step, next(self._seq), first=True)
 
     # -- 3. dispatch: a ready step to an idle worker ------------------------------------
 
@@ -272,22 +278,11 @@ class Scheduler:
         """Hand ready steps to idle slots, only those queued before sequence number ``up_to`` (committed)."""
         if not self._ready:
             return []
-        idle = [s for s in self.pool.slots if s.idle]
-        sends = []
-        while idle and self._ready:
-            if self._ready[0][2] > up_to:
-                break
-            run, step, token = self._ready.popleft()
-            if step.queued != token or (run.stopping is not None and not step.hook):
-                continue
-            step.queued = 0
-            slot = idle.pop()
-            sends.append((slot, self._start_task(run, step, slot)))
-        return sends
+        ready = self._ready.take([s for s in self.pool.slots if s.idle], up_to)
+        return [(slot, self._start_task(run, step, slot)) for run, step, slot in ready]
 
     def _start_task(self, run: Run, step: StepRun, slot: Slot) -> bytes:
-        compiled, i, hook, snap = run.compiled, step.index, step.hook, step.snapshot
-        assert snap is not None
+        hook = step.hook
         if not hook:
             step.attempts += 1
             self._set_status(run, step, S.RUNNING)
@@ -295,12 +290,8 @@ class Scheduler:
             step.finished_at = None
             self._event(ev.StepStarted, run, step.started_at, step_id=step.sid, attempt=step.attempts)
         now = self.clock.monotonic()
-        task = Task(run, step, slot, step.attempts, snap, now, hook=hook, pid=slot.pid)
-        if step.wait_kind is not None:
-            task.waited, task.wait_kind = step.enqueued - step.waited_from, step.wait_kind
-        task.queued = now - step.enqueued
-        slot.task = task
-        timeout = compiled.timeout[i]
+        task = slot.task = Task.start(run, step, slot, now)
+        timeout = run.compiled.timeout[step.index]
         if timeout is not None and not hook:
             task.timer = self._timer(now + timeout, TimerKind.TIMEOUT, task)
         return wire.dumps(run_message(task))
