@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import enum
 import heapq
+import itertools
 import logging
 import math
 import os
@@ -19,6 +20,9 @@ import select
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from . import _threads
+from .clock import Clock
 
 log = logging.getLogger("wfaas")
 
@@ -111,6 +115,89 @@ class Commands(collections.deque[Command]):
             _, _, future = self.popleft()
             if future is not None:
                 future.set_exception(error)
+
+
+class Loop:
+    """A thread that turns ``tick()`` until stopped, blocking between turns on descriptors and timers.
+
+    The shape of CPython's ``_ExecutorManagerThread``: one wait on every
+    descriptor that can bring work (a subclass passes them to ``wait``), the
+    wake-up pipe other threads write to, and a timeout set to the next timer.
+    ``submit`` is how other threads reach the loop's thread.
+    """
+
+    def __init__(self, clock: Clock, name: str) -> None:
+        self.clock = clock
+        self.wake = WakeUp()
+        self._commands = Commands()
+        self._poller = Poller()
+        self._timers = Timers()
+        self._seq = itertools.count(1)  # numbers timers; the scheduler also orders ready steps against commits
+        self._again = False  # another turn is due at once
+        self._stopped = False
+        self._thread = threading.Thread(target=self.run, name=name, daemon=True)
+        clock.add_listener(self.wake)
+
+    def start(self) -> None:
+        with _threads.signals_blocked():
+            self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, reply: bool = True) -> concurrent.futures.Future[Any] | None:
+        """Run ``fn(*args)`` on the loop's thread; its result (or error) lands in the returned future."""
+        if self._stopped:
+            raise RuntimeError("the engine is closed")
+        future: concurrent.futures.Future[Any] | None = concurrent.futures.Future() if reply else None
+        self._commands.put(fn, args, future)
+        self.wake()
+        return future
+
+    def stop(self) -> None:
+        self.submit(self._stop_now, reply=False)
+        self._thread.join(timeout=30)
+        self.wake.close()
+
+    def _stop_now(self) -> None:
+        self._stopped = True
+
+    def run(self) -> None:
+        """The loop's thread: turn until stopped; a crash is handed to ``abandon``."""
+        try:
+            while not self._stopped:
+                self.tick()
+        except BaseException as exc:
+            log.critical("wfaas scheduler thread crashed; failing every run it owned", exc_info=True)
+            self.abandon(exc)
+
+    def tick(self, max_wait: float | None = None) -> None:
+        raise NotImplementedError
+
+    def abandon(self, exc: BaseException) -> None:
+        """The thread crashed: nothing more will run; callers waiting on commands learn it."""
+        self._stopped = True
+        self._commands.fail_all(RuntimeError("the engine's scheduler crashed"))
+
+    def timer(self, when: float, kind: TimerKind, target: Any) -> int:
+        """A timer for ``target`` (live while ``target.timer`` holds the number returned)."""
+        return self._timers.add(when, next(self._seq), kind, target)
+
+    def wait(self, waitables: dict[Any, Any], busy: Callable[[], bool], max_wait: float | None) -> list[Any]:
+        """Block until a waitable is ready, a wake-up, or the next timer; the values of the ready waitables.
+
+        ``busy()``: something other than timers can make progress (a virtual
+        clock may jump to the next timer only when not); ``max_wait`` bounds
+        the block (a test passes 0).
+        """
+        deadline = self._timers.next_deadline
+        if deadline is not None and not self._commands and not busy():
+            self.clock.idle(deadline)
+        timeout = 0.0 if self._commands or self._again else self.clock.wait_timeout(deadline)
+        if max_wait is not None:
+            timeout = max_wait if timeout is None else min(timeout, max_wait)
+        self._again = False
+        ready = self._poller.wait([self.wake.fd, *waitables], timeout)
+        if self.wake.fd in ready:
+            self.wake.drain()
+        return [waitables[obj] for obj in ready if obj != self.wake.fd]
 
 
 class TimerKind(enum.Enum):

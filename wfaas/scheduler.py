@@ -34,20 +34,17 @@ loop's I/O and timers (``loopio.py``), the records (``runs.py``).
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import logging
-import threading
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from . import _threads, verdicts, wire
 from . import events as ev
+from . import verdicts, wire
 from .clock import Clock
 from .commits import Commits
 from .definition import FailureAction
 from .errors import Cancelled, InvalidStateTransition, StepFailed, WorkflowError
-from .loopio import Commands, Poller, TimerKind, Timers, WakeUp
+from .loopio import Loop, TimerKind
 from .pool import Exit, Pool, Slot, Waitable
 from .readiness import Decision, Gate, Outcome, decide
 from .runs import (
@@ -73,44 +70,32 @@ S, W, A = StepStatus, WorkflowStatus, AttemptOutcome
 _DONE = (S.SUCCEEDED, S.SKIPPED, S.FAILED)
 
 
-class Scheduler:
-    """Owns every run of one engine; see the module docstring for the journey and the turn."""
+class Scheduler(Loop):
+    """Owns every run of one engine; see the module docstring for the journey and the turn.
+
+    Its thread, ``submit`` (how other threads reach it) and the wait between
+    turns come from ``loopio.Loop``; what a turn does is ``tick``.
+    """
 
     def __init__(
         self, pool: Pool, store: StateStore, bus: ev.EventBus, clock: Clock, grace: float, owner: dict[str, Any]
     ) -> None:
-        self.pool, self.store, self.bus, self.clock, self.grace, self.owner = pool, store, bus, clock, grace, owner
+        super().__init__(clock, "wfaas-scheduler")
+        self.pool, self.store, self.bus, self.grace, self.owner = pool, store, bus, grace, owner
         self.runs: dict[str, Run] = {}
         self.finished: dict[str, Finished] = {}  # runs that ended, for waiters in this process
         self._ready = ReadyQueue()
-        self._seq = itertools.count(1)  # orders ready-queue entries against commits; numbers timers
-        self._timers = Timers()
-        self._commands = Commands()
-        self.wake = WakeUp()
-        self._poller = Poller()
         self._out = self._commits = Commits(store, bus, self.wake)  # _out: what this turn changed
-        self._again = False  # another turn is due at once
-        self._stopped = False
-        self._thread = threading.Thread(target=self.run, name="wfaas-scheduler", daemon=True)
         self.supervisor = Supervisor(pool, grace, self.submit, self._after_kill)
         self._watchdog = MemoryWatchdog(pool, memory_limit_of, self.supervisor.over_memory)
-        clock.add_listener(self.wake)
-
-    # -- talking to the scheduler from other threads ---------------------------
 
     def start(self) -> None:
-        with _threads.signals_blocked():
-            self._thread.start()
+        super().start()
         self._watchdog.start()
 
-    def submit(self, fn: Callable[..., Any], *args: Any, reply: bool = True) -> concurrent.futures.Future[Any] | None:
-        """Run ``fn(*args)`` on the scheduler thread; its result (or error) lands in the returned future."""
-        if self._stopped:
-            raise RuntimeError("the engine is closed")
-        future: concurrent.futures.Future[Any] | None = concurrent.futures.Future() if reply else None
-        self._commands.put(fn, args, future)
-        self.wake()
-        return future
+    def stop(self) -> None:
+        self._watchdog.stop()
+        super().stop()
 
     def outcome(self, iid: str) -> Finished | None:
         """How a run of this engine stands (any thread): running, or how it ended; None if not ours."""
@@ -119,32 +104,14 @@ class Scheduler:
             return Finished(run.status, run.error, run.done)
         return self.finished.get(iid)
 
-    def stop(self) -> None:
-        self._watchdog.stop()
-        self.submit(self._stop_now, reply=False)
-        self._thread.join(timeout=30)
-        self.wake.close()
-
-    def _stop_now(self) -> None:
-        self._stopped = True
-
-    # -- the loop --------------------------------------------------------------
-
-    def run(self) -> None:
-        """The scheduler thread: turn until stopped; a crash fails every run rather than hang its waiters."""
-        try:
-            while not self._stopped:
-                self.tick()
-        except BaseException as exc:
-            log.critical("wfaas scheduler thread crashed; failing every run it owned", exc_info=True)
-            self._abandon(exc)
+    # -- the turn ----------------------------------------------------------------
 
     def tick(self, max_wait: float | None = None) -> None:
         """One turn: wait → handle arrivals → commands → timers → commit → dispatch.
 
         ``max_wait`` bounds the block (a test passes 0 and never blocks).
         """
-        for kind, slot in self._wait(max_wait):
+        for kind, slot in self.wait(self.pool.waitables(), self._busy_anywhere, max_wait):
             if kind is Waitable.RESULT and slot.task is not None:
                 message = self.pool.receive(slot)
                 if message is not None:
@@ -163,21 +130,6 @@ class Scheduler:
         if self._out.dirty:
             self._again = True  # what the last dispatch changed (steps now RUNNING) is checkpointed next turn
 
-    def _wait(self, max_wait: float | None) -> list[tuple[Waitable, Slot]]:
-        deadline = self._timers.next_deadline
-        waiting = self._ready or self._commands or self._commits.pending
-        if deadline is not None and not waiting and not any(s.task is not None for s in self.pool.slots):
-            self.clock.idle(deadline)  # nothing but timers can make progress
-        timeout = 0.0 if self._commands or self._again else self.clock.wait_timeout(deadline)
-        if max_wait is not None:
-            timeout = max_wait if timeout is None else min(timeout, max_wait)
-        waitables = self.pool.waitables()
-        self._again = False
-        ready = self._poller.wait([self.wake.fd, *waitables], timeout)
-        if self.wake.fd in ready:
-            self.wake.drain()
-        return [waitables[obj] for obj in ready if obj != self.wake.fd]
-
     def _on_timer(self, kind: TimerKind, target: Any) -> None:
         if kind is TimerKind.TIMEOUT:
             self.supervisor.on_timeout(target)
@@ -186,8 +138,9 @@ class Scheduler:
         elif target.run.stopping is None and target.status is S.WAITING:  # RETRY
             self._enqueue(target.run, target, self.clock.monotonic())
 
-    def _timer(self, when: float, kind: TimerKind, target: Any) -> int:
-        return self._timers.add(when, next(self._seq), kind, target)
+    def _busy_anywhere(self) -> bool:
+        """Something but timers can make progress: a step ready or in a worker, a commit pending."""
+        return bool(self._ready or self._commits.pending or any(s.task is not None for s in self.pool.slots))
 
     def _send(self, sends: list[tuple[Slot, bytes]]) -> None:
         for slot, message in sends:
@@ -258,7 +211,7 @@ class Scheduler:
             self._set_status(run, step, S.WAITING)
             step.wait_until = self.clock.now() + verdicts.delta(due - now)
             step.wait_kind = WaitKind.SCHEDULED if due == step.not_before else WaitKind.DELAY
-            step.timer = self._timer(due, TimerKind.WAIT, step)
+            step.timer = self.timer(due, TimerKind.WAIT, step)
         elif decision is Decision.SKIP:
             self._finish(run, step, S.SKIPPED, reason="run_if was false")
         else:
@@ -293,7 +246,7 @@ class Scheduler:
         task = slot.task = Task.start(run, step, slot, now)
         timeout = run.compiled.timeout[step.index]
         if timeout is not None and not hook:
-            task.timer = self._timer(now + timeout, TimerKind.TIMEOUT, task)
+            task.timer = self.timer(now + timeout, TimerKind.TIMEOUT, task)
         return wire.dumps(run_message(task))
 
     # -- 4. results: merge, finish, propagate ---------------------------------------------
@@ -421,7 +374,7 @@ class Scheduler:
             self._set_status(run, step, S.WAITING)
             step.waited_from, step.wait_kind = self.clock.monotonic(), WaitKind.BACKOFF
             step.wait_until = now + verdicts.delta(delay)
-            step.timer = self._timer(self.clock.monotonic() + delay, TimerKind.RETRY, step)
+            step.timer = self.timer(self.clock.monotonic() + delay, TimerKind.RETRY, step)
             self._event(ev.StepRetrying, run, now, step_id=step.sid, attempt=step.attempts + 1, delay=delay)
             return
         step.final_error = error
@@ -570,8 +523,9 @@ class Scheduler:
         if self.bus.has_subscribers:
             self._out.events.append(kind(instance_id=run.iid, workflow_id=run.workflow_id, timestamp=when, **fields))
 
-    def _abandon(self, exc: BaseException) -> None:
-        self._stopped = True
+    def abandon(self, exc: BaseException) -> None:
+        """The thread crashed: every run fails, rather than hang its waiters."""
+        super().abandon(exc)
         for run in list(self.runs.values()):
             run.error = StepFailed(f"the engine's scheduler crashed: {exc!r}", instance_id=run.iid)
             run.status = W.FAILED
@@ -579,7 +533,6 @@ class Scheduler:
             run.done.set()
             for waiter in run.waiters:
                 waiter.set_exception(run.error)
-        self._commands.fail_all(RuntimeError("the engine's scheduler crashed"))
 
 
 def _restore(run: Run, records: dict[str, dict[str, Any]], reruns: set[str]) -> list[StepRun]:
