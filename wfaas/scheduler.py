@@ -8,7 +8,7 @@ How a step travels (the function at each arrow; the functions below come in this
     ready queue --_dispatch / _start_task--> idle slot --wire.RunStep--> worker (pool.py, _worker.py)
     worker --wire.Done | wire.Failed--> _on_message
         Done --RunData.merge--> conflict? --_finish--> SUCCEEDED / SKIPPED --_propagate--> dependents' gates
-        Failed, conflict, timeout (_on_timeout), crash (_on_worker_exit), kill (_after_kill)
+        Failed, conflict, or a stopped tree (supervision.py: timeout, memory, crash --> _after_kill)
             --_attempt_failed--> verdicts.after_failure: RETRY (a TimerKind.RETRY timer)
                                  | HOOK (_queue_hook) | FAIL (_fail_for_good: CONTINUE or stop the run)
     all steps done or the run stopped, nothing in flight --_maybe_finish--> COMPLETED | FAILED | CANCELLED
@@ -24,11 +24,12 @@ workers are busy while it is written. A test drives ``tick()`` itself, with
 a fake pool and a virtual clock (``testing.FakePool``).
 
 Only this thread writes run state. Other threads talk to it through
-``submit(command)``; killing a process tree happens on a helper thread that
-reports back the same way. What is decided, not done, lives beside it:
-run data and merges (``rundata.py``), verdicts and error wording
+``submit(command)`` (``loopio.Loop``: the thread, the wait, the timers);
+killing a process tree happens on a helper thread that reports back the same
+way (``supervision.py``). What is decided, not done, lives beside it: run
+data and merges (``rundata.py``), verdicts and error wording
 (``verdicts.py``), checkpoints and group commit (``commits.py``), the
-loop's I/O and timers (``loopio.py``), the records (``runs.py``).
+records and the ready queue (``runs.py``).
 """
 
 from __future__ import annotations
