@@ -246,9 +246,13 @@ class Ticker:
         return set(self.pool.busy())
 
     def status(self, iid: str) -> WorkflowStatus:
-        finished = self.scheduler.outcome(iid)
-        assert finished is not None
-        return finished.status
+        """Running or not completed: the scheduler's handle says; completed: the store does (as for the engine)."""
+        finished = self.scheduler.outcomes.get(iid)
+        if finished is not None:
+            return finished.status
+        meta = self.store.read_meta(iid)
+        assert meta is not None, f"instance {iid} is neither running here nor stored"
+        return WorkflowStatus(meta["status"])
 
     def state(self, iid: str) -> WorkflowState[Any]:
         record = self.store.read(iid)

@@ -647,3 +647,27 @@ def test_replacing_a_dict_field_while_another_step_wrote_a_key_conflicts(
     with pytest.raises(DataConflict, match="items"):
         engine.wait_for_completion(iid, timeout=30)
     assert engine.get_status(iid).data.items == {"old": 0, "a": 1}  # first's write was not lost
+
+
+def test_workflow_type_defaults_to_the_class_name() -> None:
+    """API.md: ``workflow_type`` is optional and defaults to the class name (issue 14)."""
+
+    @dataclass
+    class Bag(WorkflowData):
+        n: int = 0
+
+    class Named(WorkflowData):
+        workflow_type = "named"
+
+    class SubOfNamed(Named):
+        pass
+
+    class SubOfBag(Bag):
+        pass
+
+    assert Bag.workflow_type == "Bag"
+    assert Bag().workflow_type == "Bag"
+    assert "workflow_type" not in vars(Bag())  # a class attribute: it does not travel as a field
+    assert Named.workflow_type == "named"
+    assert SubOfNamed.workflow_type == "named"  # an explicit type is inherited
+    assert SubOfBag.workflow_type == "SubOfBag"  # a default one is not

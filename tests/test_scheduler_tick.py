@@ -494,9 +494,13 @@ def test_a_failed_commit_fails_the_run_with_a_store_error() -> None:
         iid = t.start(wf(step("a")))
         store.fail(OSError("disk full"))
         t.turn()
-        finished = t.scheduler.outcome(iid)
-        assert finished is not None and finished.status is W.FAILED
-        assert "checkpoint failed (OSError: disk full)" in str(finished.error)
+        handle = t.scheduler.outcomes[iid]
+        assert t.scheduler.runs[iid].status is W.FAILED
+        assert handle.status is W.RUNNING  # its end is not committed yet (the store holds that write)
+        store.commit()
+        t.turn()
+        assert handle.status is W.FAILED and handle.done.is_set()
+        assert "checkpoint failed (OSError: disk full)" in str(handle.error)
     finally:
         t.close()
 

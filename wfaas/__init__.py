@@ -9,6 +9,7 @@ every step. See ``README.md`` for the tour; this module is the whole public API.
 from __future__ import annotations
 
 from . import events
+from ._signals import Terminated
 from .clock import Clock, SystemClock
 from .data import WorkflowData, transient
 from .definition import (
@@ -121,6 +122,7 @@ __all__ = [
     "StepTimeout",
     "StoreError",
     "SystemClock",
+    "Terminated",
     "TypeMismatch",
     "WorkerCrashed",
     "WorkflowCancelled",

@@ -2,7 +2,9 @@
 
 Exit codes: 0 the workflow completed (or the command did its job), 1 the
 workflow failed or was cancelled, 2 bad usage or an invalid definition (one
-clear line, never a traceback), 130 Ctrl-C.
+clear line, never a traceback), 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (the
+first of them cancels the runs gracefully, a second kills their steps at
+once; see ``_signals.py``).
 
 A run records its TARGET (``module:attr`` or ``file.py:attr``) with its
 checkpoints, so ``resume ID`` and ``recover`` find the definition again
@@ -29,7 +31,7 @@ from typing import Any, NoReturn
 
 import click
 
-from . import _cli_logs, _threads, events
+from . import _cli_logs, _signals, _threads, events
 from .cli_text import plural, with_article
 from .definition import WorkflowDefinition, topological_order
 from .errors import InvalidDefinition, InvalidStateTransition, NotFound, SerializationError, StoreError, WorkflowError
@@ -38,6 +40,7 @@ from .store import InMemoryStore, Record, StateStore
 
 DEFAULT_STORE = ".wfaas/runs.sqlite"
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+INTERRUPT_CODES = frozenset({EXIT_INTERRUPTED, 128 + 15, 128 + 1})  # SIGINT, SIGTERM, SIGHUP
 
 
 class UsageProblem(click.ClickException):
@@ -473,9 +476,6 @@ def follow(
         iid = start()
     except (WorkflowError, TypeError, ValueError) as exc:
         fail(str(exc).replace("\n", " "))
-    progress.seed(engine.get_status(iid))
-    click.echo(f"{verb} {iid}", err=as_json)
-    progress.release()
     resume_cmd = f"wfaas-local resume {iid}" + (f" --store {store_path}" if store_path != DEFAULT_STORE else "")
     how = f"continue it with: {resume_cmd}"
     if store_path == ":memory:":  # nothing outlives this process: there is no run to resume
@@ -483,6 +483,9 @@ def follow(
     code = 0
     stopped: StoreError | None = None
     try:
+        progress.seed(engine.get_status(iid))
+        click.echo(f"{verb} {iid}", err=as_json)
+        progress.release()
         with progress, _cancel_on_sigusr1(engine, [iid]):
             try:
                 engine.wait_for_completion(iid)
@@ -491,10 +494,11 @@ def follow(
             except WorkflowError:
                 code = EXIT_FAILED
             engine.event_bus.flush()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        engine.force_cancel_all()  # wait_for_completion cancelled it, unless the signal came before
         engine.event_bus.flush()
-        out.print(f"interrupted: the run was cancelled and checkpointed; {how}", markup=False)
-        return EXIT_INTERRUPTED
+        out.print(f"{_stopped_by(exc)}: the run was cancelled and checkpointed; {how}", markup=False)
+        return _interrupt_code(exc)
     progress.active = False
     if stopped is not None:
         # The store could not take the run's last state: say why in one line, not what it holds.
@@ -523,9 +527,24 @@ def follow(
     return code
 
 
+# The running command's signal handling: set up before its engine exists (the engine then leaves
+# SIGTERM/SIGHUP to it), taken down when the engine closes.
+_stop: _signals.StopOnSignals | None = None
+
+
+def _stopped_by(exc: BaseException) -> str:
+    signum = getattr(exc, "signum", signal.SIGINT)
+    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+
+
+def _interrupt_code(exc: BaseException) -> int:
+    return int(getattr(exc, "exit_code", EXIT_INTERRUPTED))
+
+
 def _engine(store: StateStore, workers: int | None, origin: str | None, dask: str | None = None) -> Any:
     from .engine import WorkflowEngine
 
+    global _stop
     backend = None
     if dask is not None:
         from .dask_backend import DaskBackend
@@ -536,8 +555,17 @@ def _engine(store: StateStore, workers: int | None, origin: str | None, dask: st
         except (ImportError, OSError, RuntimeError, ValueError) as exc:
             store.close()
             fail(f"--dask {dask}: {exc}")
-    engine = WorkflowEngine(store=store, max_workers=workers, cancel_signal=int(signal.SIGUSR1), backend=backend)
+    if _stop is None:
+        # print(), not click.echo: on a terminal the live panel's sys.stderr puts the line above the panel.
+        _stop = _signals.StopOnSignals(lambda text: print(text, file=sys.stderr, flush=True)).__enter__()
+    try:
+        engine = WorkflowEngine(store=store, max_workers=workers, cancel_signal=int(signal.SIGUSR1), backend=backend)
+    except BaseException:
+        _stop.__exit__()
+        _stop = None
+        raise
     engine.origin = origin
+    _stop.engine = engine
     return engine
 
 
@@ -549,17 +577,23 @@ dask_option = click.option(
 )
 
 
-class _Commands(click.Group):
-    """Every command: a store that turns out bad while a command reads it is one line, exit 2, no traceback."""
+class _Main(click.Group):
+    """Every command: a store that turns out bad while a command reads it is one line, exit 2, no traceback;
+    a signal that reaches no run (before the engine starts, in a read-only command) still exits 128 + N
+    (click would print ``Aborted!`` and exit 1).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except StoreError as exc:
             raise UsageProblem(str(exc).replace("\n", " ")) from exc
+        except KeyboardInterrupt as exc:
+            click.echo(_stopped_by(exc), err=True)
+            ctx.exit(_interrupt_code(exc))
 
 
-@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="wfaas", prog_name="wfaas-local")
 def main() -> None:
     """Run wfaas workflows on this machine and look at their runs.
@@ -641,12 +675,18 @@ def run(
 
 
 def _close(engine: Any, store: StateStore) -> None:
+    global _stop
     try:
         engine.force_cancel_all(grace=0.0) if engine.active_instances() else None
     except KeyboardInterrupt:
         pass
     engine.close()
     store.close()
+    if _stop is not None:
+        _stop.engine = None
+        if _stop.signum is None:  # after a signal ours stay: one more must not raise on the way out
+            _stop.__exit__()
+            _stop = None
 
 
 @main.command()
@@ -761,7 +801,7 @@ def recover(store: str, workers: int | None, quiet: bool, dask: str | None) -> N
                     store_path=store,
                 ),
             )
-            if code == EXIT_INTERRUPTED:
+            if code in INTERRUPT_CODES:
                 break
     finally:
         _close(engine, state_store)

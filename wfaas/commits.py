@@ -91,6 +91,9 @@ class Commits:
                     waiter.set_result(run.status)
             for future, result in batch.resolve:
                 future.set_result(result)
+            # The store may hold on to the acknowledgement (and so this batch) until its next commit:
+            # let go of the runs now, or the last finished run stays in memory with all its data.
+            batch.runs, batch.events, batch.finished, batch.resolve = [], [], [], []
         if self.dirty or self.events or self.finished or self.resolve:
             self.wake()  # a failed commit changed state: another turn checkpoints it
 

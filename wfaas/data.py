@@ -37,12 +37,23 @@ _PLAIN = (bytes, str, int, float, bool, type(None), bytearray, complex)
 class WorkflowData:
     """Base class for workflow data (usually a ``@dataclass``).
 
-    ``workflow_type`` is a class attribute naming the kind of data (the class
-    name if not set). Override ``restore(self)`` to re-create ``transient()``
-    fields in every process that receives the data.
+    ``workflow_type`` is a class attribute naming the kind of data: the class
+    name if neither the class nor a base it inherits from sets one. Override
+    ``restore(self)`` to re-create ``transient()`` fields in every process that
+    receives the data.
     """
 
     workflow_type: str = ""
+    _wfaas_default_type = True  # workflow_type was filled in here, not set by the user
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("workflow_type")
+        if own:
+            cls._wfaas_default_type = False
+        elif own is not None or cls._wfaas_default_type:
+            cls.workflow_type = cls.__name__
+            cls._wfaas_default_type = True
 
     def restore(self) -> None:
         """Re-create transient fields (connections, clients); called after every decode."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from . import _threads
+from . import _malloc, _signals, _threads
 from . import data as data_codec
 from . import errors as errors_module
 from .clock import Clock, SystemClock
@@ -46,6 +46,8 @@ __all__ = ["CleanupHandle", "WorkflowEngine"]
 
 log = logging.getLogger("wfaas")
 W = WorkflowStatus
+# What stops the program's wait for a run: Ctrl-C, or SIGTERM/SIGHUP (see _signals.py).
+_INTERRUPTS = (KeyboardInterrupt, _signals.Terminated)
 
 
 class CleanupHandle:
@@ -93,6 +95,20 @@ class WorkflowEngine:
     ``max_workers`` defaults to the cluster's threads). Use it as a context
     manager: on exit it waits for running workflows; on an exception
     (including Ctrl-C) it cancels them.
+
+    SIGTERM and SIGHUP: an engine made on the main thread of a program that
+    leaves a signal at its default (``SIG_DFL``) handles it like Ctrl-C until
+    the last engine closes, then puts the default back. The signal raises
+    :class:`~wfaas.Terminated` (a ``SystemExit`` with status 143 or 129) in the
+    main thread; waiting in ``wait_for_completion``, ``wait_for_shutdown`` or the
+    ``with`` block, the runs are cancelled gracefully and checkpointed first. A
+    second signal while they are cancelled kills their steps at once. A program
+    that handles or ignores the signal itself (``nohup``) keeps its own.
+
+    With glibc, the first engine of a process fixes malloc's mmap threshold at
+    128 KiB (``mallopt``; glibc would raise it), so that buffers of a run's data
+    are given back to the system when freed; ``MALLOC_MMAP_THRESHOLD_`` in the
+    environment wins.
     """
 
     def __init__(
@@ -107,6 +123,7 @@ class WorkflowEngine:
         cancel_signal: int | None = None,
         backend: Backend | None = None,
     ) -> None:
+        _malloc.tune()  # a long-lived engine must not keep every run's freed buffers (see _malloc.py)
         self.store: StateStore = store if store is not None else InMemoryStore()
         self.event_bus = EventBus()
         self.clock: Clock = clock or SystemClock()
@@ -135,6 +152,7 @@ class WorkflowEngine:
         self._scheduler = Scheduler(self._pool, self.store, self.event_bus, self.clock, self.grace_period, self._owner)
         self._scheduler.start()
         self._finalizer = weakref.finalize(self, _close, self._scheduler, self._pool, self.event_bus, self.grace_period)
+        _signals.attach(self)
 
     @classmethod
     def with_store(cls, store: StateStore, **kwargs: Any) -> WorkflowEngine:
@@ -216,26 +234,24 @@ class WorkflowEngine:
         waiting cancels the instance gracefully, then re-raises.
         """
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-        finished = self._scheduler.outcome(instance_id)
+        finished = self._scheduler.outcomes.get(instance_id)
         if finished is None:
             return self._wait_foreign(instance_id, label, seconds)
         try:
-            done = finished.done.wait(seconds)
-        except KeyboardInterrupt:
+            done = _wait(finished.done, seconds)
+        except _INTERRUPTS:
             self._interrupted([instance_id])
             raise
         if not done:
             raise TimeoutError(
                 f"instance {instance_id} is still running after {seconds} s; it goes on — wait again, or cancel it"
             )
-        finished = self._scheduler.outcome(instance_id)
-        assert finished is not None
         if isinstance(finished.error, StoreError):
             raise finished.error  # the store failed: what it holds (or not) is not the answer
         if self.store.read_meta(instance_id) is None:
             # Removed from the store since it ended (cleanup_old_workflows, delete): unknown, as to get_status.
             raise NotFound(instance_id, " (it ended and was removed from the store since)")
-        if finished.status is W.COMPLETED:
+        if finished.status is W.COMPLETED:  # the scheduler set it on this very object before `done`
             return f"{label} completed successfully via workflow"
         assert finished.error is not None
         raise finished.error
@@ -265,15 +281,18 @@ class WorkflowEngine:
     def cancel_workflow(self, instance_id: str, *, grace: float | None = None) -> None:
         """Stop dispatching, stop running steps (SIGTERM, grace, SIGKILL); returns once CANCELLED."""
         inner = self._call(self._scheduler.cancel, instance_id, grace)
+        done = threading.Event()
+        inner.add_done_callback(lambda _: done.set())
+        _wait(done, None)  # a second Ctrl-C or SIGTERM during the grace period must be seen at once
         inner.result()
 
     def _interrupted(self, instance_ids: Iterable[str]) -> None:
-        """First Ctrl-C: cancel gracefully. A second one while that runs: kill at once."""
+        """First Ctrl-C (or SIGTERM/SIGHUP): cancel gracefully. A second one while that runs: kill at once."""
         ids = [i for i in instance_ids if i in self._scheduler.runs]
         try:
             for iid in ids:
                 self._cancel_quietly(iid, None)
-        except KeyboardInterrupt:
+        except _INTERRUPTS:
             for iid in ids:
                 self._cancel_quietly(iid, 0.0)
             raise
@@ -391,12 +410,16 @@ class WorkflowEngine:
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         deadline = None if seconds is None else time.monotonic() + seconds
         for iid in self.active_instances():
-            finished = self._scheduler.outcome(iid)
+            finished = self._scheduler.outcomes.get(iid)
             if finished is None:
                 continue
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not finished.done.wait(remaining):
-                return False
+            try:
+                if not _wait(finished.done, remaining):
+                    return False
+            except _INTERRUPTS:
+                self._interrupted(self.active_instances())
+                raise
         self.close()
         return True
 
@@ -409,6 +432,7 @@ class WorkflowEngine:
         if self._closed:
             return
         self._closed = True
+        _signals.detach(self)
         self._finalizer()
 
     def __enter__(self) -> WorkflowEngine:
@@ -416,11 +440,18 @@ class WorkflowEngine:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.wait_for_shutdown()
-            return
+            try:
+                self.wait_for_shutdown()
+                return
+            except _INTERRUPTS:
+                self._cancel_and_close()
+                raise
+        self._cancel_and_close()
+
+    def _cancel_and_close(self) -> None:
         try:
             self.force_cancel_all()
-        except KeyboardInterrupt:
+        except _INTERRUPTS:
             self.force_cancel_all(grace=0.0)
             raise
         finally:
@@ -447,8 +478,32 @@ class WorkflowEngine:
         before = set(self.store.ids())
         removed = self.store.cleanup_old_workflows(ttl, now=self.clock.now())
         for iid in before - set(self.store.ids()):
-            self._scheduler.finished.pop(iid, None)
+            self._scheduler.outcomes.pop(iid, None)
         return removed
+
+
+# How often a main thread waiting for a run wakes up (see _wait).
+SIGNAL_CHECK = 0.2
+
+
+def _wait(event: threading.Event, seconds: float | None) -> bool:
+    """``event.wait(seconds)`` that lets the program's signal handlers run.
+
+    CPython runs a Python signal handler in the main thread between bytecodes;
+    a lock wait is interrupted only if the signal reaches that very thread
+    before it blocks. A Ctrl-C or SIGTERM that arrived just before, or on
+    another thread, would wait for the run to end. So the main thread wakes
+    every ``SIGNAL_CHECK`` seconds; other threads block for the whole wait.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return event.wait(seconds)
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while True:
+        left = SIGNAL_CHECK if deadline is None else min(SIGNAL_CHECK, deadline - time.monotonic())
+        if event.wait(max(left, 0.0)):
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
 
 
 def _close(scheduler: Scheduler, pool: Pool, bus: EventBus, grace: float) -> None:

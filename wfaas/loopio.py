@@ -18,6 +18,7 @@ import math
 import os
 import select
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -212,10 +213,12 @@ class Timers:
     """A heap of deadlines; a target's timer is live while ``target.timer`` holds its sequence number."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, TimerKind, Any]] = []
+        self._heap: list[tuple[float, int, TimerKind, weakref.ref[Any]]] = []
 
     def add(self, when: float, seq: int, kind: TimerKind, target: Any) -> int:
-        heapq.heappush(self._heap, (when, seq, kind, target))
+        # A weak reference: a timer outlives its use (a step's one-hour timeout after it succeeded) and
+        # must not keep the step, its run and the run's data alive until it expires.
+        heapq.heappush(self._heap, (when, seq, kind, weakref.ref(target)))
         return seq
 
     @property
@@ -230,8 +233,9 @@ class Timers:
 
     def _pop_due(self, now: float) -> Iterator[tuple[TimerKind, Any]]:
         while self._heap and self._heap[0][0] <= now:
-            _, seq, kind, target = heapq.heappop(self._heap)
-            if target.timer != seq:
-                continue
+            _, seq, kind, ref = heapq.heappop(self._heap)
+            target = ref()
+            if target is None or target.timer != seq:
+                continue  # cancelled, superseded, or its run is gone
             target.timer = 0
             yield kind, target

@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import enum
+import functools
+import hashlib
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -227,6 +229,20 @@ class Run:
     def workflow_id(self) -> str:
         return self.compiled.definition.id
 
+    @functools.cached_property
+    def cls_key(self) -> str:
+        """Names the data class's encoding in the workers' caches: by content, so that runs of one
+        class share one entry instead of adding one per run to every worker (issue 14)."""
+        return hashlib.blake2b(self.cls_blob, digest_size=16).hexdigest()
+
+    def let_go(self) -> None:
+        """Drop a finished run's data (its final state is committed): the Run itself lives on in a reference
+        cycle with its steps until the cyclic GC runs, which counts objects, not bytes, and may wait for
+        hundreds of runs' data (issue 14)."""
+        self.data = RunData({})
+        for step in self.steps:
+            step.snapshot = None
+
     @property
     def final(self) -> bool:
         """It ended (runs enter the scheduler RUNNING; only ``_maybe_finish`` ends them)."""
@@ -264,15 +280,15 @@ def run_message(task: Task) -> wire.RunStep:
     key = run.compiled.body_keys[step.index]
     body_blob = None if key in slot.bodies else run.compiled.body_blobs[step.index]
     slot.bodies.add(key)
-    cls_blob = None if run.iid in slot.classes else run.cls_blob
-    slot.classes.add(run.iid)
+    cls_blob = None if run.cls_key in slot.classes else run.cls_blob
+    slot.classes.add(run.cls_key)
     snap_blob = None if slot.snapshot == snap.key else snap.blob
     slot.snapshot = snap.key
     # pickle drops __cause__ (the step's own exception): send it beside the error.
     error = step.final_error
     error_blob = data_codec.encode_value((error, error.__cause__)) if hook is Hook.FAILURE and error else None
     return wire.RunStep(
-        id(task), key, body_blob, run.iid, cls_blob, snap.key, snap_blob,
+        id(task), key, body_blob, run.cls_key, cls_blob, snap.key, snap_blob,
         run.iid, run.workflow_id, step.sid, task.attempt, hook.value if hook else None, error_blob,
     )  # fmt: skip
 

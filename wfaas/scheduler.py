@@ -34,8 +34,10 @@ records and the ready queue (``runs.py``).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
+import threading
 from datetime import datetime
 from typing import Any
 
@@ -69,6 +71,11 @@ from .watchdog import MemoryWatchdog
 log = logging.getLogger("wfaas")
 S, W, A = StepStatus, WorkflowStatus, AttemptOutcome
 _DONE = (S.SUCCEEDED, S.SKIPPED, S.FAILED)
+# Errors of finished runs kept in memory, so that wait_for_completion raises the very exception (with its
+# cause); beyond that a long-lived engine would grow with every failed run, and the store answers instead.
+ERRORS_KEPT = 1000
+_SET = threading.Event()  # the handle of a run that ended before anyone waited
+_SET.set()
 
 
 class Scheduler(Loop):
@@ -84,7 +91,10 @@ class Scheduler(Loop):
         super().__init__(clock, "wfaas-scheduler")
         self.pool, self.store, self.bus, self.grace, self.owner = pool, store, bus, grace, owner
         self.runs: dict[str, Run] = {}
-        self.finished: dict[str, Finished] = {}  # runs that ended, for waiters in this process
+        # Running runs' handles for waiters (updated in place when they end), and the errors of the
+        # last runs that failed or were cancelled (see _ended); a completed run is the store's to tell.
+        self.outcomes: dict[str, Finished] = {}
+        self._errors_kept: collections.deque[str] = collections.deque()
         self._ready = ReadyQueue()
         self._out = self._commits = Commits(store, bus, self.wake)  # _out: what this turn changed
         self.supervisor = Supervisor(pool, grace, self.submit, self._after_kill)
@@ -97,13 +107,6 @@ class Scheduler(Loop):
     def stop(self) -> None:
         self._watchdog.stop()
         super().stop()
-
-    def outcome(self, iid: str) -> Finished | None:
-        """How a run of this engine stands (any thread): running, or how it ended; None if not ours."""
-        run = self.runs.get(iid)
-        if run is not None:
-            return Finished(run.status, run.error, run.done)
-        return self.finished.get(iid)
 
     # -- the turn ----------------------------------------------------------------
 
@@ -164,11 +167,15 @@ class Scheduler(Loop):
             StepRun(i, s.id, Gate(compiled.n_all[i], compiled.n_any[i]), run) for i, s in enumerate(compiled.steps)
         ]
         done = _restore(run, resumed_steps or {}, reruns)
-        run.done_steps = len(done)
+        run.done_steps = sum(step.done for step in run.steps)
+        for step in run.steps:
+            if step.status is not S.PENDING and step not in done:
+                self._set_status(run, step, S.PENDING)  # loaded as recorded; what runs again starts over
         check_workflow_transition(run.iid, run.status, W.RUNNING)
         run.status = W.RUNNING
         run.dirty_steps.update(range(len(run.steps)))
         self.runs[run.iid] = run
+        self.outcomes[run.iid] = Finished(W.RUNNING, None, run.done)
         self._out.dirty[run.iid] = run
         self._event(ev.WorkflowStarted, run, self.clock.now())
         mono = self.clock.monotonic()
@@ -205,8 +212,7 @@ class Scheduler(Loop):
         try:
             decision, due = decide(condition, step.ready_at, now, step.not_before)
         except Exception as exc:  # noqa: BLE001 - a raising run_if fails the step, with its cause
-            self._set_status(run, step, S.RUNNING)
-            self._fail_for_good(run, step, verdicts.run_if_raised(run, step, exc))
+            self._condition_raised(run, step, exc)
             return
         if decision is Decision.WAIT:
             self._set_status(run, step, S.WAITING)
@@ -217,6 +223,18 @@ class Scheduler(Loop):
             self._finish(run, step, S.SKIPPED, reason="run_if was false")
         else:
             self._enqueue(run, step, now)
+
+    def _condition_raised(self, run: Run, step: StepRun, exc: Exception) -> None:
+        """A raising run_if is the step's failed attempt (recorded, StepFailed, on_failure), never retried:
+        a retry would dispatch the step without asking run_if again."""
+        step.attempts += 1
+        step.started_at = now = self.clock.now()
+        error = verdicts.run_if_raised(run, step, exc)
+        waited = self.clock.monotonic() - step.waited_from if step.wait_kind else 0.0
+        step.usage, record = verdicts.run_if_record(step, error, now, waited)
+        step.history.append(record)
+        self._set_status(run, step, step.status)  # checkpoint the attempt even while on_failure runs
+        self._attempt_failed(run, step, error, exc, may_retry=False)
 
     def _enqueue(self, run: Run, step: StepRun, now: float) -> None:
         step.enqueued = now
@@ -364,8 +382,10 @@ class Scheduler(Loop):
 
     # -- 5. failures: retry, hook, or fail for good ------------------------------------
 
-    def _attempt_failed(self, run: Run, step: StepRun, error: WorkflowError, cause: BaseException) -> None:
-        verdict, delay = verdicts.after_failure(run, step, cause)
+    def _attempt_failed(
+        self, run: Run, step: StepRun, error: WorkflowError, cause: BaseException, *, may_retry: bool = True
+    ) -> None:
+        verdict, delay = verdicts.after_failure(run, step, cause, may_retry=may_retry)
         step.error = verdicts.reason(error)
         now = self.clock.now()
         retry = verdict is Verdict.RETRY
@@ -493,9 +513,21 @@ class Scheduler(Loop):
         self._commits.release(self._ended, self._store_failed)
 
     def _ended(self, run: Run) -> None:
-        """A run's end is committed: it leaves the scheduler; its waiters learn how it ended."""
-        self.finished[run.iid] = Finished(run.status, run.error, run.done)
+        """A run's end is committed: it leaves the scheduler and lets go of its data. Its waiters' handle
+        learns how it ended; the error stays for the last ``ERRORS_KEPT`` runs that did not complete."""
         self.runs.pop(run.iid, None)
+        finished = self.outcomes.pop(run.iid, None)
+        if finished is not None:  # waiting callers hold this one: tell them through it
+            finished.status, finished.error = run.status, run.error
+        run.let_go()
+        if run.status is W.COMPLETED:
+            return
+        self.outcomes[run.iid] = Finished(run.status, run.error, _SET)
+        self._errors_kept.append(run.iid)
+        if len(self._errors_kept) > ERRORS_KEPT:
+            old = self._errors_kept.popleft()
+            if old not in self.runs:  # not resumed meanwhile
+                self.outcomes.pop(old, None)
 
     def _store_failed(self, runs: list[Run], exc: Exception) -> None:
         # The error is handled: it becomes each run's error (wait_for_completion, the events).
@@ -528,12 +560,18 @@ class Scheduler(Loop):
         """The thread crashed: every run fails, rather than hang its waiters."""
         super().abandon(exc)
         for run in list(self.runs.values()):
-            run.error = StepFailed(f"the engine's scheduler crashed: {exc!r}", instance_id=run.iid)
-            run.status = W.FAILED
-            self.finished[run.iid] = Finished(W.FAILED, run.error, run.done)
+            if not run.final:  # a run that finished but whose commit is pending keeps its status
+                run.error = StepFailed(f"the engine's scheduler crashed: {exc!r}", instance_id=run.iid)
+                check_workflow_transition(run.iid, run.status, W.FAILED)
+                run.status = W.FAILED
+            finished = self.outcomes.setdefault(run.iid, Finished(run.status, run.error, run.done))
+            finished.status, finished.error = run.status, run.error  # waiting callers read this object
             run.done.set()
             for waiter in run.waiters:
-                waiter.set_exception(run.error)
+                if run.error is None:
+                    waiter.set_result(run.status)
+                else:
+                    waiter.set_exception(run.error)
 
 
 def _restore(run: Run, records: dict[str, dict[str, Any]], reruns: set[str]) -> list[StepRun]:
@@ -546,8 +584,8 @@ def _restore(run: Run, records: dict[str, dict[str, Any]], reruns: set[str]) -> 
         step.attempts = step.budget_start = rec.get("attempts", 0)
         step.started_at, step.finished_at = rec.get("started_at"), rec.get("finished_at")
         step.history = list(rec.get("history") or ())
-        status = S(rec["status"])
-        if status in (S.SUCCEEDED, S.SKIPPED) and step.sid not in reruns:
-            step.status, step.error = status, rec.get("error")
+        step.status = S(rec["status"])  # as recorded; start_run moves what runs again to PENDING
+        if step.status in (S.SUCCEEDED, S.SKIPPED) and step.sid not in reruns:
+            step.error = rec.get("error")
             done.append(step)
     return done

@@ -61,20 +61,23 @@ _FINAL_STEP = frozenset({StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKI
 
 W, S = WorkflowStatus, StepStatus
 
-# Every allowed status change of an instance. Anything else raises.
+# Every allowed status change of an instance, each made by the scheduler (tests/test_transitions.py
+# checks both ways). Anything else raises.
 WORKFLOW_TRANSITIONS: dict[WorkflowStatus, frozenset[WorkflowStatus]] = {
-    W.PENDING: frozenset({W.RUNNING, W.CANCELLED, W.FAILED}),
+    W.PENDING: frozenset({W.RUNNING}),  # started, or resumed after its process died before the start
     W.RUNNING: frozenset({W.COMPLETED, W.FAILED, W.CANCELLED, W.RUNNING}),  # RUNNING->RUNNING: recovered
     W.FAILED: frozenset({W.RUNNING}),  # resume
     W.CANCELLED: frozenset({W.RUNNING}),  # resume
     W.COMPLETED: frozenset({W.RUNNING}),  # resume with rerun=[...]
 }
 
-# Every allowed status change of a step. Anything else raises.
+# Every allowed status change of a step, each made by the scheduler. Anything else raises.
+# A resumed step starts from its recorded status and is moved to PENDING through this table.
 STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
-    S.PENDING: frozenset({S.WAITING, S.RUNNING, S.SKIPPED, S.CANCELLED}),
-    S.WAITING: frozenset({S.RUNNING, S.SKIPPED, S.CANCELLED, S.PENDING}),  # PENDING: instance stopped first
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.SKIPPED, S.CANCELLED, S.WAITING, S.PENDING}),  # WAITING: backoff
+    S.PENDING: frozenset({S.WAITING, S.RUNNING, S.SKIPPED, S.FAILED}),  # FAILED: its run_if raised
+    S.WAITING: frozenset({S.RUNNING, S.SKIPPED, S.FAILED, S.PENDING}),  # PENDING: its instance stopped
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.SKIPPED, S.CANCELLED, S.WAITING, S.PENDING}),
+    # RUNNING->WAITING: a retry's backoff; RUNNING->PENDING: resumed after its process died
     S.SUCCEEDED: frozenset({S.PENDING}),  # resume with rerun
     S.SKIPPED: frozenset({S.PENDING}),  # resume with rerun
     S.FAILED: frozenset({S.PENDING}),  # resume

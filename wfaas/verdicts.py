@@ -47,14 +47,14 @@ class Verdict(enum.Enum):
     FAIL = "fail"  # it failed for good
 
 
-def after_failure(run: Run, step: StepRun, cause: BaseException) -> tuple[Verdict, float]:
+def after_failure(run: Run, step: StepRun, cause: BaseException, *, may_retry: bool = True) -> tuple[Verdict, float]:
     """Retry (and after how many seconds), run the on_failure hook, or fail for good."""
     i = step.index
     sdef = run.compiled.steps[i]
     policy = run.compiled.retry[i]
     used = step.attempts - step.budget_start
     forever = sdef.failure_action is FailureAction.RETRY_INDEFINITELY
-    if run.stopping is None and (forever or used < policy.max_attempts) and retryable(sdef.body, cause):
+    if may_retry and run.stopping is None and (forever or used < policy.max_attempts) and retryable(sdef.body, cause):
         return Verdict.RETRY, policy.backoff.delay(used)
     if overrides(sdef.body, "on_failure") and run.stopping is not Stopping.CANCEL:
         return Verdict.HOOK, 0.0
@@ -241,6 +241,16 @@ def attempt_record(
         "traceback": traceback,
     }
     return figures, record
+
+
+def run_if_record(
+    step: StepRun, error: WorkflowError, now: datetime, waited: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The figures and ``Attempt`` record of the failed attempt a raising run_if is (it ran nowhere)."""
+    figures = {"wall": 0.0, "cpu": None, "max_rss": None, "queued": 0.0, "exitcode": None, "signal": None}
+    usage = {**figures, "waited": waited, "wait_kind": step.wait_kind.value if step.wait_kind else None}
+    record = {"number": step.attempts, "outcome": AttemptOutcome.FAILED.value, "started_at": now, "finished_at": now}
+    return usage, {**record, **usage, "error": reason(error)}
 
 
 def delta(seconds: float) -> timedelta:
