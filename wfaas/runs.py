@@ -305,3 +305,38 @@ class Finished:
     status: WorkflowStatus
     error: WorkflowError | None
     done: threading.Event
+
+
+_SET = threading.Event()  # the handle of a run that ended before anyone waited
+_SET.set()
+
+
+class Outcomes(dict[str, Finished]):
+    """How this engine's runs stand, for waiters on any thread, by instance id.
+
+    A handle per running run, updated in place when the run ends (waiters
+    hold it), and the errors of the last ``kept`` runs that failed or were
+    cancelled; a completed run is the store's to tell.
+    """
+
+    def __init__(self, kept: int) -> None:
+        super().__init__()
+        self.kept = kept
+        self._errors: collections.deque[str] = collections.deque()
+
+    def started(self, run: Run) -> None:
+        self[run.iid] = Finished(WorkflowStatus.RUNNING, None, run.done)
+
+    def ended(self, run: Run, running: dict[str, Run]) -> None:
+        """``run``'s end is committed (``running``: the runs still going, a resumed one among them)."""
+        finished = self.pop(run.iid, None)
+        if finished is not None:  # waiting callers hold this one: tell them through it
+            finished.status, finished.error = run.status, run.error
+        if run.status is WorkflowStatus.COMPLETED:
+            return
+        self[run.iid] = Finished(run.status, run.error, _SET)
+        self._errors.append(run.iid)
+        if len(self._errors) > self.kept:
+            old = self._errors.popleft()
+            if old not in running:  # not resumed meanwhile
+                self.pop(old, None)

@@ -34,10 +34,8 @@ records and the ready queue (``runs.py``).
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import logging
-import threading
 from datetime import datetime
 from typing import Any
 
@@ -53,6 +51,7 @@ from .readiness import Decision, Gate, Outcome, decide
 from .runs import (
     Finished,
     Hook,
+    Outcomes,
     ReadyQueue,
     Run,
     StepRun,
@@ -74,8 +73,6 @@ _DONE = (S.SUCCEEDED, S.SKIPPED, S.FAILED)
 # Errors of finished runs kept in memory, so that wait_for_completion raises the very exception (with its
 # cause); beyond that a long-lived engine would grow with every failed run, and the store answers instead.
 ERRORS_KEPT = 1000
-_SET = threading.Event()  # the handle of a run that ended before anyone waited
-_SET.set()
 
 
 class Scheduler(Loop):
@@ -91,10 +88,7 @@ class Scheduler(Loop):
         super().__init__(clock, "wfaas-scheduler")
         self.pool, self.store, self.bus, self.grace, self.owner = pool, store, bus, grace, owner
         self.runs: dict[str, Run] = {}
-        # Running runs' handles for waiters (updated in place when they end), and the errors of the
-        # last runs that failed or were cancelled (see _ended); a completed run is the store's to tell.
-        self.outcomes: dict[str, Finished] = {}
-        self._errors_kept: collections.deque[str] = collections.deque()
+        self.outcomes = Outcomes(ERRORS_KEPT)
         self._ready = ReadyQueue()
         self._out = self._commits = Commits(store, bus, self.wake)  # _out: what this turn changed
         self.supervisor = Supervisor(pool, grace, self.submit, self._after_kill)
@@ -175,7 +169,7 @@ class Scheduler(Loop):
         run.status = W.RUNNING
         run.dirty_steps.update(range(len(run.steps)))
         self.runs[run.iid] = run
-        self.outcomes[run.iid] = Finished(W.RUNNING, None, run.done)
+        self.outcomes.started(run)
         self._out.dirty[run.iid] = run
         self._event(ev.WorkflowStarted, run, self.clock.now())
         mono = self.clock.monotonic()
@@ -513,21 +507,10 @@ class Scheduler(Loop):
         self._commits.release(self._ended, self._store_failed)
 
     def _ended(self, run: Run) -> None:
-        """A run's end is committed: it leaves the scheduler and lets go of its data. Its waiters' handle
-        learns how it ended; the error stays for the last ``ERRORS_KEPT`` runs that did not complete."""
+        """A run's end is committed: it leaves the scheduler and lets go of its data; its waiters learn it."""
         self.runs.pop(run.iid, None)
-        finished = self.outcomes.pop(run.iid, None)
-        if finished is not None:  # waiting callers hold this one: tell them through it
-            finished.status, finished.error = run.status, run.error
+        self.outcomes.ended(run, self.runs)
         run.let_go()
-        if run.status is W.COMPLETED:
-            return
-        self.outcomes[run.iid] = Finished(run.status, run.error, _SET)
-        self._errors_kept.append(run.iid)
-        if len(self._errors_kept) > ERRORS_KEPT:
-            old = self._errors_kept.popleft()
-            if old not in self.runs:  # not resumed meanwhile
-                self.outcomes.pop(old, None)
 
     def _store_failed(self, runs: list[Run], exc: Exception) -> None:
         # The error is handled: it becomes each run's error (wait_for_completion, the events).
