@@ -108,6 +108,7 @@ def encode_bodies(definition: WorkflowDefinition) -> tuple[dict[int, bytes], lis
     return blobs, problems
 
 
+_TERMINAL = frozenset(s for s in WorkflowStatus if s.is_terminal)
 # A step whose status is one of these no longer holds its run open.
 _DONE = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED, StepStatus.FAILED})
 
@@ -246,7 +247,7 @@ class Run:
     @property
     def final(self) -> bool:
         """It ended (runs enter the scheduler RUNNING; only ``_maybe_finish`` ends them)."""
-        return self.status.is_terminal
+        return self.status in _TERMINAL
 
     @property
     def unfinished(self) -> int:

@@ -459,7 +459,8 @@ class Scheduler(Loop):
     # -- 7. the run ends ----------------------------------------------------------------
 
     def _maybe_finish(self, run: Run) -> None:
-        if run.final or self._busy(run) or (run.stopping is None and run.unfinished):
+        # Cheapest first: in a running fan-out most steps are unfinished, and _busy walks the slots.
+        if run.final or (run.stopping is None and run.unfinished) or self._busy(run):
             return
         now = self.clock.now()
         if run.stopping is Stopping.CANCEL:
