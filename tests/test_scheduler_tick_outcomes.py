@@ -441,3 +441,26 @@ def test_live_output_becomes_step_output_events(ticker: Ticker) -> None:
     ticker.turn()
     [out] = ticker.events(events.StepOutput)
     assert (out.step_id, out.attempt, out.lines) == ("a", 1, ((0.0, 20, "hello"),))
+
+
+def raising_condition(ctx: Any) -> bool:
+    raise KeyError("missing")
+
+
+def test_a_raising_run_if_is_a_failed_attempt_never_retried(ticker: Ticker) -> None:
+    policy = RetryPolicy(max_attempts=3, backoff=Backoff.fixed(1))
+    iid = ticker.start(wf(step("a", ok).run_if(raising_condition).with_retry(policy)))
+    ticker.advance(5)
+    st = ticker.step(iid, "a")
+    assert (st.status, st.attempts) == (S.FAILED, 1)
+    assert [(a.outcome, a.number) for a in st.history] == [("failed", 1)]
+    assert "run_if raised KeyError" in (st.history[0].error or "")
+    assert ticker.pool.sent == []  # it never reached a worker
+
+
+def test_a_raising_run_if_runs_the_on_failure_hook(ticker: Ticker) -> None:
+    iid = ticker.start(wf(step("a", WithHooks(fail=False)).run_if(raising_condition)))
+    hook = ticker.pool.last_sent("a")
+    assert (hook.hook, hook.attempt) == ("failure", 1)
+    ticker.run("a")
+    assert ticker.status(iid) is W.FAILED
