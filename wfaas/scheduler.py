@@ -4,6 +4,7 @@ How a step travels (the function at each arrow; the functions below come in this
 
     engine.start_workflow / resume --start_run--> Run, each step with a Gate (readiness.py)
     gate opens --_decide--> RUN | SKIP (_finish) | WAIT (a TimerKind.WAIT timer)
+                            | run_if raised (_condition_raised: a failed attempt, never retried)
     RUN --_enqueue--> ready queue, with the data snapshot of that moment (rundata.py)
     ready queue --_dispatch / _start_task--> idle slot --wire.RunStep--> worker (pool.py, _worker.py)
     worker --wire.Done | wire.Failed--> _on_message
