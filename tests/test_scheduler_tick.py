@@ -511,3 +511,32 @@ def test_the_run_message_is_a_named_wire_message(ticker: Ticker) -> None:
     message = ticker.pool.last_sent("a")
     assert isinstance(message, wire.RunStep)
     assert message.task_id == id(slot.task)
+
+
+def test_an_autojump_clock_jumps_to_the_next_timer_only_when_nothing_else_can_move() -> None:
+    t = Ticker()
+    t.clock.autojump = True
+    try:
+        iid = t.start(wf(step("a"), step("b").with_delay(3600)))
+        assert t.busy() == {"a"}  # a runs: the clock may not jump past b's delay yet
+        assert t.clock.monotonic() == 0.0
+        t.run("a")
+        t.turn()
+        assert t.busy() == {"b"}
+        assert t.clock.monotonic() == 3600.0
+        t.run("b")
+        assert t.status(iid) is W.COMPLETED
+    finally:
+        t.close()
+
+
+def test_a_finished_run_is_not_kept_alive_by_its_timers(ticker: Ticker) -> None:
+    import gc
+    import weakref
+
+    iid = ticker.start(wf(step("a").with_timeout(3600)))
+    ref = weakref.ref(ticker.scheduler.runs[iid])
+    ticker.run("a")
+    assert ticker.status(iid) is W.COMPLETED
+    gc.collect()
+    assert ref() is None  # the one-hour timeout timer still in the heap holds it weakly
