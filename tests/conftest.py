@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +14,14 @@ from typing import Any
 
 import psutil
 import pytest
-from wfaas import WorkflowData, WorkflowEngine, events
-from wfaas.testing import VirtualClock
+from wfaas import WorkflowData, WorkflowDefinition, WorkflowEngine, events
+from wfaas import data as data_codec
+from wfaas.rundata import RunData
+from wfaas.runs import Compiled, Run, encode_bodies
+from wfaas.scheduler import Scheduler
+from wfaas.states import StepState, WorkflowState, WorkflowStatus
+from wfaas.store import Checkpoint, InMemoryStore, record_to_state
+from wfaas.testing import FakePool, VirtualClock
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -157,3 +164,116 @@ def reap(proc: subprocess.Popen[Any]) -> None:
         proc.wait(timeout=30)
     if proc.stdout is not None:
         proc.stdout.close()
+
+
+# -- the scheduler without processes: tick() with a fake pool and a virtual clock --------
+
+
+class HeldStore(InMemoryStore):
+    """An in-memory store whose writes commit only when the test says (``commit``), or fail (``fail``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[list[Checkpoint], Callable[[Exception | None], None]]] = []
+        self.writes = 0
+
+    def write_async(self, checkpoints: list[Checkpoint], done: Callable[[Exception | None], None]) -> None:
+        self.writes += 1
+        self.held.append((checkpoints, done))
+
+    def commit(self) -> None:
+        """Commit every held write, in order (on the test's thread, as a store thread would, later)."""
+        while self.held:
+            checkpoints, done = self.held.pop(0)
+            self.write(checkpoints)
+            done(None)
+
+    def fail(self, error: Exception) -> None:
+        while self.held:
+            _, done = self.held.pop(0)
+            done(error)
+
+
+class Ticker:
+    """A ``Scheduler`` over a ``FakePool`` and a ``VirtualClock``, turned by hand on the test's thread.
+
+    No thread and no process is started: ``turn()`` calls ``tick(max_wait=0)``;
+    ``pool`` plays the workers (``execute``, ``crash``, ``end_kill``), ``clock``
+    the time (``advance``).
+    """
+
+    def __init__(self, workers: int = 2, store: InMemoryStore | None = None, grace: float = 1.0) -> None:
+        self.clock = VirtualClock()
+        self.pool = FakePool(workers)
+        self.pool.start()
+        self.store = store if store is not None else InMemoryStore()
+        self.bus = events.EventBus()
+        self._events: list[Any] = []
+        self.bus.subscribe(self._events.append)
+        self.scheduler = Scheduler(self.pool, self.store, self.bus, self.clock, grace, {"pid": os.getpid()})
+
+    def start(self, definition: WorkflowDefinition, data: Any = None, turns: int = 3) -> str:
+        """Start a run the way ``WorkflowEngine.start_workflow`` does, then turn."""
+        problems = definition.validate()
+        bodies, unsendable = encode_bodies(definition)
+        assert not problems + unsendable, problems + unsendable
+        compiled = Compiled(definition, bodies)
+        data = data if data is not None else (definition.data_type or Data)()
+        fields = data_codec.encode_fields(data, where="test")
+        cls_blob = data_codec.encode_value(type(data))
+        iid = uuid.uuid4().hex
+        run = Run(iid, compiled, type(data), cls_blob, RunData(fields), created_at=self.clock.now())
+        run.data.dirty_fields.update(fields)
+        run.extra = {"class": cls_blob, "fingerprint": compiled.fingerprint}
+        self.scheduler.start_run(run, None, set())
+        self.turn(turns)
+        return iid
+
+    def turn(self, n: int = 3) -> None:
+        for _ in range(n):
+            self.scheduler.tick(max_wait=0)
+
+    def run(self, step_id: str, turns: int = 3) -> None:
+        """The worker running ``step_id`` runs its body here and replies; the scheduler takes it in."""
+        self.pool.execute(step_id)
+        self.turn(turns)
+
+    def advance(self, seconds: float, turns: int = 3) -> None:
+        self.clock.advance(seconds)
+        self.turn(turns)
+
+    def busy(self) -> set[str]:
+        return set(self.pool.busy())
+
+    def status(self, iid: str) -> WorkflowStatus:
+        """Running or not completed: the scheduler's handle says; completed: the store does (as for the engine)."""
+        finished = self.scheduler.outcomes.get(iid)
+        if finished is not None:
+            return finished.status
+        meta = self.store.read_meta(iid)
+        assert meta is not None, f"instance {iid} is neither running here nor stored"
+        return WorkflowStatus(meta["status"])
+
+    def state(self, iid: str) -> WorkflowState[Any]:
+        record = self.store.read(iid)
+        assert record is not None, f"instance {iid} was never checkpointed"
+        return record_to_state(iid, record)
+
+    def step(self, iid: str, step_id: str) -> StepState:
+        return self.state(iid).step_states[step_id]
+
+    def events(self, kind: type | None = None) -> list[Any]:
+        assert self.bus.flush(5.0)
+        return [e for e in self._events if kind is None or isinstance(e, kind)]
+
+    def close(self) -> None:
+        self.bus.close()
+        self.scheduler.wake.close()
+        self.pool.close()
+
+
+@pytest.fixture
+def ticker() -> Iterator[Ticker]:
+    t = Ticker()
+    yield t
+    t.close()

@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 from wfaas import (
-    Backoff,
-    Cancelled,
-    DataConflict,
-    FailureAction,
     InvalidDefinition,
-    RetryPolicy,
     SerializationError,
     SqliteStore,
     StepDefinition,
     StepFailed,
-    StepResult,
-    StepStatus,
-    StepTimeout,
-    WorkerCrashed,
     WorkflowDefinition,
     WorkflowEngine,
     WorkflowStatus,
-    events,
 )
 
-from conftest import Data, descendants, wait_until
+from conftest import Data, descendants
 
 
 def add(n: int) -> Any:
@@ -47,69 +34,6 @@ def put(key: str, value: Any) -> Any:
         ctx.data.items[key] = value
 
     return body
-
-
-def wait_for_file(path: str, timeout: float = 30.0) -> None:
-    """Inside a step: block until ``path`` exists (the test creates it), with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
-
-
-def test_chain_runs_in_order_and_merges_data(engine: WorkflowEngine) -> None:
-    wf = WorkflowDefinition("chain", data_type=Data)
-    wf.add_step(StepDefinition("a", "A", add(1)))
-    wf.add_step(StepDefinition("b", "B", add(10)).depends_on(["a"]))
-    wf.add_step(StepDefinition("c", "C", add(100)).depends_on(["b"]))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("chain", Data())
-    assert engine.wait_for_completion(iid, "x", timeout=30) == "x completed successfully via workflow"
-    state = engine.get_status(iid)
-    assert state.status is WorkflowStatus.COMPLETED
-    assert state.data.n == 111
-    assert state.data.log == ["a", "b", "c"]
-    assert all(s.status is StepStatus.SUCCEEDED and s.attempts == 1 for s in state.step_states.values())
-
-
-def test_fan_out_writes_dict_keys_without_conflict(engine: WorkflowEngine) -> None:
-    wf = WorkflowDefinition("fan", data_type=Data)
-    for i in range(20):
-        wf.add_step(StepDefinition(f"s{i}", "s", put(f"k{i}", i)))
-
-    def total(ctx: Any) -> None:
-        ctx.data.value = sum(ctx.data.items.values())
-
-    wf.add_step(StepDefinition("join", "join", total).depends_on([f"s{i}" for i in range(20)]))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("fan", Data())
-    engine.wait_for_completion(iid, timeout=60)
-    assert engine.get_status(iid).data.value == sum(range(20))
-
-
-def test_parallel_writes_of_one_field_conflict(engine: WorkflowEngine, tmp_path: Path) -> None:
-    gate = str(tmp_path / "go")
-
-    def first(ctx: Any) -> None:
-        ctx.data.value = "first"
-        Path(gate).touch()
-
-    def second(ctx: Any) -> None:
-        wait_for_file(gate)
-        ctx.data.value = "second"
-
-    wf = WorkflowDefinition("conflict", data_type=Data)
-    wf.add_step(StepDefinition("first", "1", first)).add_step(StepDefinition("second", "2", second))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("conflict", Data())
-    with pytest.raises(DataConflict) as info:
-        engine.wait_for_completion(iid, timeout=30)
-    message = str(info.value)
-    assert "'second'" in message and "'first'" in message and "value" in message
-    # Whichever finished second failed; the other's write is the one kept.
-    loser = info.value.step_id
-    assert engine.get_status(iid).data.value == ("first" if loser == "second" else "second")
 
 
 def test_step_exception_is_the_cause_with_remote_traceback(engine: WorkflowEngine) -> None:
@@ -146,121 +70,6 @@ def test_unserializable_field_is_named_before_running(engine: WorkflowEngine) ->
     engine.register_workflow(WorkflowDefinition("s", data_type=Data).add_step(StepDefinition("a", "A", add(1))))
     with pytest.raises(SerializationError, match=r"Data\.value \(generator\)"):
         engine.start_workflow("s", Data(value=(x for x in range(3))))
-
-
-def test_retry_with_backoff_on_virtual_clock(vengine: WorkflowEngine, tmp_path: Path) -> None:
-    counter = tmp_path / "attempts"
-
-    def flaky(ctx: Any) -> StepResult:
-        with open(counter, "a") as f:
-            f.write("x")
-        return StepResult.FAILURE if ctx.attempt < 4 else StepResult.SUCCESS
-
-    retrying: list[events.StepRetrying] = []
-    vengine.event_bus.subscribe(lambda e: retrying.append(e) if isinstance(e, events.StepRetrying) else None)
-    policy = RetryPolicy(max_attempts=5, backoff=Backoff.exponential(10, 25))
-    vengine.register_workflow(
-        WorkflowDefinition("flaky", data_type=Data).add_step(StepDefinition("f", "F", flaky).with_retry(policy))
-    )
-    started = time.monotonic()
-    iid = vengine.start_workflow("flaky", Data())
-    vengine.wait_for_completion(iid, timeout=30)
-    assert time.monotonic() - started < 20  # 45 virtual seconds of backoff took no real ones
-    assert counter.read_text() == "xxxx"
-    assert vengine.get_status(iid).step_states["f"].attempts == 4
-    vengine.event_bus.flush()
-    assert [e.delay for e in retrying] == [10, 20, 25]
-
-
-def test_continue_next_step_and_depends_on_any(engine: WorkflowEngine) -> None:
-    def fail(ctx: Any) -> None:
-        raise RuntimeError("optional part broke")
-
-    wf = WorkflowDefinition("cont", data_type=Data)
-    wf.add_step(StepDefinition("opt", "opt", fail).with_failure_action(FailureAction.CONTINUE_NEXT_STEP))
-    wf.add_step(StepDefinition("skip", "skip", add(1)).run_if(lambda ctx: False))
-    wf.add_step(StepDefinition("after", "after", add(5)).depends_on_any(["opt", "skip"]))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("cont", Data())
-    engine.wait_for_completion(iid, timeout=30)
-    state = engine.get_status(iid)
-    assert state.status is WorkflowStatus.COMPLETED
-    assert state.step_states["opt"].status is StepStatus.FAILED
-    assert state.step_states["skip"].status is StepStatus.SKIPPED
-    assert state.step_states["after"].status is StepStatus.SUCCEEDED
-    assert state.data.n == 5
-
-
-@pytest.mark.slow
-def test_timeout_kills_only_its_step(engine: WorkflowEngine) -> None:
-    def spin(ctx: Any) -> None:
-        while True:
-            pass
-
-    def sibling(ctx: Any) -> None:
-        time.sleep(0.5)
-        ctx.data.value = "done"
-
-    wf = WorkflowDefinition("to", data_type=Data)
-    wf.add_step(StepDefinition("spin", "spin", spin).with_timeout(1))
-    wf.add_step(StepDefinition("sib", "sib", sibling))
-    engine.register_workflow(wf)
-    started = time.monotonic()
-    iid = engine.start_workflow("to", Data())
-    with pytest.raises(StepTimeout):
-        engine.wait_for_completion(iid, timeout=30)
-    assert time.monotonic() - started < 3
-    state = engine.get_status(iid)
-    assert state.step_states["sib"].status is StepStatus.SUCCEEDED
-    assert state.step_states["sib"].attempts == 1
-    assert state.data.value == "done"
-
-
-def test_worker_crash_fails_only_its_step_and_is_retried(engine: WorkflowEngine, tmp_path: Path) -> None:
-    def crash_once(ctx: Any) -> None:
-        if ctx.attempt == 1:
-            os._exit(7)
-        ctx.data.value = "survived"
-
-    wf = WorkflowDefinition("crash", data_type=Data)
-    wf.add_step(StepDefinition("c", "c", crash_once).with_retry(RetryPolicy(max_attempts=2)))
-    wf.add_step(StepDefinition("other", "o", add(1)))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("crash", Data())
-    engine.wait_for_completion(iid, timeout=30)
-    state = engine.get_status(iid)
-    assert state.data.value == "survived" and state.data.n == 1
-    assert state.step_states["c"].attempts == 2
-    assert state.step_states["other"].attempts == 1
-
-
-def test_crash_reports_signal(engine: WorkflowEngine) -> None:
-    def die(ctx: Any) -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    engine.register_workflow(WorkflowDefinition("die", data_type=Data).add_step(StepDefinition("d", "d", die)))
-    iid = engine.start_workflow("die", Data())
-    with pytest.raises(WorkerCrashed, match="SIGKILL"):
-        engine.wait_for_completion(iid, timeout=30)
-
-
-def test_cancel_stops_the_running_step(engine: WorkflowEngine, tmp_path: Path) -> None:
-    pidfile = tmp_path / "pid"
-
-    def block(ctx: Any) -> None:
-        pidfile.write_text(str(os.getpid()))
-        wait_for_file(str(tmp_path / "never"), timeout=120)
-
-    engine.register_workflow(WorkflowDefinition("blk", data_type=Data).add_step(StepDefinition("b", "b", block)))
-    iid = engine.start_workflow("blk", Data())
-    pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), what="step started"))
-    engine.cancel_workflow(iid)
-    state = engine.get_status(iid)
-    assert state.status is WorkflowStatus.CANCELLED
-    assert state.step_states["b"].status is StepStatus.CANCELLED
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    with pytest.raises(Cancelled):
-        engine.wait_for_completion(iid, timeout=5)
 
 
 def test_sqlite_store_resume_skips_succeeded_steps(tmp_path: Path) -> None:

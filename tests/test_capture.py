@@ -187,9 +187,9 @@ def _fail_until_fifth(ctx: WorkflowContext[Data]) -> None:
 
 
 def test_logs_are_kept_for_the_attempts_the_history_keeps(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    from wfaas import scheduler
+    from wfaas import verdicts
 
-    monkeypatch.setattr(scheduler, "HISTORY_KEPT", 2)
+    monkeypatch.setattr(verdicts, "HISTORY_KEPT", 2)
     wf = WorkflowDefinition("retried", data_type=Data).add_step(
         StepDefinition("flaky", "Flaky", _fail_until_fifth).with_retry(RetryPolicy(max_attempts=5))
     )

@@ -30,7 +30,6 @@ from wfaas import (
     WorkflowData,
     WorkflowDefinition,
     WorkflowEngine,
-    WorkflowStatus,
     transient,
 )
 
@@ -135,90 +134,6 @@ def test_only_changed_fields_merge_back(engine: WorkflowEngine, tmp_path: Path) 
     assert (data.n, data.value, data.log) == (1, "from first", ["second"])
 
 
-def test_parallel_different_values_of_one_field_conflict(engine: WorkflowEngine, tmp_path: Path) -> None:
-    def first(ctx: Any) -> None:
-        ctx.data.value = "A"
-
-    def second(ctx: Any) -> None:
-        ctx.data.value = "B"
-
-    iid = parallel(engine, tmp_path, first, second)
-    with pytest.raises(DataConflict) as info:
-        engine.wait_for_completion(iid, timeout=30)
-    message = str(info.value)
-    assert "'second'" in message and "'first'" in message
-    assert "value" in message
-    assert iid in message
-    assert info.value.step_id == "second"
-    state = engine.get_status(iid)
-    assert state.status is WorkflowStatus.FAILED
-    assert state.failed_step == "second"
-    assert state.step_states["first"].status is S.SUCCEEDED
-    assert state.step_states["second"].status is S.FAILED
-    assert state.data.value == "A"  # the conflicting write changed nothing
-
-
-def test_a_conflict_is_retried_from_the_merged_data(engine: WorkflowEngine, tmp_path: Path) -> None:
-    def first(ctx: Any) -> None:
-        ctx.data.value = "A"
-
-    def second(ctx: Any) -> None:
-        ctx.data.log.append(f"saw {ctx.data.value}")
-        ctx.data.value = "B"
-
-    iid = parallel(engine, tmp_path, first, second, retry_second=2)
-    engine.wait_for_completion(iid, timeout=30)
-    state = engine.get_status(iid)
-    assert state.step_states["second"].attempts == 2
-    assert state.data.value == "B"
-    assert state.data.log == ["saw A"]  # only the retry's writes landed
-
-
-def test_parallel_same_value_is_no_conflict(engine: WorkflowEngine, tmp_path: Path) -> None:
-    def same(ctx: Any) -> None:
-        ctx.data.value = {"answer": [4, 2]}
-        ctx.data.n = 3
-
-    iid = parallel(engine, tmp_path, same, same)
-    engine.wait_for_completion(iid, timeout=30)
-    data = engine.get_status(iid).data
-    assert data.value == {"answer": [4, 2]}
-    assert data.n == 3
-
-
-def test_dict_fields_merge_key_by_key(engine: WorkflowEngine, tmp_path: Path) -> None:
-    def first(ctx: Any) -> None:
-        ctx.data.items["first"] = 1
-        ctx.data.items["shared"] = "same"
-        del ctx.data.items["gone"]
-
-    def second(ctx: Any) -> None:
-        ctx.data.items["second"] = 2
-        ctx.data.items["shared"] = "same"
-        ctx.data.items["kept"] = "updated"
-
-    iid = parallel(engine, tmp_path, first, second, Data(items={"gone": 0, "kept": 0}))
-    engine.wait_for_completion(iid, timeout=30)
-    assert engine.get_status(iid).data.items == {"first": 1, "second": 2, "shared": "same", "kept": "updated"}
-
-
-def test_dict_fields_conflict_on_one_key(engine: WorkflowEngine, tmp_path: Path) -> None:
-    def first(ctx: Any) -> None:
-        ctx.data.items["k"] = "A"
-        ctx.data.items["other"] = 1
-
-    def second(ctx: Any) -> None:
-        ctx.data.items["k"] = "B"
-
-    iid = parallel(engine, tmp_path, first, second)
-    with pytest.raises(DataConflict) as info:
-        engine.wait_for_completion(iid, timeout=30)
-    message = str(info.value)
-    assert "'first'" in message and "'second'" in message
-    assert "items" in message and "'k'" in message
-    assert engine.get_status(iid).data.items == {"k": "A", "other": 1}
-
-
 def test_dict_key_deleted_by_one_and_set_by_the_other_conflicts(engine: WorkflowEngine, tmp_path: Path) -> None:
     def first(ctx: Any) -> None:
         del ctx.data.items["k"]
@@ -320,13 +235,6 @@ def test_context_values_are_shared_between_steps(engine: WorkflowEngine, tmp_pat
     state = engine.get_status(iid)
     assert state.data.value == (42, "b-wrote", "dflt")
     assert state.context == {"rows": 42, "name": "b-wrote"}
-
-
-def test_context_value_written_in_parallel_differently_conflicts(engine: WorkflowEngine, tmp_path: Path) -> None:
-    iid = parallel(engine, tmp_path, lambda ctx: ctx.set("k", 1), lambda ctx: ctx.set("k", 2))
-    with pytest.raises(DataConflict, match="context"):
-        engine.wait_for_completion(iid, timeout=30)
-    assert engine.get_status(iid).context == {"k": 1}
 
 
 def test_context_values_written_in_parallel_merge_key_by_key(engine: WorkflowEngine, tmp_path: Path) -> None:

@@ -669,43 +669,6 @@ def test_context_exit_with_an_exception_cancels_running_instances(tmp_path: Path
 # -- timeouts: the bound ------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_infinite_loop_times_out_while_a_sibling_finishes(engine: WorkflowEngine, tmp_path: Path) -> None:
-    spin_pid, sib_pid = tmp_path / "spin.pid", tmp_path / "sib.pid"
-
-    def spin(ctx: Any) -> None:
-        write_atomic(spin_pid, str(os.getpid()))
-        while True:
-            pass
-
-    def sibling(ctx: Any) -> None:
-        write_atomic(sib_pid, str(os.getpid()))
-        wait_for(spin_pid, timeout=30)
-        time.sleep(1.5)  # still running when the spinning step is killed
-        ctx.data.value = "done"
-
-    wf = WorkflowDefinition("to", data_type=Data)
-    wf.add_step(StepDefinition("spin", "spin", spin).with_timeout(1))
-    wf.add_step(StepDefinition("sib", "sib", sibling))
-    engine.register_workflow(wf)
-    started = time.monotonic()
-    iid = engine.start_workflow("to", Data())
-    with pytest.raises(StepTimeout) as info:
-        engine.wait_for_completion(iid, timeout=30)
-    elapsed = time.monotonic() - started
-    assert elapsed < 3, f"took {elapsed:.2f} s"
-    assert info.value.step_id == "spin"
-    state = engine.get_status(iid)
-    assert state.status is WorkflowStatus.FAILED
-    assert state.step_states["spin"].status is StepStatus.FAILED
-    assert state.step_states["spin"].attempts == 1
-    assert state.step_states["sib"].status is StepStatus.SUCCEEDED
-    assert state.step_states["sib"].attempts == 1
-    assert state.data.value == "done"
-    assert dead(int(spin_pid.read_text()))
-    assert alive(int(sib_pid.read_text())), "the sibling's worker was killed too"
-
-
 def test_retry_policy_counts_attempts_in_status(engine: WorkflowEngine) -> None:
     def flaky(ctx: Any) -> None:
         if ctx.attempt < 3:

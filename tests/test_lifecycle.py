@@ -7,16 +7,13 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from wfaas import (
-    Backoff,
     ContextValueNotFound,
     DefinitionNotFound,
-    FailureAction,
     InvalidStateTransition,
     LoggingSubscriber,
     NotFound,
@@ -37,17 +34,12 @@ from wfaas import (
 )
 from wfaas.readiness import TRUTH_TABLE, Decision, Gate, Outcome, decide
 from wfaas.states import check_step_transition
-from wfaas.testing import VirtualClock
 
 from conftest import Data, wait_until
 
 
 def noop(ctx: Any) -> None:
     ctx.data.log.append(ctx.step_id)
-
-
-def put_key(ctx: Any) -> None:
-    ctx.data.items[ctx.step_id] = True  # distinct dict keys: steps sharing a snapshot never conflict
 
 
 def block_until(path: Path, timeout: float = 60) -> Any:
@@ -291,21 +283,6 @@ def test_hooks_run_once(engine: WorkflowEngine, tmp_path: Path) -> None:
     assert engine.get_status(iid).data.n == 1
 
 
-def test_is_retryable_false_stops_retries(engine: WorkflowEngine, tmp_path: Path) -> None:
-    class NoRetry(Hooked):
-        def is_retryable(self, error: BaseException) -> bool:
-            return False
-
-    marks = tmp_path / "marks"
-    wf = WorkflowDefinition("n", data_type=Data).add_step(
-        StepDefinition("s", "s", NoRetry(str(marks))).with_retry(RetryPolicy(max_attempts=5))
-    )
-    engine.register_workflow(wf)
-    with pytest.raises(StepFailed):
-        engine.wait_for_completion(engine.start_workflow("n", Data()), timeout=30)
-    assert marks.read_text().split() == ["attempt1", "on_failure:StepFailed"]
-
-
 def test_context_values_and_their_errors(engine: WorkflowEngine) -> None:
     def writer(ctx: Any) -> None:
         ctx.set("rows", 42)
@@ -359,83 +336,4 @@ def test_transient_fields_are_recreated_in_the_worker(engine: WorkflowEngine) ->
     assert str(os.getpid()) not in engine.get_status(iid).data.seen
 
 
-def test_failed_attempt_writes_are_discarded(engine: WorkflowEngine) -> None:
-    def half(ctx: Any) -> None:
-        ctx.data.n = 999
-        if ctx.attempt == 1:
-            raise RuntimeError("after writing")
-        ctx.data.log.append(str(ctx.data.n))
-
-    wf = WorkflowDefinition("d", data_type=Data).add_step(
-        StepDefinition("h", "h", half).with_retry(RetryPolicy(max_attempts=2))
-    )
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("d", Data())
-    engine.wait_for_completion(iid, timeout=30)
-    assert engine.get_status(iid).data.log == ["999"]
-
-
 # -- time ------------------------------------------------------------------------------------------
-
-
-def test_delay_and_schedule_on_a_virtual_clock(tmp_path: Path) -> None:
-    clock = VirtualClock()
-    with WorkflowEngine(max_workers=2, clock=clock) as engine:
-        wf = WorkflowDefinition("t", data_type=Data)
-        wf.add_step(StepDefinition("first", "first", noop))
-        wf.add_step(StepDefinition("later", "later", noop).depends_on(["first"]).with_delay(timedelta(hours=1)))
-        wf.add_step(StepDefinition("at", "at", noop).scheduled_at(clock.now() + timedelta(hours=2)))
-        engine.register_workflow(wf)
-        iid = engine.start_workflow("t", Data())
-
-        def status(step: str) -> StepStatus:
-            return engine.get_status(iid).step_states[step].status
-
-        wait_until(lambda: status("later") is StepStatus.WAITING, 30, "the delay to start")
-        assert status("at") is StepStatus.WAITING
-        clock.advance(3599)
-        with pytest.raises(TimeoutError):
-            engine.wait_for_completion(iid, timeout=0.3)
-        assert status("later") is StepStatus.WAITING
-        clock.advance(1)
-        wait_until(lambda: status("later") is StepStatus.SUCCEEDED, 30, "the delayed step")
-        assert status("at") is StepStatus.WAITING
-        clock.advance(3600)
-        engine.wait_for_completion(iid, timeout=30)
-        assert engine.get_status(iid).data.log == ["first", "later", "at"]
-
-
-def test_waiting_holds_no_worker(engine: WorkflowEngine, clock: VirtualClock) -> None:
-    with WorkflowEngine(max_workers=1, clock=VirtualClock()) as one:
-        wf = WorkflowDefinition("w", data_type=Data)
-        wf.add_step(StepDefinition("slow", "slow", noop).with_delay(3600))
-        for i in range(3):
-            wf.add_step(StepDefinition(f"now{i}", "now", put_key))
-        one.register_workflow(wf)
-        iid = one.start_workflow("w", Data())
-        wait_until(
-            lambda: all(one.get_status(iid).step_states[f"now{i}"].status is StepStatus.SUCCEEDED for i in range(3)),
-            30,
-            "the steps that need no wait, on the only worker",
-        )
-        one.force_cancel_all()
-
-
-def test_backoff_delays_are_the_policys(vengine: WorkflowEngine) -> None:
-    seen: list[events.StepRetrying] = []
-    vengine.event_bus.subscribe(lambda e: seen.append(e) if isinstance(e, events.StepRetrying) else None)
-
-    def always_fails(ctx: Any) -> None:
-        raise RuntimeError("down")
-
-    wf = WorkflowDefinition("b", data_type=Data).add_step(
-        StepDefinition("s", "s", always_fails)
-        .with_retry(RetryPolicy(max_attempts=6, backoff=Backoff.linear(2, 7)))
-        .with_failure_action(FailureAction.CONTINUE_NEXT_STEP)
-    )
-    vengine.register_workflow(wf)
-    iid = vengine.start_workflow("b", Data())
-    vengine.wait_for_completion(iid, timeout=30)
-    vengine.event_bus.flush()
-    assert [e.delay for e in seen] == [2, 4, 6, 7, 7]
-    assert vengine.get_status(iid).step_states["s"].attempts == 6

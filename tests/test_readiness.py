@@ -8,13 +8,11 @@ has seen a state; the test itself never sleeps to synchronise.
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from wfaas import (
-    FailureAction,
     StepDefinition,
     StepFailed,
     StepResult,
@@ -22,11 +20,10 @@ from wfaas import (
     WorkflowDefinition,
     WorkflowEngine,
     WorkflowStatus,
-    events,
 )
 from wfaas.readiness import TRUTH_TABLE, Counts, Decision, Gate, Outcome, decide
 
-from conftest import Data, collect, wait_for, wait_until
+from conftest import Data, wait_for, wait_until
 
 OUTCOMES = list(Outcome)
 
@@ -171,14 +168,6 @@ def seen_keys(ctx: Any) -> None:
     ctx.data.value = sorted(ctx.data.items)
 
 
-def touch_then(path: str, body: Any) -> Any:
-    def step(ctx: Any) -> Any:
-        Path(path).touch()
-        return body(ctx)
-
-    return step
-
-
 def after_file(path: str, body: Any) -> Any:
     def step(ctx: Any) -> Any:
         wait_for(path)
@@ -194,26 +183,6 @@ def status_of(engine: WorkflowEngine, iid: str, step: str) -> StepStatus:
 # -- depends_on ---------------------------------------------------------------------------------------
 
 
-def test_depends_on_waits_for_all_of_them(engine: WorkflowEngine, tmp_path: Path) -> None:
-    go = str(tmp_path / "go")
-    wf = WorkflowDefinition("all", data_type=Data)
-    wf.add_step(StepDefinition("fast", "fast", mark("fast")))
-    wf.add_step(StepDefinition("slow", "slow", after_file(go, mark("slow"))))
-    wf.add_step(StepDefinition("join", "join", seen_keys).depends_on(["fast", "slow"]))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("all", Data())
-    wait_until(lambda: status_of(engine, iid, "fast") is StepStatus.SUCCEEDED, 30, "the fast branch")
-    assert status_of(engine, iid, "slow") is StepStatus.RUNNING
-    assert status_of(engine, iid, "join") is StepStatus.PENDING
-    Path(go).touch()
-    engine.wait_for_completion(iid, timeout=30)
-    state = engine.get_status(iid)
-    assert state.data.value == ["fast", "slow"]  # join's snapshot held both results
-    join, slow = state.step_states["join"], state.step_states["slow"]
-    assert join.started_at is not None and slow.finished_at is not None
-    assert join.started_at >= slow.finished_at
-
-
 def test_a_dependency_named_twice_is_waited_for_once(engine: WorkflowEngine) -> None:
     wf = WorkflowDefinition("twice", data_type=Data)
     wf.add_step(StepDefinition("a", "a", mark("a")))
@@ -225,24 +194,6 @@ def test_a_dependency_named_twice_is_waited_for_once(engine: WorkflowEngine) -> 
 
 
 # -- depends_on_any -------------------------------------------------------------------------------------
-
-
-def test_depends_on_any_starts_on_the_first_success_while_others_run(engine: WorkflowEngine, tmp_path: Path) -> None:
-    """`slow` cannot finish until `either` has run: only a step started on the first success completes this."""
-    either_ran = str(tmp_path / "either-ran")
-    wf = WorkflowDefinition("any", data_type=Data)
-    wf.add_step(StepDefinition("fast", "fast", mark("fast")))
-    wf.add_step(StepDefinition("slow", "slow", after_file(either_ran, mark("slow"))))
-    wf.add_step(StepDefinition("either", "either", touch_then(either_ran, seen_keys)).depends_on_any(["fast", "slow"]))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("any", Data())
-    engine.wait_for_completion(iid, timeout=60)
-    state = engine.get_status(iid)
-    assert state.status is WorkflowStatus.COMPLETED
-    assert state.data.value == ["fast"]  # started from the snapshot right after `fast`, before `slow` ended
-    assert state.data.items == {"fast": "fast", "slow": "slow"}  # the other branch still ran and merged
-    assert state.step_states["either"].started_at < state.step_states["slow"].finished_at
-    assert all(s.status is StepStatus.SUCCEEDED for s in state.step_states.values())
 
 
 def skip_by_run_if() -> StepDefinition:
@@ -281,97 +232,7 @@ def test_a_skipped_alternative_does_not_start_depends_on_any(
     assert state.step_states["after"].started_at >= state.step_states["real"].finished_at
 
 
-def test_depends_on_any_runs_once_all_finished_when_none_succeeded(engine: WorkflowEngine, tmp_path: Path) -> None:
-    broke = str(tmp_path / "broke")
-
-    def fail_last(ctx: Any) -> None:
-        wait_for(str(tmp_path / "never"), timeout=0.3)  # takes a moment, then fails
-
-    def fail_marked(ctx: Any) -> None:
-        Path(broke).touch()
-        raise RuntimeError("optional branch broke")
-
-    def after(ctx: Any) -> None:
-        if not os.path.exists(broke):
-            raise AssertionError("started before every alternative had finished")
-        ctx.data.value = "ran anyway"
-
-    wf = WorkflowDefinition("none", data_type=Data)
-    wf.add_step(StepDefinition("skipped", "skipped", mark("skipped")).run_if(lambda ctx: False))
-    wf.add_step(
-        StepDefinition("failed", "failed", after_file(str(tmp_path / "skip-seen"), fail_marked)).with_failure_action(
-            FailureAction.CONTINUE_NEXT_STEP
-        )
-    )
-    wf.add_step(
-        StepDefinition("slow_fail", "slow_fail", fail_last).with_failure_action(FailureAction.CONTINUE_NEXT_STEP)
-    )
-    wf.add_step(StepDefinition("after", "after", after).depends_on_any(["skipped", "failed", "slow_fail"]))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("none", Data())
-    wait_until(lambda: status_of(engine, iid, "skipped") is StepStatus.SKIPPED, 30, "the skip")
-    (tmp_path / "skip-seen").touch()
-    engine.wait_for_completion(iid, timeout=30)
-    state = engine.get_status(iid)
-    assert state.status is WorkflowStatus.COMPLETED
-    assert state.data.value == "ran anyway"
-    assert {sid: s.status for sid, s in state.step_states.items()} == {
-        "skipped": StepStatus.SKIPPED,
-        "failed": StepStatus.FAILED,
-        "slow_fail": StepStatus.FAILED,
-        "after": StepStatus.SUCCEEDED,
-    }
-    last_finish = max(state.step_states[s].finished_at for s in ("skipped", "failed", "slow_fail"))
-    assert state.step_states["after"].started_at >= last_finish
-
-
 # -- skipping -------------------------------------------------------------------------------------------
-
-
-def test_run_if_false_skips_and_dependents_still_run(engine: WorkflowEngine) -> None:
-    seen = collect(engine)
-    wf = WorkflowDefinition("skip", data_type=Data)
-    wf.add_step(StepDefinition("set", "set", lambda ctx: setattr(ctx.data, "n", 5)))
-    wf.add_step(StepDefinition("big", "big", mark("big")).depends_on(["set"]).run_if(lambda ctx: ctx.data.n > 3))
-    wf.add_step(StepDefinition("huge", "huge", mark("huge")).depends_on(["set"]).run_if(lambda ctx: ctx.data.n > 10))
-    wf.add_step(StepDefinition("after_huge", "after", mark("after_huge")).depends_on(["huge"]))
-    wf.add_step(StepDefinition("end", "end", seen_keys).depends_on(["big", "after_huge"]))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("skip", Data())
-    assert engine.wait_for_completion(iid, "skip", timeout=30) == "skip completed successfully via workflow"
-    state = engine.get_status(iid)
-    assert state.status is WorkflowStatus.COMPLETED
-    assert state.step_states["big"].status is StepStatus.SUCCEEDED  # run_if saw the merged n == 5
-    assert state.step_states["huge"].status is StepStatus.SKIPPED
-    assert state.step_states["huge"].attempts == 0  # never sent to a worker
-    assert state.step_states["after_huge"].status is StepStatus.SUCCEEDED
-    assert state.data.value == ["after_huge", "big"]
-    engine.event_bus.flush()
-    skipped = [e for e in seen if isinstance(e, events.StepSkipped)]
-    assert [e.step_id for e in skipped] == ["huge"]
-    assert not any(isinstance(e, events.StepStarted) and e.step_id == "huge" for e in seen)
-
-
-def test_body_returning_skip_is_skipped_and_dependents_run(engine: WorkflowEngine) -> None:
-    seen = collect(engine)
-
-    def nothing_to_do(ctx: Any) -> StepResult:
-        return StepResult.SKIP
-
-    wf = WorkflowDefinition("skipres", data_type=Data)
-    wf.add_step(StepDefinition("maybe", "maybe", nothing_to_do))
-    wf.add_step(StepDefinition("next", "next", mark("next")).depends_on(["maybe"]))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("skipres", Data())
-    engine.wait_for_completion(iid, timeout=30)
-    state = engine.get_status(iid)
-    assert state.status is WorkflowStatus.COMPLETED
-    assert state.step_states["maybe"].status is StepStatus.SKIPPED
-    assert state.step_states["maybe"].attempts == 1  # it ran, and said skip
-    assert state.step_states["next"].status is StepStatus.SUCCEEDED
-    engine.event_bus.flush()
-    skipped = [e for e in seen if isinstance(e, events.StepSkipped)]
-    assert len(skipped) == 1 and skipped[0].step_id == "maybe" and "SKIP" in skipped[0].reason
 
 
 def test_a_raising_run_if_fails_the_step_with_its_cause(engine: WorkflowEngine) -> None:
@@ -387,78 +248,6 @@ def test_a_raising_run_if_fails_the_step_with_its_cause(engine: WorkflowEngine) 
 
 
 # -- failures -------------------------------------------------------------------------------------------
-
-
-def test_continue_next_step_failure_counts_as_finished(engine: WorkflowEngine) -> None:
-    def broken(ctx: Any) -> None:
-        ctx.data.items["broken"] = "should be discarded"
-        raise ValueError("optional enrichment failed")
-
-    wf = WorkflowDefinition("cont", data_type=Data)
-    wf.add_step(StepDefinition("ok", "ok", mark("ok")))
-    wf.add_step(StepDefinition("optional", "optional", broken).with_failure_action(FailureAction.CONTINUE_NEXT_STEP))
-    wf.add_step(StepDefinition("after", "after", seen_keys).depends_on(["ok", "optional"]))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("cont", Data())
-    assert engine.wait_for_completion(iid, "c", timeout=30) == "c completed successfully via workflow"
-    state = engine.get_status(iid)
-    assert state.status is WorkflowStatus.COMPLETED
-    assert state.error is None
-    optional = state.step_states["optional"]
-    assert optional.status is StepStatus.FAILED
-    assert optional.error is not None and "optional enrichment failed" in optional.error
-    assert state.step_states["after"].status is StepStatus.SUCCEEDED
-    assert state.data.value == ["ok"]  # the failed step's write was not merged
-
-
-def test_fail_workflow_starts_nothing_new_and_lets_running_siblings_finish(
-    engine: WorkflowEngine, tmp_path: Path
-) -> None:
-    sibling_started = str(tmp_path / "sibling-started")
-    go = str(tmp_path / "go")
-    seen = collect(engine)
-
-    def sibling(ctx: Any) -> None:
-        Path(sibling_started).touch()
-        wait_for(go)
-        ctx.data.items["sibling"] = "finished"
-
-    def bad(ctx: Any) -> None:
-        wait_for(sibling_started)
-        raise RuntimeError("fatal problem")
-
-    wf = WorkflowDefinition("failwf", data_type=Data)
-    wf.add_step(StepDefinition("sibling", "sibling", sibling))
-    wf.add_step(StepDefinition("bad", "bad", bad))
-    wf.add_step(StepDefinition("after_sibling", "after", mark("after_sibling")).depends_on(["sibling"]))
-    wf.add_step(StepDefinition("after_bad", "after", mark("after_bad")).depends_on(["bad"]))
-    wf.add_step(StepDefinition("delayed", "delayed", mark("delayed")).depends_on(["sibling"]).with_delay(0.01))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("failwf", Data())
-    wait_until(lambda: status_of(engine, iid, "bad") is StepStatus.FAILED, 30, "the fatal failure")
-    assert status_of(engine, iid, "sibling") is StepStatus.RUNNING
-    # the instance does not end while a step still runs
-    with pytest.raises(TimeoutError):
-        engine.wait_for_completion(iid, timeout=0.3)
-    assert engine.get_status(iid).status is WorkflowStatus.RUNNING
-    Path(go).touch()
-    with pytest.raises(StepFailed, match="fatal problem") as info:
-        engine.wait_for_completion(iid, timeout=30)
-    assert info.value.step_id == "bad"
-    state = engine.get_status(iid)
-    assert state.status is WorkflowStatus.FAILED
-    assert state.failed_step == "bad"
-    assert state.error is not None and "fatal problem" in state.error
-    assert state.step_states["sibling"].status is StepStatus.SUCCEEDED
-    assert state.data.items == {"sibling": "finished"}  # the sibling's result was checkpointed
-    for never in ("after_sibling", "after_bad", "delayed"):
-        assert state.step_states[never].status is StepStatus.PENDING, never
-        assert state.step_states[never].attempts == 0, never
-    engine.event_bus.flush()
-    started = [e.step_id for e in seen if isinstance(e, events.StepStarted)]
-    assert sorted(started) == ["bad", "sibling"]
-    failed = [e for e in seen if isinstance(e, events.WorkflowFailed)]
-    assert len(failed) == 1 and failed[0].failed_step == "bad"
 
 
 def test_fail_workflow_does_not_wait_out_a_pending_delay(engine: WorkflowEngine) -> None:

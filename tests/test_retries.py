@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from wfaas import (
 )
 from wfaas.testing import VirtualClock
 
-from conftest import Data, collect, wait_until
+from conftest import Data, collect
 
 
 def append(path: str | Path, text: str) -> None:
@@ -70,58 +69,6 @@ def one_step(step: StepDefinition, wid: str = "w") -> WorkflowDefinition:
 # -- attempts and backoff -----------------------------------------------------------------------------
 
 
-def test_attempts_are_counted_and_backoff_delays_come_in_order(
-    vengine: WorkflowEngine, clock: VirtualClock, tmp_path: Path
-) -> None:
-    log = tmp_path / "attempts"
-    seen = collect(vengine)
-    policy = RetryPolicy(max_attempts=6, backoff=Backoff.exponential(base=1, max=5))
-    vengine.register_workflow(one_step(StepDefinition("s", "s", fails_until(6, str(log))).with_retry(policy)))
-    started = time.monotonic()
-    before = clock.monotonic()
-    iid = vengine.start_workflow("w", Data())
-    vengine.wait_for_completion(iid, timeout=60)
-    assert time.monotonic() - started < 30  # 16 virtual seconds of backoff, not real ones
-    assert clock.monotonic() - before >= 1 + 2 + 4 + 5 + 5
-    state = vengine.get_status(iid)
-    assert state.step_states["s"].attempts == 6
-    assert state.step_states["s"].status is StepStatus.SUCCEEDED
-    assert state.data.n == 6  # the successful attempt saw ctx.attempt == 6
-    assert lines(log) == [f"attempt{i}" for i in range(1, 7)]
-    vengine.event_bus.flush()
-    retrying = of(seen, events.StepRetrying)
-    assert [e.delay for e in retrying] == [1, 2, 4, 5, 5]  # base, 2·base, 4·base, capped
-    assert [e.attempt for e in retrying] == [2, 3, 4, 5, 6]  # the attempt that follows
-    failed = of(seen, events.StepFailed)
-    assert [(e.attempt, e.will_retry) for e in failed] == [(i, True) for i in range(1, 6)]
-    # each retry really waited its backoff on the (virtual) clock
-    starts = {e.attempt: e.timestamp for e in of(seen, events.StepStarted)}
-    fails = {e.attempt: e.timestamp for e in failed}
-    for e in retrying:
-        assert starts[e.attempt] - fails[e.attempt - 1] >= timedelta(seconds=e.delay)
-
-
-def test_attempts_stop_at_max_attempts_and_the_last_error_fails_the_run(
-    vengine: WorkflowEngine, tmp_path: Path
-) -> None:
-    log = tmp_path / "attempts"
-    seen = collect(vengine)
-    policy = RetryPolicy(max_attempts=3, backoff=Backoff.linear(increment=10, max=15))
-    vengine.register_workflow(one_step(StepDefinition("s", "s", fails_until(99, str(log))).with_retry(policy)))
-    iid = vengine.start_workflow("w", Data())
-    with pytest.raises(StepFailed, match="attempt 3") as info:
-        vengine.wait_for_completion(iid, timeout=60)
-    assert isinstance(info.value.__cause__, ConnectionError)
-    assert lines(log) == ["attempt1", "attempt2", "attempt3"]
-    state = vengine.get_status(iid)
-    assert state.status is WorkflowStatus.FAILED
-    assert state.step_states["s"].attempts == 3
-    assert state.step_states["s"].status is StepStatus.FAILED
-    vengine.event_bus.flush()
-    assert [e.delay for e in of(seen, events.StepRetrying)] == [10, 15]
-    assert [e.will_retry for e in of(seen, events.StepFailed)] == [True, True, False]
-
-
 def test_no_retry_unless_configured(vengine: WorkflowEngine, tmp_path: Path) -> None:
     log = tmp_path / "attempts"
     vengine.register_workflow(one_step(StepDefinition("s", "s", fails_until(2, str(log)))))
@@ -149,23 +96,6 @@ def test_default_retry_applies_to_steps_without_their_own(vengine: WorkflowEngin
     assert state.step_states["own"].attempts == 1
 
 
-def test_step_result_failure_is_retried(vengine: WorkflowEngine, tmp_path: Path) -> None:
-    """The Rust crate never retries StepResult::Failure; the contract does."""
-    log = tmp_path / "attempts"
-    seen = collect(vengine)
-    policy = RetryPolicy(max_attempts=4, backoff=Backoff.fixed(30))
-    vengine.register_workflow(
-        one_step(StepDefinition("s", "s", fails_until(3, str(log), how="return")).with_retry(policy))
-    )
-    iid = vengine.start_workflow("w", Data())
-    vengine.wait_for_completion(iid, timeout=30)
-    assert lines(log) == ["attempt1", "attempt2", "attempt3"]
-    assert vengine.get_status(iid).step_states["s"].attempts == 3
-    vengine.event_bus.flush()
-    assert [e.delay for e in of(seen, events.StepRetrying)] == [30, 30]
-    assert all("FAILURE" in e.error for e in of(seen, events.StepFailed))
-
-
 class Picky(StepExecutor[Data]):
     """Raises ConnectionError on attempt 1, ValueError after; only ConnectionError is worth a retry."""
 
@@ -181,18 +111,6 @@ class Picky(StepExecutor[Data]):
     def is_retryable(self, error: BaseException) -> bool:
         append(self.log, f"asked:{type(error).__name__}")
         return isinstance(error, ConnectionError)
-
-
-def test_is_retryable_false_stops_retries(vengine: WorkflowEngine, tmp_path: Path) -> None:
-    log = tmp_path / "log"
-    policy = RetryPolicy(max_attempts=5, backoff=Backoff.fixed(1))
-    vengine.register_workflow(one_step(StepDefinition("s", "s", Picky(str(log))).with_retry(policy)))
-    iid = vengine.start_workflow("w", Data())
-    with pytest.raises(StepFailed, match="bad input") as info:
-        vengine.wait_for_completion(iid, timeout=30)
-    assert isinstance(info.value.__cause__, ValueError)
-    assert lines(log) == ["attempt1", "asked:ConnectionError", "attempt2", "asked:ValueError"]
-    assert vengine.get_status(iid).step_states["s"].attempts == 2
 
 
 def test_is_retryable_sees_a_returned_failure_too(vengine: WorkflowEngine, tmp_path: Path) -> None:
@@ -413,22 +331,6 @@ def stamp(ctx: Any) -> None:
     ctx.data.items[ctx.step_id] = True
 
 
-def test_with_delay_counts_from_when_dependencies_are_met(vengine: WorkflowEngine, clock: VirtualClock) -> None:
-    wf = WorkflowDefinition("w", data_type=Data)
-    wf.add_step(StepDefinition("first", "first", stamp).with_delay(timedelta(minutes=30)))
-    wf.add_step(StepDefinition("later", "later", stamp).depends_on(["first"]).with_delay(timedelta(hours=2)))
-    vengine.register_workflow(wf)
-    t0 = clock.now()
-    started = time.monotonic()
-    iid = vengine.start_workflow("w", Data())
-    vengine.wait_for_completion(iid, timeout=30)
-    assert time.monotonic() - started < 20
-    steps = vengine.get_status(iid).step_states
-    assert steps["first"].started_at >= t0 + timedelta(minutes=30)
-    assert steps["later"].started_at >= steps["first"].finished_at + timedelta(hours=2)
-    assert clock.now() - t0 >= timedelta(hours=2, minutes=30)
-
-
 @pytest.mark.parametrize(
     ("delay", "at", "earliest"),
     [
@@ -453,55 +355,6 @@ def test_scheduled_at_and_delay_wait_for_both(
     assert step.started_at >= t0 + earliest
 
 
-def test_a_past_schedule_runs_at_once(vengine: WorkflowEngine, clock: VirtualClock) -> None:
-    t0 = clock.now()
-    vengine.register_workflow(one_step(StepDefinition("s", "s", stamp).scheduled_at(t0 - timedelta(days=1))))
-    iid = vengine.start_workflow("w", Data())
-    vengine.wait_for_completion(iid, timeout=30)
-    assert vengine.get_status(iid).step_states["s"].started_at < t0 + timedelta(seconds=1)
-
-
-def test_waiting_never_holds_a_worker(tmp_path: Path) -> None:
-    """One worker; a delayed step, a scheduled step and a step in backoff all wait while others run."""
-    clock = VirtualClock()  # moves only when told to
-    log = tmp_path / "flaky"
-    with WorkflowEngine(max_workers=1, clock=clock, grace_period=1.0) as engine:
-        wf = WorkflowDefinition("w", data_type=Data)
-        wf.add_step(StepDefinition("delayed", "d", stamp).with_delay(timedelta(hours=1)))
-        wf.add_step(StepDefinition("scheduled", "s", stamp).scheduled_at(clock.now() + timedelta(hours=1)))
-        wf.add_step(
-            StepDefinition("flaky", "f", fails_until(2, str(log))).with_retry(
-                RetryPolicy(max_attempts=2, backoff=Backoff.fixed(timedelta(hours=1)))
-            )
-        )
-        for i in range(3):
-            wf.add_step(StepDefinition(f"now{i}", "now", stamp).depends_on(["flaky"] if i == 2 else []))
-        wf.add_step(StepDefinition("quick", "q", stamp).depends_on(["now0", "now1"]))
-        engine.register_workflow(wf)
-        iid = engine.start_workflow("w", Data())
-
-        def statuses() -> dict[str, StepStatus]:
-            return {sid: s.status for sid, s in engine.get_status(iid).step_states.items()}
-
-        wait_until(
-            lambda: statuses()["quick"] is StepStatus.SUCCEEDED and statuses()["flaky"] is StepStatus.WAITING,
-            30,
-            "the steps that need no wait to run on the only worker",
-        )
-        now = statuses()
-        assert now["delayed"] is StepStatus.WAITING
-        assert now["scheduled"] is StepStatus.WAITING
-        assert now["now0"] is StepStatus.SUCCEEDED and now["now1"] is StepStatus.SUCCEEDED
-        assert now["now2"] is StepStatus.PENDING  # waits for flaky's retry
-        assert engine.get_status(iid).step_states["flaky"].wait_until is not None
-        clock.advance(timedelta(hours=1))
-        engine.wait_for_completion(iid, timeout=30)
-        state = engine.get_status(iid)
-        assert all(s.status is StepStatus.SUCCEEDED for s in state.step_states.values())
-        assert state.step_states["flaky"].attempts == 2
-        assert lines(log) == ["attempt1", "attempt2"]
-
-
 def test_retry_indefinitely_still_asks_is_retryable(vengine: WorkflowEngine, tmp_path: Path) -> None:
     """RETRY_INDEFINITELY lifts the attempt limit, nothing else."""
     log = tmp_path / "log"
@@ -512,56 +365,6 @@ def test_retry_indefinitely_still_asks_is_retryable(vengine: WorkflowEngine, tmp
         vengine.wait_for_completion(iid, timeout=30)
     assert lines(log) == ["attempt1", "asked:ConnectionError", "attempt2", "asked:ValueError"]
     assert vengine.get_status(iid).step_states["s"].attempts == 2
-
-
-def test_no_retry_starts_after_the_instance_failed(vengine: WorkflowEngine, tmp_path: Path) -> None:
-    """A step in backoff, or failing while the instance is already failing, is not attempted again."""
-    log = tmp_path / "flaky"
-
-    def bad(ctx: Any) -> None:
-        raise RuntimeError("fatal problem")
-
-    def flaky(ctx: Any) -> None:
-        append(log, f"attempt{ctx.attempt}")
-        raise ConnectionError("flaky")
-
-    wf = WorkflowDefinition("w", data_type=Data)
-    wf.add_step(StepDefinition("bad", "bad", bad))
-    wf.add_step(
-        StepDefinition("flaky", "flaky", flaky).with_retry(
-            RetryPolicy(max_attempts=10, backoff=Backoff.fixed(timedelta(hours=1)))
-        )
-    )
-    vengine.register_workflow(wf)
-    iid = vengine.start_workflow("w", Data())
-    with pytest.raises(StepFailed, match="fatal problem") as info:
-        vengine.wait_for_completion(iid, timeout=30)
-    assert info.value.step_id == "bad"
-    state = vengine.get_status(iid)
-    assert state.status is WorkflowStatus.FAILED
-    assert state.failed_step == "bad"
-    assert lines(log) == ["attempt1"]
-    assert state.step_states["flaky"].attempts == 1
-    assert state.step_states["flaky"].status in (StepStatus.PENDING, StepStatus.FAILED)
-
-
-def test_a_raising_is_retryable_means_no_retry(vengine: WorkflowEngine, tmp_path: Path) -> None:
-    log = tmp_path / "log"
-
-    class Confused(StepExecutor[Data]):
-        def execute(self, ctx: Any) -> None:
-            append(str(log), f"attempt{ctx.attempt}")
-            raise ConnectionError("down")
-
-        def is_retryable(self, error: BaseException) -> bool:
-            raise RuntimeError("is_retryable is broken")
-
-    vengine.register_workflow(one_step(StepDefinition("s", "s", Confused()).with_retry(RetryPolicy(max_attempts=4))))
-    iid = vengine.start_workflow("w", Data())
-    with pytest.raises(StepFailed, match="down") as info:
-        vengine.wait_for_completion(iid, timeout=30)
-    assert isinstance(info.value.__cause__, ConnectionError)
-    assert lines(log) == ["attempt1"]
 
 
 def test_hooks_run_in_a_worker(vengine: WorkflowEngine, tmp_path: Path) -> None:

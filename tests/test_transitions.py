@@ -209,7 +209,7 @@ def _status_writes() -> Iterator[tuple[str, str, ast.FunctionDef]]:
 
 
 # Functions that set a status without a transition: they load one from a record into a new object.
-LOADERS = {("engine.py", "resume"), ("scheduler.py", "start_run")}
+LOADERS = {("engine.py", "resume"), ("scheduler.py", "_restore")}  # _restore: start_run's loading of records
 
 
 def test_no_status_is_set_around_the_transition_check() -> None:

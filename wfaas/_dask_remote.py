@@ -8,10 +8,10 @@ for its reply, its death, or an order to stop it::
     driver (DaskPool)                     Dask worker process
     client.submit(run_step, ...)  ----->  run_step: take an idle child (or start one)
                                             --pipe--> child: _worker.main runs the body
-                                            <--pipe-- ("done" | "error", ...) as bytes
-    future result  <------------------   ("reply", bytes, where)
+                                            <--pipe-- wire.Done | wire.Failed, as bytes
+    future result  <------------------   wire.RemoteReply(bytes, where)
     client.run(stop, token, grace) ---->  stop: SIGTERM the child's tree, SIGKILL after grace
-    future result  <------------------   ("exit", exitcode, rss, where, stopped, None, forced)
+    future result  <------------------   wire.RemoteExit(exitcode, rss, where, stopped, ...)
 
 The child leads its own process group and is a subreaper (``_worker.main``),
 so stopping its tree stops what the step started; a guard process per Dask
@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _worker
+from . import _worker, wire
 from ._guard import Guard
 from .pool import terminate_tree
 
@@ -78,7 +78,7 @@ class _Child:
     def retire(self) -> None:
         """Ask an idle child to exit (it lacks a path the driver now has)."""
         try:
-            self.conn.send_bytes(pickle.dumps(("stop",)))
+            self.conn.send_bytes(wire.STOP)
         except OSError:
             pass
         self.conn.close()
@@ -168,17 +168,16 @@ def run_step(
     token: str,
     version: str,
     paths: tuple[str, ...],
-    head: tuple[Any, ...],
+    head: wire.RunStep,
     small: dict[str, bytes],
     large: dict[str, bytes],
-) -> tuple[Any, ...]:
-    """Run one step (a ``_worker`` "run" message whose snapshot is ``small`` + ``large``) in a child.
+) -> wire.RemoteReply | wire.RemoteExit | wire.RemoteStopped:
+    """Run one step (a ``wire.RunStep`` whose snapshot is ``small`` + ``large``) in a child.
 
-    Returns ``("reply", bytes, where)`` with the child's reply as it sent it,
-    ``("exit", exitcode, last_rss, where, stopped, None, forced)`` when the
-    child died (on its own, or ``stopped`` by ``stop``; ``forced`` processes
-    of its tree needed SIGKILL), or ``("stopped", where)`` when a
-    stop order came before the step started.
+    Returns ``RemoteReply`` with the child's reply as it sent it,
+    ``RemoteExit`` when the child died (on its own, or ``stopped`` by
+    ``stop``; ``forced`` processes of its tree needed SIGKILL), or
+    ``RemoteStopped`` when a stop order came before the step started.
     """
     where = _address()
     mine = _own_version()
@@ -187,8 +186,7 @@ def run_step(
             f"driver has wfaas {version}, Dask worker {where} has {mine}: "
             f"pip install the same version on every worker (pip install 'wfaas[dask]=={version}')"
         )
-        reply: tuple[Any, ...] = ("error", head[1], _worker._encode_error(error), "", [], None, {"wall": 0.0})
-        return ("reply", pickle.dumps(reply, protocol=5), where)
+        return wire.RemoteReply(wire.dumps(wire.failed(head.task_id, error)), where)
     with _lock:
         child = _idle.pop() if _idle else None
     if child is not None and not child.paths.issuperset(paths):
@@ -200,28 +198,27 @@ def run_step(
         _prune_tombstones()
         if _stopped.pop(token, None) is not None:
             _idle.append(child)
-            return ("stopped", where)
+            return wire.RemoteStopped(where)
         run = _running[token] = _Running(child)
     where = f"pid {child.process.pid} on Dask worker {where}"
     try:
-        _, task_id, body_key, body_blob, cls_key, cls_blob, snap_key, _, meta = head
-        if body_key in child.bodies:
-            body_blob = None
-        if cls_key in child.classes:
-            cls_blob = None
-        snap_blob = None if child.snapshot == snap_key else pickle.dumps({**small, **large}, protocol=5)
-        child.bodies.add(body_key)
-        child.classes.add(cls_key)
-        child.snapshot = snap_key
-        message = ("run", task_id, body_key, body_blob, cls_key, cls_blob, snap_key, snap_blob, meta)
-        child.conn.send_bytes(pickle.dumps(message, protocol=5))
+        # Only what this child does not hold yet travels down its pipe.
+        message = head._replace(
+            body=None if head.body_key in child.bodies else head.body,
+            cls=None if head.cls_key in child.classes else head.cls,
+            snap=None if child.snapshot == head.snap_key else pickle.dumps({**small, **large}, protocol=5),
+        )
+        child.bodies.add(head.body_key)
+        child.classes.add(head.cls_key)
+        child.snapshot = head.snap_key
+        child.conn.send_bytes(wire.dumps(message))
         return _wait(run, where)
     finally:
         with _lock:
             _running.pop(token, None)
 
 
-def _wait(run: _Running, where: str) -> tuple[Any, ...]:
+def _wait(run: _Running, where: str) -> wire.RemoteReply | wire.RemoteExit:
     child = run.child
     sentinel = child.process.sentinel
     last_rss = 0
@@ -244,7 +241,7 @@ def _wait(run: _Running, where: str) -> tuple[Any, ...]:
                     # It finished while being stopped: the result stands, and the
                     # child, told to die, must not take another step.
                     _finish_stopping(child)
-                return ("reply", reply, where)
+                return wire.RemoteReply(reply, where)
         if sentinel in ready or not child.process.is_alive():
             child.process.join(1.0)
             if run.stopper is not None:
@@ -252,7 +249,7 @@ def _wait(run: _Running, where: str) -> tuple[Any, ...]:
             # What the step started still runs in the child's group: stop it too.
             terminate_tree(child.process.pid, 0.0, exited=child.process.exitcode is not None)
             child.conn.close()
-            return ("exit", child.process.exitcode, last_rss, where, run.stopping, None, run.forced)
+            return wire.RemoteExit(child.process.exitcode, last_rss, where, run.stopping, forced=run.forced)
         if not run.stopping and not _wanted():
             run.stopping = True
             run.stop(0.0)
@@ -262,7 +259,7 @@ def _wait(run: _Running, where: str) -> tuple[Any, ...]:
 def _retiring(reply: bytes) -> bool:
     """Whether the child's reply says it cannot run another step (``usage["retire"]``, see ``_worker``)."""
     try:
-        usage = pickle.loads(reply)[-1]
+        usage = wire.loads(reply).usage
     except Exception:  # noqa: BLE001 - a reply this side cannot decode is the driver's to judge
         return False
     return isinstance(usage, dict) and bool(usage.get("retire"))
@@ -317,7 +314,7 @@ def close_children() -> int:
         children, _idle[:] = list(_idle), []
     for child in children:
         try:
-            child.conn.send_bytes(pickle.dumps(("stop",)))
+            child.conn.send_bytes(wire.STOP)
         except OSError:
             pass
     for child in children:

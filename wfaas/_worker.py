@@ -8,20 +8,12 @@ tree (``_become_subreaper``). It does not watch the engine itself: a thread
 here could not run while a step holds the GIL in C code; the pool's guard
 process (``_guard.py``) kills the worker's tree when the engine dies.
 
-Messages are pickled tuples over one duplex pipe (see ``pool.py``):
-
-    engine -> worker   ("run", task_id, body_key, body_blob?, cls_key, cls_blob?, snap_key, snap_blob?, meta)
-                       ("stop",)
-    worker -> engine   ("out", task_id, lines)       (0 or more while the step runs)
-                       ("done", task_id, outcome, changes, logs, output, usage)
-                       ("error", task_id, exc_blob, traceback_text, logs, output, usage)
-
-``logs`` are the attempt's log records, re-emitted in the engine's logging;
-``output`` is what it printed and logged, as ``capture.py`` keeps it
-(``(lines, cut, fresh)``: ``lines[fresh:]`` were not sent in an "out"
-message; or None when there was nothing). ``usage`` holds the
-attempt's figures and, under ``"retire"``, why this worker cannot run another
-step (a process state it could not restore): it exits after that reply.
+Messages are the named tuples of ``wire.py``, one pickle each over one duplex
+pipe (see ``pool.py``): a ``RunStep`` in, ``Output`` lines while the step runs
+(with ``live_output``), then one ``Done`` or ``Failed`` reply. ``usage`` in the
+reply holds the attempt's figures and, under ``"retire"``, why this worker
+cannot run another step (a process state it could not restore): it exits
+after that reply.
 """
 
 from __future__ import annotations
@@ -44,8 +36,9 @@ from typing import Any
 import dill
 
 from . import data as data_codec
+from . import wire
 from .capture import Capture, ProcessState, format_record
-from .steps import StepExecutor, StepResult, WorkflowContext
+from .steps import StepExecutor, StepResult, WorkflowContext, values_written
 
 
 class _Collector(logging.Handler):
@@ -165,12 +158,7 @@ class _Meter:
         return {"wall": wall, "cpu": cpu, "max_rss": max(ru_self.ru_maxrss, children_peak) * 1024.0}
 
 
-def main(conn: Connection, live_output: bool = True) -> None:
-    """The worker loop; returns when told to stop or when the engine closes the pipe.
-
-    With ``live_output``, what a step prints is also sent while it runs
-    (``("out", task_id, lines)`` messages before its reply).
-    """
+def _setup_process() -> None:
     os.setpgid(0, 0)
     _become_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -178,17 +166,25 @@ def main(conn: Connection, live_output: bool = True) -> None:
     # processes of its own, but a step may well use multiprocessing. Its children die with
     # this worker's tree anyway (timeouts, cancel, engine death).
     current_process()._config["daemon"] = False  # type: ignore[attr-defined]
-
     # Line by line, as on a terminal: a print reaches the capture (and its time stamp) when it is made.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
+
+
+def main(conn: Connection, live_output: bool = True) -> None:
+    """The worker loop; returns when told to stop or when the engine closes the pipe.
+
+    With ``live_output``, what a step prints is also sent while it runs
+    (``wire.Output`` messages before its reply).
+    """
+    _setup_process()
     send_lock = threading.Lock()  # the capture's thread sends output while the step runs
     task: list[int] = [0]
 
     def forward(lines: list[Any]) -> None:
         try:
             with send_lock:
-                conn.send_bytes(pickle.dumps(("out", task[0], lines), protocol=5))
+                conn.send_bytes(wire.dumps(wire.Output(task[0], lines)))
         except OSError:
             pass  # the engine is gone; the reply's send finds out too
 
@@ -198,89 +194,112 @@ def main(conn: Connection, live_output: bool = True) -> None:
     root.addHandler(collector)
     root.setLevel(logging.DEBUG)
     state = ProcessState()  # what every attempt starts from
-
     meter = _Meter()
-    bodies: dict[str, Any] = {}
-    classes: dict[str, type] = {}
-    snap_key: object = None
-    snap_fields: dict[str, bytes] = {}
-
+    held = _Held()
     while True:
         try:
-            message = pickle.loads(conn.recv_bytes())
+            message = wire.loads(conn.recv_bytes())
         except (EOFError, OSError):
             _engine_gone()
             return
-        if message[0] == "stop":
+        if isinstance(message, wire.Stop):
             return
-        _, task_id, body_key, body_blob, cls_key, cls_blob, key, snap_blob, meta = message
-        if snap_blob is not None:
-            snap_key, snap_fields = key, pickle.loads(snap_blob)
-        assert snap_key == key, "engine and worker disagree on the data snapshot"
+        run: wire.RunStep = message
+        held.take_snapshot(run)
         try:
-            if body_blob is not None:
-                bodies[body_key] = pickle.loads(body_blob)
-            if cls_blob is not None:
-                classes[cls_key] = pickle.loads(cls_blob)
+            held.load(run)
         except Exception as exc:  # noqa: BLE001 - reported as the step's error, with what to do
             error = ImportError(
-                f"the worker cannot load step {meta[2]!r} or its data class: {type(exc).__name__}: {exc}; "
+                f"the worker cannot load step {run.step_id!r} or its data class: {type(exc).__name__}: {exc}; "
                 "the module that defines it must be importable by the worker (on sys.path when the engine starts)"
             )
-            failed: tuple[Any, ...] = ("error", task_id, _encode_error(error), _format_tb(exc), [], None, {"wall": 0.0})
-            conn.send_bytes(pickle.dumps(failed, protocol=5))
+            conn.send_bytes(wire.dumps(wire.failed(run.task_id, error, format_traceback(exc))))
             continue
-        collector.records = []
-        task[0] = task_id
-        capture.start()
-        meter.start()
-        try:
-            reply = _run(bodies[body_key], classes[cls_key], snap_fields, meta, task_id, collector)
-        except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
-            reply = ("error", task_id, _encode_error(exc), _format_tb(exc), collector.records)
-        _reap()  # before the meter stops: what the step left counts in its CPU time
-        usage: dict[str, Any] = meter.stop()
-        lines, cut, fresh, retire = capture.stop(state)
-        if retire is not None:
-            usage["retire"] = retire
-        reply = (*reply, (lines, cut, fresh) if lines or cut else None, usage)
+        task[0] = run.task_id
+        reply = _attempt(run, held, capture, meter, collector, state)
         try:
             with send_lock:
-                conn.send_bytes(pickle.dumps(reply, protocol=5))
+                conn.send_bytes(wire.dumps(reply))
         except OSError:
             _engine_gone()
             return
-        if retire is not None:
+        if reply.usage.get("retire") is not None:
             return  # the engine starts a fresh worker in this one's place
 
 
-def _run(
-    body: Any,
-    cls: type,
-    fields: dict[str, bytes],
-    meta: tuple[Any, ...],
-    task_id: int,
-    collector: _Collector,
-) -> tuple[Any, ...]:
-    instance_id, workflow_id, step_id, attempt, hook, error_blob = meta
+class _Held:
+    """What this worker already holds: step bodies, data classes, the last snapshot (each is sent once)."""
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, Any] = {}
+        self.classes: dict[str, type] = {}
+        self.snap_key: object = None
+        self.fields: dict[str, bytes] = {}
+
+    def take_snapshot(self, run: wire.RunStep) -> None:
+        if run.snap is not None:
+            self.snap_key, self.fields = run.snap_key, pickle.loads(run.snap)
+        assert self.snap_key == run.snap_key, "engine and worker disagree on the data snapshot"
+
+    def load(self, run: wire.RunStep) -> None:
+        """Take in the body and data class ``run`` brings; raises if one cannot be loaded here."""
+        if run.body is not None:
+            self.bodies[run.body_key] = pickle.loads(run.body)
+        if run.cls is not None:
+            self.classes[run.cls_key] = pickle.loads(run.cls)
+
+
+def _attempt(
+    run: wire.RunStep, held: _Held, capture: Capture, meter: _Meter, collector: _Collector, state: ProcessState
+) -> wire.Reply:
+    """One attempt (or hook), measured and captured; its reply."""
+    collector.records = []
+    capture.start()
+    meter.start()
+    try:
+        outcome, changes = execute(held.bodies[run.body_key], held.classes[run.cls_key], held.fields, run)
+        raised: BaseException | None = None
+    except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
+        raised = exc
+    _reap()  # before the meter stops: what the step left counts in its CPU time
+    usage: dict[str, Any] = meter.stop()
+    lines, cut, fresh, retire = capture.stop(state)
+    if retire is not None:
+        usage["retire"] = retire
+    output = (lines, cut, fresh) if lines or cut else None
+    if raised is None:
+        return wire.Done(run.task_id, outcome, changes, collector.records, output, usage)
+    tb = format_traceback(raised)
+    return wire.Failed(run.task_id, wire.encode_error(raised), tb, collector.records, output, usage)
+
+
+def execute(body: Any, cls: type, fields: dict[str, bytes], run: wire.RunStep) -> tuple[str, dict[str, Any]]:
+    """Run the body (or hook): its outcome (``wire.SUCCESS`` ...) and the fields it changed."""
+    step_id, hook = run.step_id, run.hook
     data = data_codec.build(cls, fields)
     ctx_blob = fields.get(data_codec.CONTEXT_FIELD)
     values = pickle.loads(ctx_blob) if ctx_blob is not None else {}
     ctx: WorkflowContext[Any] = WorkflowContext(
-        data, instance_id=instance_id, workflow_id=workflow_id, step_id=step_id, attempt=attempt, values=values
+        data,
+        instance_id=run.instance_id,
+        workflow_id=run.workflow_id,
+        step_id=step_id,
+        attempt=run.attempt,
+        values=values,
     )
     if hook is not None:
         # Hooks run once the outcome is decided (the result merged, or the step failed for good).
         try:
             if hook == "failure":
-                error, cause = pickle.loads(error_blob)
+                assert run.error is not None, "an on_failure hook is sent with the step's error"
+                error, cause = pickle.loads(run.error)
                 error.__cause__ = cause
                 body.on_failure(ctx, error)
             else:
                 body.on_success(ctx)
         except Exception:  # a hook never changes the outcome; it is logged
             logging.getLogger("wfaas").exception("on_%s hook of step %r raised", hook, step_id)
-        return ("done", task_id, "hook", {}, collector.records)
+        return wire.HOOK, {}
 
     result = body.execute(ctx) if isinstance(body, StepExecutor) else body(ctx)
     if result is None:
@@ -288,22 +307,13 @@ def _run(
     if not isinstance(result, StepResult):
         raise TypeError(f"step {step_id!r} returned {result!r}; a step returns StepResult.SUCCESS/FAILURE/SKIP or None")
     if result is StepResult.FAILURE:
-        return ("done", task_id, "failure", {}, collector.records)
+        return wire.FAILURE, {}
     # ctx.data, not the object built above: a step may assign a new object to it.
-    changes = data_codec.diff_fields(ctx.data, fields, values if ctx._written else None)
-    return ("done", task_id, result.value, changes, collector.records)
+    changes = data_codec.diff_fields(ctx.data, fields, values if values_written(ctx) else None)
+    return result.value, changes
 
 
-def _encode_error(exc: BaseException) -> bytes:
-    try:
-        blob = data_codec.encode_value(exc)
-        pickle.loads(blob)
-        return blob
-    except Exception:  # noqa: BLE001 - fall back to a stand-in that always travels
-        return pickle.dumps(RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"))
-
-
-def _format_tb(exc: BaseException) -> str:
+def format_traceback(exc: BaseException) -> str:
     """The step's traceback as text, from the step's own frames (this module's are left out)."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
@@ -311,13 +321,10 @@ def _format_tb(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-class RemoteError(Exception):
-    """Stands in for a step's exception that could not be sent back as itself."""
-
-
 if __name__ == "__main__":  # pragma: no cover - started through multiprocessing only
     sys.exit("wfaas._worker is started by the engine")
 
 
-__all__ = ["RemoteError", "main"]
+RemoteError = wire.RemoteError  # where older messages name it
+__all__ = ["RemoteError", "format_traceback", "main"]
 _ = dill  # imported so that dill-encoded blobs find their reducers at once

@@ -89,10 +89,18 @@ class ChaosStep:
 
     def __call__(self, ctx: WorkflowContext[ChaosData]) -> None:
         path = self.log_path(ctx)
+        busy = _busy_marker(self.workdir, os.getpid())
+        _append(busy, "")  # the killer picks its victims among the workers running a step
         _append(path, f"{ctx.step_id} start {ctx.attempt} {os.getpid()}\n")
         time.sleep(self.seconds)
         ctx.data.done[ctx.step_id] = ctx.attempt
         _append(path, f"{ctx.step_id} done {ctx.attempt}\n")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(busy)
+
+
+def _busy_marker(workdir: str, pid: int) -> str:
+    return os.path.join(workdir, f"busy-{pid}")
 
 
 def build_workflow(steps: int, seed: int, workdir: str, max_attempts: int = 50) -> WorkflowDefinition:
@@ -183,8 +191,8 @@ class ChaosReport:
 class _Killer:
     """A thread that sends SIGKILL or SIGTERM to a random busy worker at random (seeded) intervals."""
 
-    def __init__(self, engine: WorkflowEngine, seed: int, every: float) -> None:
-        self._engine = engine
+    def __init__(self, workdir: str, seed: int, every: float) -> None:
+        self._workdir = workdir
         self._rng = random.Random(seed)
         self._every = every
         self._stop = threading.Event()
@@ -201,11 +209,11 @@ class _Killer:
         self._thread.join(timeout=10)
 
     def _busy_workers(self) -> list[int]:
-        # The engine's own slots say which workers run a step right now. Read without a
-        # lock: at worst the worker finished meanwhile, and killing an idle worker is a
-        # fault the engine must survive too.
-        pool = self._engine._pool
-        return [s.pid for s in pool.slots if s.task is not None and not s.dying and s.pid is not None]
+        # The steps say which workers run one right now (a marker file each, see ChaosStep). At
+        # worst the worker finished meanwhile, and killing an idle worker is a fault the engine
+        # must survive too.
+        prefix = "busy-"
+        return sorted(int(n[len(prefix) :]) for n in os.listdir(self._workdir) if n.startswith(prefix))
 
     def _run(self) -> None:
         while not self._stop.wait(self._rng.expovariate(1.0 / self._every)):
@@ -214,6 +222,9 @@ class _Killer:
                 continue
             pid = self._rng.choice(busy)
             sig = signal.SIGKILL if self._rng.random() < 0.7 else signal.SIGTERM
+            # The marker goes first: a dead worker's PID may be another process's later.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_busy_marker(self._workdir, pid))
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -361,12 +372,11 @@ def _run(
     state: WorkflowState[ChaosData] | None = None
     started = time.monotonic()
     engine = WorkflowEngine(max_workers=workers, grace_period=1.0)
-    killer = _Killer(engine, seed, kill_every)
+    killer = _Killer(str(workdir), seed, kill_every)
     iid = ""
     try:
         engine.event_bus.subscribe(on_event)
         engine.register_workflow(wf)
-        worker_pids.update(s.pid for s in engine._pool.slots if s.pid is not None)
         iid = engine.start_workflow(WORKFLOW_ID, ChaosData())
         killer.start()
         try:

@@ -34,7 +34,7 @@ import click
 from . import _cli_logs, _signals, _threads, events
 from .cli_text import plural, with_article
 from .definition import WorkflowDefinition, topological_order
-from .errors import InvalidDefinition, SerializationError, StoreError, WorkflowError
+from .errors import InvalidDefinition, InvalidStateTransition, NotFound, SerializationError, StoreError, WorkflowError
 from .states import Attempt, StepStatus, WorkflowState, WorkflowStatus
 from .store import InMemoryStore, Record, StateStore
 
@@ -440,13 +440,21 @@ class Progress:
 # -- running -------------------------------------------------------------------------
 
 
+def _cancel_quietly(engine: Any, instance_id: str) -> None:
+    """Cancel gracefully; a run that finished (or was never here) meanwhile is no error."""
+    try:
+        engine.cancel_workflow(instance_id)
+    except (InvalidStateTransition, NotFound):
+        pass
+
+
 @contextmanager
 def _cancel_on_sigusr1(engine: Any, instance_ids: list[str]) -> Iterator[None]:
     """`wfaas-local cancel ID` from another terminal sends SIGUSR1: cancel gracefully."""
 
     def handler(signum: int, frame: object) -> None:
         for iid in list(instance_ids):
-            _threads.start(engine._cancel_quietly, "wfaas-remote-cancel", iid, None)
+            _threads.start(_cancel_quietly, "wfaas-remote-cancel", engine, iid)
 
     previous = signal.signal(signal.SIGUSR1, handler)
     try:

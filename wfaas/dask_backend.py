@@ -37,8 +37,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from . import _dask_remote, _threads, _worker
-from .pool import Exit, Pool, Slot, WorkerPool
+from . import _dask_remote, _threads, wire
+from ._worker import format_traceback
+from .pool import Exit, Pool, Slot, Waitable, WorkerPool
 
 __all__ = ["DaskBackend"]
 
@@ -234,13 +235,13 @@ class DaskPool:
             slot.token = slot.future = slot.where = None
             slot.bodies, slot.classes, slot.snapshot, slot.eof = set(), set(), None, False
 
-    def waitables(self) -> dict[Any, tuple[str, Slot]]:
-        out: dict[Any, tuple[str, Slot]] = {}
+    def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:
+        out: dict[Any, tuple[Waitable, Slot]] = {}
         for slot in self._dask():
             if not slot.dying:
-                out[slot.sentinel] = ("exit", slot)
+                out[slot.sentinel] = (Waitable.EXIT, slot)
             if slot.task is not None and not slot.eof:
-                out[slot.conn] = ("result", slot)
+                out[slot.conn] = (Waitable.RESULT, slot)
         return out
 
     def send(self, slot: Slot, message: bytes) -> None:
@@ -253,7 +254,7 @@ class DaskPool:
             slot.token, slot.future, slot.where = token, None, None
         self._outbox.put((slot, token, message))
 
-    def receive(self, slot: Slot) -> tuple[Any, ...] | None:
+    def receive(self, slot: Slot) -> wire.FromWorker | None:
         return WorkerPool.receive(slot)  # the reply travels the same local pipe as a local worker's
 
     def exit_of(self, slot: Slot) -> Exit:
@@ -328,12 +329,14 @@ class DaskPool:
                 self._reply_error(slot, token, exc)
 
     def _submit(self, slot: DaskSlot, token: str, message: bytes) -> None:
-        head = pickle.loads(message)
-        slot.task_id = head[1]
-        fields: dict[str, bytes] = pickle.loads(head[7])
+        head: wire.RunStep = wire.loads(message)
+        slot.task_id = head.task_id
+        # The scheduler always sends the snapshot to a Dask slot (see DaskSlot): it travels as fields.
+        assert head.snap is not None
+        fields: dict[str, bytes] = pickle.loads(head.snap)
         small = {n: b for n, b in fields.items() if len(b) <= self._backend.large_field_bytes}
         large = {n: self._scatter(b) for n, b in fields.items() if len(b) > self._backend.large_field_bytes}
-        head = (*head[:7], None, head[8])
+        head = head._replace(snap=None)
         with self._lock:
             if slot.token != token:
                 return
@@ -375,34 +378,32 @@ class DaskPool:
     def _on_done(self, slot: DaskSlot, token: str, future: Any) -> None:
         if slot.token != token:
             return  # already reported (its Dask worker's death came first)
+        result: wire.RemoteReply | wire.RemoteExit | wire.RemoteStopped | None
         try:
             result = future.result()
         except concurrent.futures.CancelledError:
-            result = ("cancelled",)
+            result = None
         except self._distributed.KilledWorker as exc:
             address = getattr(exc.last_worker, "address", "?")
-            result = ("exit", None, 0, f"Dask worker {address}", False, _LEFT)
+            result = wire.RemoteExit(None, 0, f"Dask worker {address}", False, _LEFT)
         except Exception as exc:  # noqa: BLE001 - e.g. wfaas missing on a worker: the step's error
             self._reply_error(slot, token, exc)
             return
-        kind = result[0]
-        if kind == "reply":
+        if isinstance(result, wire.RemoteReply):
             with self._lock:
                 if slot.token != token:
                     return
-                slot.where = result[2]
-                slot._writer.send_bytes(result[1])
+                slot.where = result.where
+                slot._writer.send_bytes(result.reply)
                 done, slot.kill_done, slot.token = slot.kill_done, None, None
             if done is not None:  # it returned while being stopped: the result stands
-                done(slot, Exit(None, where=result[2], detail="returned"))
-            return
-        if kind == "exit":
-            exitcode, rss, where = result[1], result[2], result[3]
-            detail = result[5] if len(result) > 5 else None
-            forced = result[6] if len(result) > 6 else 0
-            self._ended(slot, token, Exit(exitcode, rss, where=where, detail=detail, forced=forced))
-        elif kind == "stopped":
-            self._ended(slot, token, Exit(None, where=result[1], detail="stopped before it started"))
+                done(slot, Exit(None, where=result.where, detail="returned"))
+        elif isinstance(result, wire.RemoteExit):
+            exit_ = Exit(result.exitcode, result.last_rss, where=result.where, detail=result.detail)
+            exit_.forced = result.forced
+            self._ended(slot, token, exit_)
+        elif isinstance(result, wire.RemoteStopped):
+            self._ended(slot, token, Exit(None, where=result.where, detail="stopped before it started"))
         else:  # cancelled by someone else (its client restarted?) or by our kill of a queued task
             self._ended(slot, token, Exit(None, where=slot.where, detail="its Dask task was cancelled"))
 
@@ -420,18 +421,11 @@ class DaskPool:
 
     def _reply_error(self, slot: DaskSlot, token: str, exc: BaseException) -> None:
         error = RuntimeError(f"Dask could not run the step: {type(exc).__name__}: {exc}")
-        reply: tuple[Any, ...] = (
-            "error",
-            slot.task_id,
-            _worker._encode_error(error),
-            _worker._format_tb(exc),
-            [],
-            {"wall": 0.0},
-        )
+        reply = wire.failed(slot.task_id, error, format_traceback(exc))
         with self._lock:
             if slot.token != token:
                 return
-            slot._writer.send_bytes(pickle.dumps(reply, protocol=5))
+            slot._writer.send_bytes(wire.dumps(reply))
             done, slot.kill_done, slot.token = slot.kill_done, None, None
         if done is not None:
             done(slot, Exit(None, detail="failed to run"))

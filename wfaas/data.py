@@ -134,12 +134,6 @@ def decode_value(blob: bytes) -> Any:
     return pickle.loads(blob)
 
 
-def field_names(obj: Any) -> list[str]:
-    """The fields that travel: instance attributes minus transient ones."""
-    skip = transient_fields(type(obj))
-    return [k for k in vars(obj) if k not in skip]
-
-
 def encode_fields(obj: Any, *, where: str) -> dict[str, bytes]:
     """Encode every travelling field, checking each round-trips; names the field that does not."""
     try:

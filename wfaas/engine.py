@@ -36,7 +36,9 @@ from .errors import (
 )
 from .events import EventBus
 from .pool import Backend, Pool, WorkerPool
-from .scheduler import Compiled, Run, Scheduler, encode_bodies
+from .rundata import RunData
+from .runs import Compiled, Run, encode_bodies
+from .scheduler import Scheduler
 from .states import WorkflowState, WorkflowStatus
 from .store import InMemoryStore, StateStore, data_class
 
@@ -204,8 +206,8 @@ class WorkflowEngine:
         fields = data_codec.encode_fields(data, where=where)
         cls_blob = self._class_blob(type(data))
         iid = uuid.uuid4().hex
-        run = Run(iid, compiled, type(data), cls_blob, fields, created_at=self.clock.now())
-        run.dirty_fields.update(fields)
+        run = Run(iid, compiled, type(data), cls_blob, RunData(fields), created_at=self.clock.now())
+        run.data.dirty_fields.update(fields)
         run.extra = {"class": cls_blob, "fingerprint": compiled.fingerprint, "origin": self.origin}
         result: str = self._call(self._scheduler.start_run, run, None, set())
         return result
@@ -323,18 +325,7 @@ class WorkflowEngine:
                 f"instance {instance_id}", status, W.RUNNING, "it completed; name steps to run again with rerun=[...]"
             )
         if status in (W.RUNNING, W.PENDING):
-            owner = meta.get("owner") or {}
-            if instance_id in self._scheduler.runs:
-                raise InvalidStateTransition(
-                    f"instance {instance_id}", status, W.RUNNING, "it is running in this engine"
-                )
-            if owner_alive(owner) and owner.get("pid") != self._owner["pid"]:
-                raise InvalidStateTransition(
-                    f"instance {instance_id}",
-                    status,
-                    W.RUNNING,
-                    f"it is still running in process {owner.get('pid')}; cancel it there or wait for it",
-                )
+            self._refuse_if_running(instance_id, status, meta.get("owner") or {})
         stored_fp = record.extra.get("fingerprint")
         changes = fingerprint_changes(stored_fp, fingerprint(compiled.definition)) if stored_fp else ([], [])
         structural, bodies = changes
@@ -358,12 +349,24 @@ class WorkflowEngine:
                 f"the record of run {instance_id} in the wfaas store {where} is damaged ({type(exc).__name__}: "
                 f"{exc}); it cannot be resumed, other runs are not affected: restore the store from a backup"
             ) from exc
-        run = Run(instance_id, compiled, cls, record.extra["class"], fields, created_at=meta["created_at"])
+        run = Run(instance_id, compiled, cls, record.extra["class"], RunData(fields), created_at=meta["created_at"])
         run.status = status
         run.extra = {"fingerprint": compiled.fingerprint}
         steps = {sid: rec for sid, rec in record.steps.items() if sid in compiled.index}
         result: str = self._call(self._scheduler.start_run, run, steps, reruns)
         return result
+
+    def _refuse_if_running(self, instance_id: str, status: WorkflowStatus, owner: dict[str, Any]) -> None:
+        """A RUNNING or PENDING run may be resumed only if no live process runs it."""
+        if instance_id in self._scheduler.runs:
+            raise InvalidStateTransition(f"instance {instance_id}", status, W.RUNNING, "it is running in this engine")
+        if owner_alive(owner) and owner.get("pid") != self._owner["pid"]:
+            raise InvalidStateTransition(
+                f"instance {instance_id}",
+                status,
+                W.RUNNING,
+                f"it is still running in process {owner.get('pid')}; cancel it there or wait for it",
+            )
 
     def recover(self) -> list[str]:
         """Resume every instance left RUNNING by a process that died; returns their ids."""
@@ -572,13 +575,11 @@ def error_from_meta(instance_id: str, meta: dict[str, Any]) -> WorkflowError:
     """Rebuild an instance's error from its stored record (for runs of another process)."""
     if meta["status"] == W.CANCELLED.value:
         return errors_module.Cancelled(instance_id, meta["workflow_id"])
-    kind = getattr(errors_module, meta.get("error_type") or "", None)
     message = meta.get("error") or "failed"
-    if isinstance(kind, type) and issubclass(kind, errors_module._StepError):
-        error = kind.__new__(kind)
-        errors_module._StepError.__init__(
-            error, message, instance_id=instance_id, step_id=meta.get("failed_step") or ""
-        )
-        Exception.__init__(error, message)
+    step_id = meta.get("failed_step") or ""
+    error = errors_module.step_error_named(
+        meta.get("error_type") or "", message, instance_id=instance_id, step_id=step_id
+    )
+    if error is not None:
         return error
     return errors_module.StepFailed(message, instance_id=instance_id, step_id=meta.get("failed_step") or "")

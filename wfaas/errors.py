@@ -132,6 +132,17 @@ def _rebuild_step_error(
     return error
 
 
+def step_error_named(type_name: str, message: str, *, instance_id: str, step_id: str) -> WorkflowError | None:
+    """The step error class ``type_name`` rebuilt from a stored record's text, or None if it is not one."""
+    kind = globals().get(type_name)
+    if not (isinstance(kind, type) and issubclass(kind, _StepError)):
+        return None
+    error = kind.__new__(kind)
+    _StepError.__init__(error, message, instance_id=instance_id, step_id=step_id)
+    Exception.__init__(error, message)  # the message as stored already names the step
+    return error
+
+
 class StepFailed(_StepError):
     """Raised when a step failed for good: it raised, or returned ``StepResult.FAILURE``.
 

@@ -18,10 +18,10 @@ process (``_guard.py``) kills every worker's tree if the engine dies.
 
 from __future__ import annotations
 
+import enum
 import multiprocessing
 import multiprocessing.connection
 import os
-import pickle
 import signal
 import time
 from collections.abc import Callable
@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from . import _guard, _threads, _worker
+from . import _guard, _threads, _worker, wire
 
 
 @dataclass
@@ -70,6 +70,13 @@ class Exit:
         return said
 
 
+class Waitable(enum.Enum):
+    """What a descriptor the scheduler blocks on says when it is ready (see ``Pool.waitables``)."""
+
+    RESULT = "result"  # the slot's pipe: a message (or EOF)
+    EXIT = "exit"  # the slot's process sentinel: it died
+
+
 class Slot:
     """One worker process and what it already holds (step bodies, data class, snapshot)."""
 
@@ -105,9 +112,9 @@ class Pool(Protocol):
 
     def start(self) -> None: ...
     def spawn(self, slot: Slot) -> None: ...
-    def waitables(self) -> dict[Any, tuple[str, Slot]]: ...
+    def waitables(self) -> dict[Any, tuple[Waitable, Slot]]: ...
     def send(self, slot: Slot, message: bytes) -> None: ...
-    def receive(self, slot: Slot) -> tuple[Any, ...] | None: ...
+    def receive(self, slot: Slot) -> wire.FromWorker | None: ...
     def exit_of(self, slot: Slot) -> Exit: ...
     def kill(self, slot: Slot, grace: float, done: Callable[[Slot, Exit], None], exit_: Exit | None = None) -> None: ...
     def hurry(self, slot: Slot) -> None: ...
@@ -159,16 +166,16 @@ class WorkerPool:
         slot.task, slot.dying = None, False
         slot.bodies, slot.classes, slot.snapshot, slot.last_rss, slot.eof = set(), set(), None, 0, False
 
-    def waitables(self) -> dict[Any, tuple[str, Slot]]:
+    def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:
         """Every object the scheduler blocks on, mapped to (kind, slot)."""
-        out: dict[Any, tuple[str, Slot]] = {}
+        out: dict[Any, tuple[Waitable, Slot]] = {}
         for slot in self.slots:
             if slot.process is None:
                 continue
             if not slot.dying:
-                out[slot.process.sentinel] = ("exit", slot)
+                out[slot.process.sentinel] = (Waitable.EXIT, slot)
             if slot.task is not None and slot.conn is not None and not slot.eof:
-                out[slot.conn] = ("result", slot)
+                out[slot.conn] = (Waitable.RESULT, slot)
         return out
 
     def send(self, slot: Slot, message: bytes) -> None:
@@ -176,11 +183,11 @@ class WorkerPool:
         slot.conn.send_bytes(message)
 
     @staticmethod
-    def receive(slot: Slot) -> tuple[Any, ...] | None:
+    def receive(slot: Slot) -> wire.FromWorker | None:
         """The next message from the slot, or None if its pipe broke (the process died)."""
         assert slot.conn is not None
         try:
-            result: tuple[Any, ...] = pickle.loads(slot.conn.recv_bytes())
+            result: wire.FromWorker = wire.loads(slot.conn.recv_bytes())
         except (EOFError, OSError):
             slot.eof = True
             return None
@@ -233,7 +240,7 @@ class WorkerPool:
             # tree holds them all (it is their subreaper); once it exited, they would be init's.
             if slot.task is None and not slot.dying and slot.conn is not None and slot.pid not in parents:
                 try:
-                    slot.conn.send_bytes(pickle.dumps(("stop",)))
+                    slot.conn.send_bytes(wire.STOP)
                     asked.add(slot.index)
                 except OSError:
                     pass

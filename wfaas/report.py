@@ -20,20 +20,18 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .states import Attempt, StepState, StepStatus, WorkflowState
+from .states import Attempt, AttemptOutcome, StepState, StepStatus, WorkflowState
 
 __all__ = ["COLOURS", "Dependencies", "render_report"]
 
 # step id -> (depends_on, depends_on_any), as the stored definition fingerprint has them
 Dependencies = dict[str, tuple[list[str], list[str]]]
 
+# One colour per attempt outcome, in AttemptOutcome's order (the legend's); zip(strict) fails on a new one.
+_OUTCOME_COLOURS = ("#2e9d5b", "#d64545", "#e08a1e", "#8e44ad", "#7f8c8d", "#c3c9cd")
+OUTCOME_COLOURS = {o.value: c for o, c in zip(AttemptOutcome, _OUTCOME_COLOURS, strict=True)}
 COLOURS = {
-    "succeeded": "#2e9d5b",
-    "failed": "#d64545",
-    "timed_out": "#e08a1e",
-    "crashed": "#8e44ad",
-    "cancelled": "#7f8c8d",
-    "skipped": "#c3c9cd",
+    **OUTCOME_COLOURS,
     "running": "#3b82f6",
     "pending": "#ffffff",
     "waiting": "#f2d16b",
@@ -109,6 +107,7 @@ def render_report(state: WorkflowState[Any], dependencies: Dependencies, now: da
         dag_w=dag_w,
         dag_h=dag_h,
         colours=COLOURS,
+        legend=[*OUTCOME_COLOURS, "running"],
         label_w=LABEL_W,
         plot_w=PLOT_W,
         row_h=ROW,

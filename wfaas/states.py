@@ -13,13 +13,17 @@ from typing import Any, Generic, TypeVar
 
 from .errors import InvalidStateTransition
 
-__all__ = ["Attempt", "StepState", "StepStatus", "WorkflowState", "WorkflowStatus"]
+__all__ = ["Attempt", "AttemptOutcome", "StepState", "StepStatus", "WorkflowState", "WorkflowStatus"]
 
 D = TypeVar("D")
 
 
 class WorkflowStatus(enum.Enum):
     """Where an instance is in its life."""
+
+    # Hashed by identity (members are singletons): Enum's own __hash__ is a Python call, and the
+    # transition tables and status sets are looked up several times per step.
+    __hash__ = object.__hash__
 
     PENDING = "pending"
     RUNNING = "running"
@@ -35,6 +39,8 @@ class WorkflowStatus(enum.Enum):
 
 class StepStatus(enum.Enum):
     """Where a step of an instance is in its life. WAITING = delay, schedule or backoff."""
+
+    __hash__ = object.__hash__  # see WorkflowStatus
 
     PENDING = "pending"
     WAITING = "waiting"
@@ -91,8 +97,15 @@ def check_step_transition(instance_id: str, step_id: str, current: StepStatus, n
         raise InvalidStateTransition(f"step {step_id!r} of instance {instance_id}", current, new)
 
 
-# How one attempt ended, as the report colours it.
-OUTCOMES = ("succeeded", "failed", "timed_out", "crashed", "cancelled", "skipped")
+class AttemptOutcome(enum.Enum):
+    """How one attempt ended (``Attempt.outcome`` holds the value; the report colours each)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CRASHED = "crashed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
 
 
 @dataclass(frozen=True)

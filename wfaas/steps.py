@@ -94,6 +94,11 @@ class WorkflowContext(Generic[D]):
         self._written[key] = value
 
 
+def values_written(ctx: WorkflowContext[Any]) -> dict[str, Any]:
+    """The shared values ``ctx`` set during its step (the worker sends back only those)."""
+    return ctx._written
+
+
 class StepExecutor(Generic[D]):
     """A step as a class: override :meth:`execute`, and the hooks if you need them.
 

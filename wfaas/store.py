@@ -26,7 +26,7 @@ from typing import Any
 from . import data as data_codec
 from .capture import AttemptLog
 from .errors import NotFound, StoreError
-from .states import StepState, StepStatus, WorkflowState, WorkflowStatus
+from .states import StepState, WorkflowState, WorkflowStatus
 from .steps import WorkflowContext
 
 __all__ = ["Checkpoint", "InMemoryStore", "Record", "StateStore"]
@@ -364,12 +364,3 @@ class InMemoryStore(StateStore):
 
     def __repr__(self) -> str:
         return "InMemoryStore()"
-
-
-def step_status_counts(record: Record) -> dict[StepStatus, int]:
-    """How many steps of an instance are in each status."""
-    counts: dict[StepStatus, int] = {}
-    for rec in record.steps.values():
-        st = StepStatus(rec["status"])
-        counts[st] = counts.get(st, 0) + 1
-    return counts

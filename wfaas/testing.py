@@ -17,13 +17,20 @@ timers (delays, backoff, ``scheduled_at``, step timeouts) are virtual.
 
 from __future__ import annotations
 
+import itertools
+import os
+import pickle
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from . import _worker, wire
 from .clock import Clock
+from .pool import Exit, Slot, Waitable
 
-__all__ = ["VirtualClock"]
+__all__ = ["FakePool", "VirtualClock"]
 
 _EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -75,3 +82,173 @@ class VirtualClock(Clock):
         if self.autojump and next_deadline is not None:
             with self._lock:
                 self._offset = max(self._offset, next_deadline)
+
+
+class _FakeProcess:
+    """Stands in for a worker process: a pid, never started."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
+class _FakeConn:
+    """What ``Scheduler._on_worker_exit`` asks of a slot's pipe: is a reply still waiting?"""
+
+    def __init__(self, pool: FakePool, slot: Slot) -> None:
+        self._pool, self._slot = pool, slot
+
+    def poll(self) -> bool:
+        return bool(self._pool.replies[self._slot.index])
+
+
+@dataclass
+class KillRequest:
+    """A kill the scheduler asked of the fake pool; the test ends it with ``FakePool.end_kill``."""
+
+    slot: Slot
+    grace: float
+    done: Callable[[Slot, Exit], None]
+    exit: Exit | None  # set when the worker had died on its own (a crash)
+
+
+class FakePool:
+    """``pool.Pool`` without processes, for tests that drive ``Scheduler.tick()`` by hand.
+
+    Every slot has a real pipe the scheduler blocks on, written when the
+    test queues a reply (``execute``, ``reply``) and a second one written
+    when the test makes its worker die (``crash``), so the scheduler's wait
+    works as with real workers. ``execute`` runs the step's body here, in the
+    test's process, through the worker's own ``_worker.execute``; kills are
+    recorded (``kills``) and end when the test says (``end_kill``).
+
+    It is in the package, not in ``tests/``, so that ``mypy --strict`` checks
+    it against ``pool.Pool``: the fake cannot drift from what it fakes.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self.slots = [Slot(i) for i in range(size)]
+        self.sent: list[tuple[Slot, wire.RunStep]] = []
+        self.kills: list[KillRequest] = []
+        self.hurried: list[Slot] = []
+        self.replies: list[list[wire.FromWorker]] = [[] for _ in self.slots]
+        self._results = [os.pipe() for _ in self.slots]
+        self._exits = [os.pipe() for _ in self.slots]
+        self._exitcodes: list[int | None] = [None for _ in self.slots]
+        self._pids = itertools.count(100_001)
+        self._held: list[dict[str, Any]] = [{} for _ in self.slots]  # what each fake worker holds, as a worker does
+
+    # -- pool.Pool ------------------------------------------------------------------
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self.spawn(slot)
+
+    def spawn(self, slot: Slot) -> None:
+        i = slot.index
+        _drain(self._results[i][0])
+        _drain(self._exits[i][0])
+        self.replies[i].clear()
+        self._exitcodes[i] = None
+        self._held[i] = {"bodies": {}, "classes": {}, "snap": (None, {})}
+        slot.process, slot.conn = _FakeProcess(next(self._pids)), _FakeConn(self, slot)  # type: ignore[assignment]
+        slot.task, slot.dying = None, False
+        slot.bodies, slot.classes, slot.snapshot, slot.last_rss, slot.eof = set(), set(), None, 0, False
+
+    def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:
+        out: dict[Any, tuple[Waitable, Slot]] = {}
+        for slot in self.slots:
+            if not slot.dying:
+                out[self._exits[slot.index][0]] = (Waitable.EXIT, slot)
+            if slot.task is not None and not slot.eof:
+                out[self._results[slot.index][0]] = (Waitable.RESULT, slot)
+        return out
+
+    def send(self, slot: Slot, message: bytes) -> None:
+        run: wire.RunStep = wire.loads(message)
+        held = self._held[slot.index]
+        if run.body is not None:
+            held["bodies"][run.body_key] = pickle.loads(run.body)
+        if run.cls is not None:
+            held["classes"][run.cls_key] = pickle.loads(run.cls)
+        if run.snap is not None:
+            held["snap"] = (run.snap_key, pickle.loads(run.snap))
+        assert held["snap"][0] == run.snap_key, "the scheduler and the worker disagree on the data snapshot"
+        self.sent.append((slot, run))
+
+    def receive(self, slot: Slot) -> wire.FromWorker | None:
+        if not self.replies[slot.index]:
+            slot.eof = self._exitcodes[slot.index] is not None
+            return None
+        os.read(self._results[slot.index][0], 1)
+        return self.replies[slot.index].pop(0)
+
+    def exit_of(self, slot: Slot) -> Exit:
+        return Exit(self._exitcodes[slot.index], slot.last_rss)
+
+    def kill(self, slot: Slot, grace: float, done: Callable[[Slot, Exit], None], exit_: Exit | None = None) -> None:
+        slot.dying = True
+        self.kills.append(KillRequest(slot, grace, done, exit_))
+
+    def hurry(self, slot: Slot) -> None:
+        self.hurried.append(slot)
+
+    def close(self, grace: float = 2.0) -> None:
+        for r, w in (*self._results, *self._exits):
+            os.close(r)
+            os.close(w)
+
+    # -- what the test does -------------------------------------------------------------
+
+    def busy(self) -> dict[str, Slot]:
+        """The slots running a step (or hook), by step id."""
+        return {slot.task.step.sid: slot for slot in self.slots if slot.task is not None}
+
+    def last_sent(self, step_id: str) -> wire.RunStep:
+        """The last message that started ``step_id`` (or one of its hooks)."""
+        message: wire.RunStep = next(m for _, m in reversed(self.sent) if m.step_id == step_id)
+        return message
+
+    def execute(self, step_id: str, usage: dict[str, Any] | None = None) -> wire.Reply:
+        """Run the step's body (or hook) here, as its worker would, and queue the reply."""
+        slot = self.busy()[step_id]
+        run = self.last_sent(step_id)
+        held = self._held[slot.index]
+        try:
+            body, cls = held["bodies"][run.body_key], held["classes"][run.cls_key]
+            outcome, changes = _worker.execute(body, cls, held["snap"][1], run)
+            reply: wire.Reply = wire.Done(run.task_id, outcome, changes, [], None, usage or {"wall": 0.001})
+        except Exception as exc:  # noqa: BLE001 - reported to the scheduler as the worker would
+            reply = wire.failed(run.task_id, exc, _worker.format_traceback(exc))
+        self.reply(step_id, reply)
+        return reply
+
+    def reply(self, step_id: str, message: wire.FromWorker) -> None:
+        """Queue ``message`` from the worker running ``step_id``."""
+        slot = self.busy()[step_id]
+        self.replies[slot.index].append(message)
+        os.write(self._results[slot.index][1], b"x")
+
+    def crash(self, step_id: str, exitcode: int = -9) -> None:
+        """The worker running ``step_id`` dies (-9: SIGKILL)."""
+        slot = self.busy()[step_id]
+        self._exitcodes[slot.index] = exitcode
+        os.write(self._exits[slot.index][1], b"x")
+
+    def end_kill(self, step_id: str | None = None, exitcode: int = -15) -> KillRequest:
+        """The oldest kill still pending (of ``step_id``'s slot) is over: its tree is dead."""
+        for request in self.kills:
+            task = request.slot.task
+            if step_id is None or (task is not None and task.step.sid == step_id):
+                self.kills.remove(request)
+                request.done(request.slot, request.exit or Exit(exitcode, request.slot.last_rss))
+                return request
+        raise AssertionError(f"no kill pending for {step_id or 'any step'}; pending: {self.kills}")
+
+
+def _drain(fd: int) -> None:
+    os.set_blocking(fd, False)
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
