@@ -458,6 +458,8 @@ def graph(target: str, dot: bool) -> None:
     Example:
       wfaas-local graph examples/dag.py:workflow --dot | dot -Tpng > dag.png
     """
+    from .report import depths
+
     definition = load_target(target)
     if dot:
         click.echo(f'digraph "{definition.id}" {{')
@@ -472,10 +474,8 @@ def graph(target: str, dot: bool) -> None:
         return
     click.echo(definition.explain())
     click.echo("")
-    levels: dict[str, int] = {}
-    for s in topological_order(definition):
-        deps = [*s.dependencies, *s.any_dependencies]
-        levels[s.id] = 1 + max((levels[d] for d in deps), default=-1)
+    deps = {s.id: (list(s.dependencies), list(s.any_dependencies)) for s in definition.steps}
+    levels = depths([s.id for s in topological_order(definition)], deps)  # the report's columns
     for level in range(max(levels.values()) + 1):
         names = [sid for sid, lv in levels.items() if lv == level]
         click.echo(f"  [{level}] " + "   ".join(names))
@@ -498,17 +498,18 @@ def check(target: str) -> None:
     """
     import pickle
 
-    import dill
-
     from .data import encode_fields
+    from .runs import encode_bodies
 
     definition = load_target(target)
-    problems = []
-    for s in definition.steps:
+    # The encoder register_workflow uses, then loaded back as a worker loads it.
+    bodies, problems = encode_bodies(definition)
+    first = {id(s.body): s.id for s in reversed(definition.steps)}
+    for key, blob in bodies.items():
         try:
-            pickle.loads(dill.dumps(s.body, recurse=True))
+            pickle.loads(blob)
         except Exception as exc:  # noqa: BLE001 - each failure is listed
-            problems.append(f"step {s.id!r}: the body cannot be sent to a worker: {type(exc).__name__}: {exc}")
+            problems.append(f"step {first[key]!r}: its body cannot be loaded in a worker: {type(exc).__name__}: {exc}")
     size = 0
     if definition.data_type is not None:
         try:
@@ -540,7 +541,7 @@ def plan(target: str | None, resume_id: str | None, data: str | None, params: tu
       wfaas-local plan examples/dag.py:workflow --data '{"use_cache": true}'
       wfaas-local plan --resume 3f2a
     """
-    from .steps import WorkflowContext
+    from .cli_plan import plan_lines
 
     done: dict[str, str] = {}
     if resume_id:
@@ -570,34 +571,8 @@ def plan(target: str | None, resume_id: str | None, data: str | None, params: tu
     else:
         definition = load_target(target)
         payload = build_data(definition, data, params)
-    now = datetime.now(UTC)
-    for s in topological_order(definition):
-        if s.id in done:
-            click.echo(f"{s.id}: already {done[s.id]} in that run; will not run again")
-            continue
-        why = []
-        if s.dependencies:
-            why.append("after all of " + ", ".join(s.dependencies))
-        if s.any_dependencies:
-            why.append("after the first success of " + ", ".join(s.any_dependencies) + " (or all finished)")
-        verdict = "run"
-        if s.condition is not None:
-            ctx: WorkflowContext[Any] = WorkflowContext(
-                payload, instance_id="plan", workflow_id=definition.id, step_id=s.id, attempt=1
-            )
-            try:
-                holds = bool(s.condition(ctx))
-                verdict = "run" if holds else "skip"
-                why.append(f"run_if is {'true' if holds else 'false'} on the current data")
-            except Exception as exc:  # noqa: BLE001 - reported, not raised
-                verdict = "fail"
-                why.append(f"run_if raises {type(exc).__name__}: {exc}")
-        if s.delay:
-            why.append(f"then waits {s.delay:g}s")
-        if s.schedule is not None:
-            when = "now (already due)" if s.schedule <= now else s.schedule.isoformat()
-            why.append(f"not before {when}")
-        click.echo(f"{s.id}: {verdict}" + (f" — {'; '.join(why)}" if why else " — no dependencies, starts at once"))
+    for line in plan_lines(definition, payload, done, datetime.now(UTC)):
+        click.echo(line)
 
 
 @main.command()
