@@ -6,11 +6,11 @@ and :class:`click.Group` prints ``Error: ...`` and exits with ``exit_code``.
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import IO, Any, NoReturn
 
 import click
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_USAGE", "INTERRUPT_CODES", "UsageProblem", "fail"]
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_USAGE", "INTERRUPT_CODES", "DamagedRuns", "UsageProblem", "fail"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 INTERRUPT_CODES = frozenset({EXIT_INTERRUPTED, 128 + 15, 128 + 1})  # SIGINT, SIGTERM, SIGHUP
@@ -25,3 +25,16 @@ class UsageProblem(click.ClickException):
 def fail(message: str) -> NoReturn:
     """End the command with ``message`` as one line on stderr, exit code 2."""
     raise UsageProblem(message)
+
+
+class DamagedRuns(UsageProblem):
+    """Runs a command could not read, after it showed the others: ``Error:`` and one line each, exit code 2."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """One line per damaged run, each as click prints an error."""
+        for line in self.lines:
+            click.echo(f"Error: {line}", err=file is None, file=file)

@@ -17,7 +17,7 @@ from .errors import StoreError
 from .states import WorkflowState
 from .store import InMemoryStore, Record, StateStore
 
-__all__ = ["DEFAULT_STORE", "load_run", "load_state", "open_store", "read_metas", "resolve_id"]
+__all__ = ["DEFAULT_STORE", "load_run", "load_state", "open_store", "orphans_by_target", "read_metas", "resolve_id"]
 
 DEFAULT_STORE = ".wfaas/runs.sqlite"
 
@@ -100,3 +100,27 @@ def resolve_id(store: StateStore, prefix: str | None) -> str:
 
 
 # -- output ------------------------------------------------------------------------
+
+
+def orphans_by_target(store: StateStore) -> tuple[dict[str, list[str]], list[str]]:
+    """The runs ``recover`` resumes (:func:`wfaas.engine.orphaned`) by their recorded TARGET, and a line for
+    each run it skips: damaged, or not started by wfaas-local."""
+    from .engine import orphaned
+
+    origins: dict[str, list[str]] = {}
+    metas, damaged = read_metas(store)
+    skipped = [f"skipping: {line}" for line in damaged]  # the damage stays with its run: the others are recovered
+    for iid, meta in metas:
+        if not orphaned(meta):
+            continue
+        try:
+            record = store.read(iid)
+        except StoreError as exc:
+            skipped.append(f"skipping: {exc}")
+            continue
+        origin = record.extra.get("origin") if record else None
+        if origin:
+            origins.setdefault(origin, []).append(iid)
+        else:
+            skipped.append(f"skipping {iid}: not started by wfaas-local (resume it from Python)")
+    return origins, skipped

@@ -25,6 +25,7 @@ __all__ = [
     "print_runs",
     "print_steps",
     "run_duration",
+    "runs_json",
     "state_json",
     "step_error",
 ]
@@ -246,3 +247,19 @@ def attempt_json(attempt: Attempt) -> dict[str, Any]:
     for key in ("started_at", "finished_at"):
         out[key] = out[key].isoformat() if out[key] else None
     return out
+
+
+def runs_json(rows: list[tuple[datetime | None, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The runs ``list`` shows, as plain JSON-able data."""
+    return [
+        {
+            "instance_id": iid,
+            "workflow_id": m["workflow_id"],
+            "status": m["status"].upper(),
+            "created_at": created.isoformat() if created else None,
+            "error": m.get("error"),
+            "duration": run_duration(m),
+            "owner_gone": owner_note(m, iid, None) is not None,
+        }
+        for created, iid, m in rows
+    ]

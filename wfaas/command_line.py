@@ -27,9 +27,9 @@ import click
 
 from . import _cli_logs
 from .cli_engine import close_engine, follow, interrupt_code, start_engine, stopped_by
-from .cli_errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, INTERRUPT_CODES, UsageProblem, fail
-from .cli_store import DEFAULT_STORE, load_run, open_store, read_metas, resolve_id
-from .cli_tables import state_json
+from .cli_errors import EXIT_FAILED, EXIT_INTERRUPTED, INTERRUPT_CODES, DamagedRuns, UsageProblem, fail
+from .cli_store import DEFAULT_STORE, load_run, open_store, orphans_by_target, read_metas, resolve_id
+from .cli_tables import runs_json, state_json
 from .cli_target import absolute_target, build_data, load_target
 from .cli_text import console, plural
 from .definition import topological_order
@@ -209,25 +209,10 @@ def recover(store: str, workers: int | None, quiet: bool, dask: str | None) -> N
     Example:
       wfaas-local recover --store .wfaas/runs.sqlite
     """
-    from .engine import owner_alive
-
     state_store = open_store(store, must_exist=True)
-    origins: dict[str, list[str]] = {}
-    metas, damaged = read_metas(state_store)
-    for line in damaged:  # the damage stays with its run: the others are recovered
-        click.echo(f"skipping: {line}", err=True)
-    for iid, meta in metas:
-        if meta.get("status") in ("running", "pending") and not owner_alive(meta.get("owner") or {}):
-            try:
-                record = state_store.read(iid)
-            except StoreError as exc:
-                click.echo(f"skipping: {exc}", err=True)
-                continue
-            origin = record.extra.get("origin") if record else None
-            if origin:
-                origins.setdefault(origin, []).append(iid)
-            else:
-                click.echo(f"skipping {iid}: not started by wfaas-local (resume it from Python)", err=True)
+    origins, skipped = orphans_by_target(state_store)
+    for line in skipped:
+        click.echo(line, err=True)
     if not origins:
         click.echo("nothing to recover")
         state_store.close()
@@ -365,26 +350,8 @@ def list_runs(store: str, status_filter: str | None, limit: int, as_json: bool) 
     state_store.close()
     rows.sort(key=lambda r: r[0] or datetime.min.replace(tzinfo=UTC), reverse=True)
     rows = rows[:limit]
-    from .cli_tables import owner_note, run_duration
-
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {
-                        "instance_id": iid,
-                        "workflow_id": m["workflow_id"],
-                        "status": m["status"].upper(),
-                        "created_at": created.isoformat() if created else None,
-                        "error": m.get("error"),
-                        "duration": run_duration(m),
-                        "owner_gone": owner_note(m, iid, None) is not None,
-                    }
-                    for created, iid, m in rows
-                ],
-                indent=2,
-            )
-        )
+        click.echo(json.dumps(runs_json(rows), indent=2))
         _exit_if_damaged(damaged)
         return
     from .cli_tables import owner_note, print_runs
@@ -402,10 +369,8 @@ def list_runs(store: str, status_filter: str | None, limit: int, as_json: bool) 
 
 def _exit_if_damaged(damaged: list[str]) -> None:
     """After showing the runs that could be read: one line per damaged run, exit 2."""
-    for line in damaged:
-        click.echo(f"Error: {line}", err=True)
     if damaged:
-        sys.exit(EXIT_USAGE)
+        raise DamagedRuns(damaged)
 
 
 @main.command()
