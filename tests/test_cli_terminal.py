@@ -458,7 +458,7 @@ def test_line_mode_prints_workflow_started_first() -> None:
     import threading
 
     from wfaas import events
-    from wfaas.command_line import Progress
+    from wfaas.cli_progress import Progress
 
     printed: list[str] = []
     in_release, later_done = threading.Event(), threading.Event()

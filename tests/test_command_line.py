@@ -147,6 +147,40 @@ def test_graph_check_and_plan(runner: CliRunner) -> None:
     assert "publish: run — after the first success of from_cache, recompute" in plan
 
 
+def test_check_names_an_unsendable_body_as_register_workflow_does(runner: CliRunner, tmp_path: Path) -> None:
+    """check encodes bodies with register_workflow's encoder, so both refuse a body in the same words."""
+    (tmp_path / "unsendable_body.py").write_text(
+        textwrap.dedent(
+            """
+            from wfaas import StepDefinition, StepResult, WorkflowDefinition
+
+            def make():
+                pending = (x for x in [1])  # a generator cannot be pickled
+
+                def body(ctx):
+                    return StepResult.SUCCESS if pending else StepResult.FAILURE
+
+                return body
+
+            workflow = WorkflowDefinition("unsendable").add_step(StepDefinition("held", "Held", make()))
+            """
+        )
+    )
+    from wfaas import WorkflowEngine
+    from wfaas.cli_target import load_target
+    from wfaas.errors import InvalidDefinition
+    from wfaas.store import InMemoryStore
+
+    definition = load_target(f"{tmp_path}/unsendable_body.py")
+    with WorkflowEngine(store=InMemoryStore(), max_workers=1) as engine, pytest.raises(InvalidDefinition) as err:
+        engine.register_workflow(definition)
+    (problem,) = err.value.problems
+    result = invoke(runner, "check", f"{tmp_path}/unsendable_body.py")
+    assert result.exit_code == 2  # type: ignore[attr-defined]
+    assert problem in result.output  # type: ignore[attr-defined]
+    assert "step 'held'" in problem and "define it at module level" in problem
+
+
 def test_version_and_help_examples(runner: CliRunner) -> None:
     assert "wfaas-local, version" in invoke(runner, "--version").output  # type: ignore[attr-defined]
     for command in ("run", "resume", "recover", "status", "report", "list", "cancel", "graph", "check", "plan"):

@@ -1,4 +1,5 @@
-"""The CLI's tables, fitted to the terminal: a run's steps (``status``, end of ``run``) and the runs (``list``).
+"""The CLI's tables, fitted to the terminal: a run's steps (``status``, end of ``run``) and the runs (``list``);
+and the same run as JSON (``--json``), whole.
 
 Figures are never wrapped or cut. What does not fit goes under the table
 as text shortened to the width: each failed step's error on its own line.
@@ -8,14 +9,26 @@ worth looking at), so ``status`` stays fast and readable at any size.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from datetime import datetime
 from typing import Any
 
 from .cli_text import PIPE_LIMIT, data_text, plural, shorten
-from .states import StepState, StepStatus, WorkflowState
+from .states import Attempt, StepState, StepStatus, WorkflowState
 
-__all__ = ["Selection", "owner_note", "print_runs", "print_steps", "run_duration", "step_error"]
+__all__ = [
+    "Selection",
+    "attempt_json",
+    "owner_note",
+    "print_runs",
+    "print_steps",
+    "run_duration",
+    "runs_json",
+    "state_json",
+    "step_error",
+]
 
 # Above this many steps, status lists the steps worth a look instead of all of them.
 ROW_LIMIT = 50
@@ -197,3 +210,56 @@ def _took(seconds: float | None) -> str:
     if seconds < 3600:
         return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
     return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
+
+
+def state_json(state: WorkflowState[Any]) -> dict[str, Any]:
+    """A run as plain JSON-able data."""
+    data: Any = state.data
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = {k: v for k, v in vars(data).items()}
+    return {
+        "instance_id": state.instance_id,
+        "workflow_id": state.workflow_id,
+        "status": state.status.name,
+        "error": state.error,
+        "failed_step": state.failed_step,
+        "created_at": state.created_at.isoformat() if state.created_at else None,
+        "updated_at": state.updated_at.isoformat() if state.updated_at else None,
+        "steps": {
+            sid: {
+                "status": s.status.name,
+                "attempts": s.attempts,
+                "started_at": s.started_at.isoformat() if s.started_at else None,
+                "finished_at": s.finished_at.isoformat() if s.finished_at else None,
+                "duration": _duration(s.started_at, s.finished_at),
+                "error": s.error,
+                "history": [attempt_json(a) for a in s.history],
+            }
+            for sid, s in state.step_states.items()
+        },
+        "data": json.loads(json.dumps(data, default=repr)),
+    }
+
+
+def attempt_json(attempt: Attempt) -> dict[str, Any]:
+    """One attempt's figures as plain JSON-able data (times as ISO 8601)."""
+    out = attempt.to_record()
+    for key in ("started_at", "finished_at"):
+        out[key] = out[key].isoformat() if out[key] else None
+    return out
+
+
+def runs_json(rows: list[tuple[datetime | None, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The runs ``list`` shows, as plain JSON-able data."""
+    return [
+        {
+            "instance_id": iid,
+            "workflow_id": m["workflow_id"],
+            "status": m["status"].upper(),
+            "created_at": created.isoformat() if created else None,
+            "error": m.get("error"),
+            "duration": run_duration(m),
+            "owner_gone": owner_note(m, iid, None) is not None,
+        }
+        for created, iid, m in rows
+    ]

@@ -11,7 +11,7 @@ import dataclasses
 import reprlib
 from typing import Any
 
-__all__ = ["data_text", "plural", "shorten", "with_article"]
+__all__ = ["console", "data_text", "plural", "shorten", "with_article"]
 
 # Off a terminal (a pipe, a log file) data is still bounded: ``--json`` gives it whole.
 PIPE_LIMIT = 10_000
@@ -62,3 +62,10 @@ def data_text(data: Any, limit: int | None) -> str:
     if limit is None:
         return repr(data)
     return shorten(_ShortRepr(limit).repr(data), limit)
+
+
+def console(stderr: bool = False) -> Any:
+    """A rich console for plain text: no highlighting, long lines left whole for the terminal to wrap."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)

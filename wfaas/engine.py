@@ -377,9 +377,7 @@ class WorkflowEngine:
             except StoreError as exc:  # a damaged record stays that run's problem
                 log.warning("cannot recover instance %s: %s", iid, exc)
                 continue
-            if meta is None or W(meta["status"]) not in (W.RUNNING, W.PENDING):
-                continue
-            if iid in self._scheduler.runs or owner_alive(meta.get("owner") or {}):
+            if meta is None or iid in self._scheduler.runs or not orphaned(meta):
                 continue
             if meta["workflow_id"] not in self._definitions:
                 log.warning("cannot recover instance %s: workflow %r is not registered", iid, meta["workflow_id"])
@@ -550,6 +548,11 @@ def owner_alive(owner: dict[str, Any]) -> bool:
         return abs(process.create_time() - float(owner.get("started", 0))) < 0.5
     except psutil.Error:
         return False
+
+
+def orphaned(meta: dict[str, Any]) -> bool:
+    """Whether a run was left running (or about to start) by a process that is gone: what recover resumes."""
+    return meta.get("status") in (W.RUNNING.value, W.PENDING.value) and not owner_alive(meta.get("owner") or {})
 
 
 def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:

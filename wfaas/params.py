@@ -126,6 +126,11 @@ def _check(value: Any, tp: Any, path: str) -> Any:
         return out
     if not isinstance(tp, type):
         return value  # a typing construct the CLI cannot spell: the class checks it, if at all
+    return _check_class(value, tp, path)
+
+
+def _check_class(value: Any, tp: type, path: str) -> Any:
+    """``value`` converted to the plain class ``tp`` (bool, int, float, str, an enum, a date, a path)."""
     if tp is bool:
         if isinstance(value, bool):
             return value

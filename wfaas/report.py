@@ -16,6 +16,7 @@ dependency), which needs no layout engine. Plotly would draw the same from a
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -284,12 +285,21 @@ def _figures_line(a: Attempt) -> str:
 # -- the DAG ------------------------------------------------------------------------
 
 
+def depths(order: Iterable[str], deps: Dependencies) -> dict[str, int]:
+    """Each step's column: one past its deepest dependency, 0 without any (``wfaas-local graph`` prints the same).
+
+    ``order`` lists every step after its dependencies; a dependency not in it counts as column 0.
+    """
+    depth: dict[str, int] = {}
+    for sid in order:
+        all_deps, any_deps = deps.get(sid, ([], []))
+        depth[sid] = 1 + max((depth.get(p, 0) for p in [*all_deps, *any_deps]), default=-1)
+    return depth
+
+
 def dag_layout(state: WorkflowState[Any], deps: Dependencies) -> tuple[list[Node], list[Edge], float, float]:
     """Nodes in columns by depth (one past the deepest dependency), edges between their sides."""
-    depth: dict[str, int] = {}
-    for sid in state.step_states:  # steps come in definition order, dependencies first
-        parents = [*deps.get(sid, ([], []))[0], *deps.get(sid, ([], []))[1]]
-        depth[sid] = 1 + max((depth.get(p, 0) for p in parents), default=-1)
+    depth = depths(state.step_states, deps)  # steps come in definition order, dependencies first
     columns: dict[int, list[str]] = {}
     for sid, d in depth.items():
         columns.setdefault(d, []).append(sid)

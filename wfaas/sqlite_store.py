@@ -34,21 +34,18 @@ that too, at the cost of one fsync per scheduler turn.
 
 Trust: values are pickles, so opening a store runs code from it. A store, its
 ``-wal``/``-shm`` files or its folder that others may write, or that belongs
-to another user, is refused (as ssh refuses such keys); see ``_trust``.
+to another user, is refused (as ssh refuses such keys); see ``_store_files.trust``.
 """
 
 from __future__ import annotations
 
 import atexit
 import errno
-import grp
 import logging
 import os
 import pickle
-import pwd
 import queue
 import sqlite3
-import stat
 import threading
 import time
 import urllib.parse
@@ -58,6 +55,7 @@ from typing import Any
 
 from . import _threads
 from . import data as data_codec
+from ._store_files import create_file, trust
 from .capture import AttemptLog
 from .errors import StoreError
 from .store import Checkpoint, Record, StateStore
@@ -150,12 +148,12 @@ class SqliteStore(StateStore):
         path = self.path
         if path.is_dir():
             raise StoreError(f"the wfaas store {path} is a directory; give a file path such as {path / 'runs.sqlite'}")
-        self._trust()  # before creating anything in a folder others may write
+        trust(path)  # before creating anything in a folder others may write
         if not path.exists():
             if not create:
                 raise StoreError(f"no wfaas store at {path}; run a workflow first, or pass the right --store")
-            self._create(path)
-            self._trust()
+            create_file(path)
+            trust(path)
         if not self.readonly:
             if not os.access(path, os.W_OK):
                 raise StoreError(f"the wfaas store {path} is not writable; fix its permissions or choose another path")
@@ -172,69 +170,6 @@ class SqliteStore(StateStore):
                         "or move the file aside"
                     )
             self._probe()
-
-    def _create(self, path: Path) -> None:
-        parent = path.parent
-        if not parent.exists():
-            try:
-                # A folder wfaas makes for its store is the owner's alone (the store is code: see _trust).
-                parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"cannot create the directory {parent} for the wfaas store: {exc}") from exc
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise StoreError(
-                f"cannot create the wfaas store {path}: no write permission on {parent}; choose another path"
-            )
-        # No O_EXCL: processes creating one store at once all open the same file (issue 14 item 6).
-        # Runs can hold anything a step wrote: readable by the owner only.
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, stat.S_IRUSR | stat.S_IWUSR))
-        except OSError as exc:
-            raise StoreError(f"cannot create the wfaas store {path}: {exc}; choose another path") from exc
-
-    def _trust(self) -> None:
-        """Refuse a store that someone else could have written: opening it runs code from it.
-
-        As ssh does with keys: the file, its ``-wal``/``-shm`` and its folder
-        must belong to this user (or root) and be writable by no group and no
-        other user.
-        """
-        me = os.geteuid()
-        folder = self.path.parent
-        for what, target in (
-            ("the wfaas store", self.path),
-            ("the write-ahead log of the wfaas store", Path(f"{self.path}-wal")),
-            ("the shared-memory file of the wfaas store", Path(f"{self.path}-shm")),
-            ("the folder of the wfaas store", folder),
-        ):
-            try:
-                st = os.stat(target)
-            except FileNotFoundError:
-                continue
-            shown = self.path if target == self.path else f"{self.path} ({target})"
-            if st.st_uid not in (me, 0):
-                raise StoreError(
-                    f"refusing {what} {shown}: it belongs to {_user(st.st_uid)}, not to you ({_user(me)}), and "
-                    "opening a store runs code from it (it holds pickles); if you trust it, copy the store "
-                    "into a folder of your own and open the copy, or run as its owner"
-                )
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (
-                st.st_mode & stat.S_IWOTH == 0 and _private_group(st.st_gid, me)
-            ):
-                whom = (
-                    "its group and others"
-                    if st.st_mode & stat.S_IWGRP and st.st_mode & stat.S_IWOTH
-                    else ("its group" if st.st_mode & stat.S_IWGRP else "others")
-                )
-                fix = (
-                    f"chmod go-w {target}"
-                    if target != folder or not st.st_mode & stat.S_ISVTX
-                    else f"put the store in a folder of your own (mkdir -m 700 DIR) instead of {folder}"
-                )
-                raise StoreError(
-                    f"refusing {what} {shown}: it is writable by {whom} (mode {stat.S_IMODE(st.st_mode):04o}), "
-                    f"and opening a store runs code from it (it holds pickles); if that is not intended: {fix}"
-                )
 
     def _probe(self) -> None:
         """Check an existing file with SQLite's quick check before using it (reads it once).
@@ -637,22 +572,3 @@ def _check_meta(store: SqliteStore, instance_id: str, meta: Any) -> dict[str, An
     if not isinstance(meta, dict) or "status" not in meta or "workflow_id" not in meta:
         raise StoreError(store._bad_record(instance_id, f"m/{instance_id}: not a run's record"))
     return meta
-
-
-def _private_group(gid: int, uid: int) -> bool:
-    """A user's own group (named after them, no other member): group-writable is then owner-writable.
-
-    That is what a umask of 002 with user-private groups gives (Debian's ssh accepts it too).
-    """
-    try:
-        user, group = pwd.getpwuid(uid), grp.getgrgid(gid)
-    except KeyError:
-        return False
-    return user.pw_gid == gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
-
-
-def _user(uid: int) -> str:
-    try:
-        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"

@@ -1,0 +1,160 @@
+"""``run``/``resume``/``recover`` following a run: a live panel on a terminal, one line per event otherwise.
+
+What attempts print is shown as they end, prefixed with their step; lines
+wait until the run's id has been printed (:meth:`Progress.release`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from . import _cli_logs, events
+from .cli_text import plural
+from .states import StepStatus, WorkflowState
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    """Follows a run's events: a live panel on a terminal, one line per event otherwise."""
+
+    def __init__(self, total: int, *, live: bool, quiet: bool, console: Any) -> None:
+        self.total = total
+        # Keyed by step (and item): a resume seeds the steps already done, and an event for one of
+        # them (or a rerun's) is not counted twice.
+        self._done: set[tuple[str, str | None]] = set()
+        self.active = True  # False once its run ended: `recover` follows several runs in turn
+        self.running: dict[str, tuple[int, float]] = {}
+        self.waiting: dict[str, str] = {}
+        self.retries = 0
+        self.started = time.monotonic()
+        self.quiet = quiet
+        self.console = console
+        self._live: Any = None
+        self._lock = threading.Lock()
+        self._held: list[str] | None = []  # lines wait until the run id is printed (release)
+        if live and not quiet:
+            from rich.live import Live
+
+            self._live = Live(get_renderable=self.render, console=console, refresh_per_second=8, transient=True)
+
+    def __enter__(self) -> Progress:
+        if self._live is not None:
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+            elapsed = time.monotonic() - self.started
+            retries = plural(self.retries, "retry", "retries")
+            self.console.print(
+                f"{self.done}/{plural(self.total, 'step')} done in {elapsed:.1f}s, {retries}", markup=False
+            )
+
+    @property
+    def done(self) -> int:
+        return len(self._done)
+
+    def seed(self, state: WorkflowState[Any]) -> None:
+        """Count the steps the run had finished before it was followed (a resume)."""
+        with self._lock:
+            for sid, s in state.step_states.items():
+                if s.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED):
+                    self._done.add((sid, None))
+
+    def render(self) -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        with self._lock:
+            now = time.monotonic()
+            table = Table.grid(padding=(0, 2))
+            table.add_row(
+                f"[bold]{self.done}/{self.total}[/] {'step' if self.total == 1 else 'steps'} done",
+                f"elapsed {now - self.started:.1f}s",
+                f"retries {self.retries}",
+            )
+            for sid, (attempt, since) in sorted(self.running.items()):
+                table.add_row(Text(f"  running {sid}"), f"attempt {attempt}", f"{now - since:.1f}s")
+            for sid, why in sorted(self.waiting.items()):
+                table.add_row(Text(f"  waiting {sid}"), why, "")
+            return table
+
+    def __call__(self, event: events.WorkflowEvent) -> None:
+        if not self.active:
+            return
+        if isinstance(event, events.StepOutput):
+            self._output(event)
+            return
+        with self._lock:
+            line = self._apply(event)
+        if line and self._live is None:
+            important = isinstance(event, (events.WorkflowFailed, events.StepFailed)) and not getattr(
+                event, "will_retry", False
+            )
+            if not self.quiet or important:
+                stamp = event.timestamp.astimezone().strftime("%H:%M:%S")
+                with self._lock:
+                    if self._held is not None:
+                        self._held.append(f"{stamp} {line}")
+                        return
+                self.console.print(f"{stamp} {line}", markup=False)
+
+    def _output(self, e: events.StepOutput) -> None:
+        """What an attempt printed and logged, each line prefixed with its step (above the live panel)."""
+        if self.quiet:
+            return
+        for when, _, text in _cli_logs.shown(e.lines):
+            prefix = f"{e.step_id} |" if self._live is not None else f"{_cli_logs.stamp(when)[:8]} {e.step_id} |"
+            for line in _cli_logs.prefixed(prefix, text):
+                with self._lock:
+                    if self._held is not None:
+                        self._held.append(line)
+                        continue
+                self.console.print(_cli_logs.safe(line) if self._live is not None else line, markup=False)
+
+    def release(self) -> None:
+        """Print the lines held back so far; from now on print as events come."""
+        with self._lock:
+            # Printed under the lock: an event line waits for the held ones before it (issue 13, defect 9).
+            held, self._held = self._held or [], None
+            for line in held:
+                self.console.print(line, markup=False)
+
+    def _apply(self, e: events.WorkflowEvent) -> str:
+        if isinstance(e, events.StepStarted):
+            self.waiting.pop(e.step_id, None)
+            self.running[e.step_id] = (e.attempt, time.monotonic())
+            self._done.discard((e.step_id, getattr(e, "item_key", None)))
+            return f"{e.step_id}: started (attempt {e.attempt})"
+        if isinstance(e, events.StepSucceeded):
+            self.running.pop(e.step_id, None)
+            self._done.add((e.step_id, getattr(e, "item_key", None)))
+            return f"{e.step_id}: succeeded in {e.duration:.2f}s [{self.done}/{self.total}]"
+        if isinstance(e, events.StepSkipped):
+            self._done.add((e.step_id, getattr(e, "item_key", None)))
+            return f"{e.step_id}: skipped ({e.reason}) [{self.done}/{self.total}]"
+        if isinstance(e, events.StepFailed):
+            self.running.pop(e.step_id, None)
+            if not e.will_retry:
+                self._done.add((e.step_id, getattr(e, "item_key", None)))
+            return f"{e.step_id}: attempt {e.attempt} failed: {e.error}" + (" (will retry)" if e.will_retry else "")
+        if isinstance(e, events.StepRetrying):
+            self.retries += 1
+            self.waiting[e.step_id] = f"backoff {e.delay:.2f}s"
+            return f"{e.step_id}: retrying in {e.delay:.2f}s (attempt {e.attempt})"
+        if isinstance(e, events.WorkflowCompleted):
+            return f"workflow completed in {e.duration:.2f}s"
+        if isinstance(e, events.WorkflowFailed):
+            return f"workflow failed at step {e.failed_step}: {e.error}"
+        if isinstance(e, events.WorkflowCancelled):
+            return "workflow cancelled"
+        if isinstance(e, events.WorkflowStarted):
+            return "workflow started"
+        return ""
+
+
+# -- running -------------------------------------------------------------------------
