@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import time
@@ -277,3 +278,22 @@ def ticker() -> Iterator[Ticker]:
     t = Ticker()
     yield t
     t.close()
+
+
+def read_pty(primary: int, proc: subprocess.Popen[bytes], seconds: float) -> bytes:
+    """All that ``proc`` wrote to its pseudo-terminal until it ended, or ``seconds`` passed."""
+    seen = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([primary], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break  # EIO: every writer of the terminal has closed it
+            if not chunk:
+                break
+            seen += chunk
+        elif proc.poll() is not None:
+            break
+    return seen

@@ -11,19 +11,17 @@ import os
 import pty
 import re
 import resource
-import select
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import reap, wait_until
+from conftest import read_pty, reap, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -91,20 +89,7 @@ def cli_tty(*args: str, cwd: Path | None = None, columns: int = 80) -> tuple[int
         env={**os.environ, "COLUMNS": str(columns), "LINES": "24", "TERM": "xterm"},
     )
     os.close(secondary)
-    seen = b""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([primary], [], [], 1.0)
-        if ready:
-            try:
-                chunk = os.read(primary, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-        elif proc.poll() is not None:
-            break
+    seen = read_pty(primary, proc, 120)
     code = proc.wait(timeout=30)
     os.close(primary)
     return code, ANSI.sub("", seen.decode(errors="replace"))

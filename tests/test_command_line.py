@@ -5,19 +5,17 @@ from __future__ import annotations
 import json
 import os
 import pty
-import select
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from wfaas.command_line import main
 
-from conftest import wait_until
+from conftest import read_pty, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -243,20 +241,7 @@ def test_progress_on_a_terminal(tmp_path: Path) -> None:
         env={**os.environ, "COLUMNS": "100", "TERM": "xterm"},
     )
     os.close(secondary)
-    seen = b""
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([primary], [], [], 1.0)
-        if ready:
-            try:
-                chunk = os.read(primary, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-        elif proc.poll() is not None:
-            break
+    seen = read_pty(primary, proc, 90)
     proc.wait(timeout=30)
     os.close(primary)
     text = seen.decode(errors="replace")

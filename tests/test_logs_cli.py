@@ -6,17 +6,15 @@ import json
 import os
 import pty
 import re
-import select
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import reap, wait_until
+from conftest import read_pty, reap, wait_until
 
 CLI = [sys.executable, "-m", "wfaas.command_line"]
 
@@ -217,21 +215,8 @@ def test_on_a_terminal_step_output_appears_above_the_live_panel_prefixed(program
         env={**os.environ, "COLUMNS": "80", "TERM": "xterm"},
     )
     os.close(secondary)
-    seen = b""
-    deadline = time.monotonic() + 90
     try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([primary], [], [], 1.0)
-            if ready:
-                try:
-                    chunk = os.read(primary, 65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                seen += chunk
-            elif proc.poll() is not None:
-                break
+        seen = read_pty(primary, proc, 90)
         proc.wait(timeout=30)
     finally:
         os.close(primary)
