@@ -95,9 +95,11 @@ class Guard:
         reader.close()
         # Wait until the guard has left the engine's process group: a `kill -9` of that group in the
         # moment between would take the guard too, and leave workers started meanwhile running.
-        if self._conn.poll(READY_TIMEOUT):
-            self._conn.recv_bytes()
-        else:
+        try:
+            ready = self._conn.poll(READY_TIMEOUT) and self._conn.recv_bytes() == READY
+        except (EOFError, OSError):
+            ready = False  # it died starting (its error is on stderr); the engine runs on without it
+        if not ready:
             log.warning(
                 "wfaas: the guard process did not start within %s s; workers may outlive a killed engine", READY_TIMEOUT
             )

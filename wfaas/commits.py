@@ -77,8 +77,6 @@ class Commits:
         ``ended(run)`` for each run whose end is committed, before its waiters
         wake; ``failed(runs, error)`` for a batch the store could not write.
         """
-        if not (self.pending and self.pending[0].committed):
-            return  # nothing was committed since the last call (and nothing failed)
         for batch in self.completed():
             if batch.error is not None:
                 failed(batch.runs, batch.error)
