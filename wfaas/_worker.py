@@ -36,6 +36,7 @@ from typing import Any
 import dill
 
 from . import data as data_codec
+from . import objects as large
 from . import wire
 from .capture import Capture, ProcessState, format_record
 from .steps import StepExecutor, StepResult, WorkflowContext, values_written
@@ -235,10 +236,13 @@ class _Held:
         self.classes: dict[str, type] = {}
         self.snap_key: object = None
         self.fields: dict[str, bytes] = {}
+        self.objects: large.ObjectStore | None = None  # where the run's large fields are (objects.py)
 
     def take_snapshot(self, run: wire.RunStep) -> None:
         if run.snap is not None:
             self.snap_key, self.fields = run.snap_key, pickle.loads(run.snap)
+            config = self.fields.pop(large.OBJECTS_FIELD, None)
+            self.objects = large.ObjectStore.from_config(config) if config is not None else None  # type: ignore[arg-type]
         assert self.snap_key == run.snap_key, "engine and worker disagree on the data snapshot"
 
     def load(self, run: wire.RunStep) -> None:
@@ -257,7 +261,7 @@ def _attempt(
     capture.start()
     meter.start()
     try:
-        outcome, changes = execute(held.bodies[run.body_key], held.classes[run.cls_key], held.fields, run)
+        outcome, changes = execute(held.bodies[run.body_key], held.classes[run.cls_key], held.fields, run, held.objects)
         raised: BaseException | None = None
     except BaseException as exc:  # noqa: BLE001 - everything a step raises is reported
         raised = exc
@@ -273,10 +277,13 @@ def _attempt(
     return wire.Failed(run.task_id, wire.encode_error(raised), tb, collector.records, output, usage)
 
 
-def execute(body: Any, cls: type, fields: dict[str, bytes], run: wire.RunStep) -> tuple[str, dict[str, Any]]:
+def execute(
+    body: Any, cls: type, fields: dict[str, bytes], run: wire.RunStep, objects: large.ObjectStore | None = None
+) -> tuple[str, dict[str, Any]]:
     """Run the body (or hook): its outcome (``wire.SUCCESS`` ...) and the fields it changed."""
     step_id, hook = run.step_id, run.hook
-    data = data_codec.build(cls, fields)
+    what = f"run {run.instance_id}"
+    data = data_codec.build(cls, fields, objects, what)
     ctx_blob = fields.get(data_codec.CONTEXT_FIELD)
     values = pickle.loads(ctx_blob) if ctx_blob is not None else {}
     ctx: WorkflowContext[Any] = WorkflowContext(
@@ -309,7 +316,7 @@ def execute(body: Any, cls: type, fields: dict[str, bytes], run: wire.RunStep) -
     if result is StepResult.FAILURE:
         return wire.FAILURE, {}
     # ctx.data, not the object built above: a step may assign a new object to it.
-    changes = data_codec.diff_fields(ctx.data, fields, values if values_written(ctx) else None)
+    changes = data_codec.diff_fields(ctx.data, fields, values if values_written(ctx) else None, objects, what)
     return result.value, changes
 
 

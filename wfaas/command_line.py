@@ -578,5 +578,9 @@ def logs(instance_id: str, step: str | None, attempt: int | None, follow: bool, 
         click.echo(f"{what}: no output or log records were captured", err=True)
 
 
+from .cli_prune import prune  # noqa: E402 - a command of its own module, added to the group here
+
+main.add_command(prune)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -23,6 +23,7 @@ from typing import Any
 
 import dill
 
+from . import objects as large
 from .errors import SerializationError
 
 __all__ = ["WorkflowData", "transient"]
@@ -134,8 +135,11 @@ def decode_value(blob: bytes) -> Any:
     return pickle.loads(blob)
 
 
-def encode_fields(obj: Any, *, where: str) -> dict[str, bytes]:
-    """Encode every travelling field, checking each round-trips; names the field that does not."""
+def encode_fields(obj: Any, *, where: str, objects: large.ObjectStore | None = None) -> dict[str, bytes]:
+    """Encode every travelling field, checking each round-trips; names the field that does not.
+
+    With ``objects``, a field over its limit is written there and referenced (``objects.py``).
+    """
     try:
         attrs = vars(obj)
     except TypeError:
@@ -148,7 +152,13 @@ def encode_fields(obj: Any, *, where: str) -> dict[str, bytes]:
         if name in skip:
             continue
         try:
-            blob = encode_value(value)
+            if objects is not None:
+                blob = large.encode_field(value, objects)
+                if large.is_ref(blob):
+                    out[name] = blob  # pickled with buffers and hashed: round-trip checking it would copy it
+                    continue
+            else:
+                blob = encode_value(value)
             decode_value(blob)
         except Exception as exc:  # whatever the failure, it is reported with the field's name
             raise SerializationError(
@@ -160,11 +170,22 @@ def encode_fields(obj: Any, *, where: str) -> dict[str, bytes]:
     return out
 
 
-def build(cls: Any, fields: Mapping[str, bytes]) -> Any:
-    """A fresh data object of ``cls`` from encoded fields, transient fields re-created."""
-    obj = cls.__new__(cls)
+def build(
+    cls: Any, fields: Mapping[str, bytes], objects: large.ObjectStore | None = None, what: str = "", lazy: bool = True
+) -> Any:
+    """A fresh data object of ``cls`` from encoded fields, transient fields re-created.
+
+    Fields held as objects (``objects.py``) load when first read (``lazy``) or
+    at once; ``what`` names the run in errors about their files.
+    """
+    refs = {n: b for n, b in fields.items() if large.is_ref(b)} if objects is not None else {}
+    kind: Any = large.lazy_class(cls, refs, objects, what) if refs and lazy else cls  # type: ignore[arg-type]
+    obj = kind.__new__(kind)
     for name, blob in fields.items():
-        if name != CONTEXT_FIELD:
+        if name in refs:
+            if not lazy:
+                object.__setattr__(obj, name, objects.load(blob, f"{what}, field {name}"))  # type: ignore[union-attr]
+        elif name != CONTEXT_FIELD:
             object.__setattr__(obj, name, pickle.loads(blob))
     for name, factory in transient_fields(cls).items():
         object.__setattr__(obj, name, factory())
@@ -183,15 +204,35 @@ class FieldChange:
     deleted_keys: list[Any] | None = None
 
 
-def diff_fields(obj: Any, before: Mapping[str, bytes], context: dict[str, Any] | None) -> dict[str, FieldChange]:
-    """The fields of ``obj`` (and the context values) whose encoding differs from ``before``."""
+def diff_fields(
+    obj: Any,
+    before: Mapping[str, bytes],
+    context: dict[str, Any] | None,
+    objects: large.ObjectStore | None = None,
+    what: str = "",
+) -> dict[str, FieldChange]:
+    """The fields of ``obj`` (and the context values) whose encoding differs from ``before``.
+
+    With ``objects``, a large field the step never read is not in ``vars(obj)``
+    (``objects.lazy_class``): unchanged at no cost; one it read is compared
+    with its file, and a new large value is written there (``objects.py``).
+    """
     changes: dict[str, FieldChange] = {}
-    values = {k: v for k, v in vars(obj).items() if k not in transient_fields(type(obj))}
+    values = {k: v for k, v in vars(obj).items() if k not in transient_fields(large.user_class(obj))}
     if context is not None:
         values[CONTEXT_FIELD] = context
     for name, value in values.items():
         old_blob = before.get(name)
-        blob = encode_value(value)
+        if objects is None or name == CONTEXT_FIELD:
+            blob = encode_value(value)
+        elif large.is_ref(old_blob):
+            assert old_blob is not None
+            new = large.diff_large(value, old_blob, objects, f"{what}, field {name}")
+            if new is not None:
+                changes[name] = FieldChange(new)
+            continue
+        else:
+            blob = large.encode_field(value, objects)
         if blob == old_blob:
             continue
         # The context starts empty and merges key-wise; other new fields are whole writes.
@@ -200,7 +241,7 @@ def diff_fields(obj: Any, before: Mapping[str, bytes], context: dict[str, Any] |
         if old is not _ABSENT and _same(old, value):
             continue  # same value, different bytes (e.g. a set's order)
         change = FieldChange(blob)
-        if isinstance(value, dict) and isinstance(old, dict):
+        if isinstance(value, dict) and isinstance(old, dict) and not large.is_ref(blob):
             change.set_keys = {}
             for k, v in value.items():
                 if k not in old or not _same(old[k], v):

@@ -35,6 +35,7 @@ from .errors import (
     WorkflowError,
 )
 from .events import EventBus
+from .objects import INLINE_LIMIT, ObjectStore
 from .pool import Backend, Pool, WorkerPool
 from .rundata import RunData
 from .runs import Compiled, Run, encode_bodies
@@ -92,7 +93,10 @@ class WorkflowEngine:
     handle it). ``clock`` replaces real time
     for the engine's timers (see :mod:`wfaas.testing`). ``backend`` sends
     steps elsewhere, e.g. ``DaskBackend("tcp://host:8786")`` (then
-    ``max_workers`` defaults to the cluster's threads). Use it as a context
+    ``max_workers`` defaults to the cluster's threads). A data field whose
+    encoding is over ``inline_limit`` bytes is kept in a file by content hash
+    beside the store and loaded by a step only when it reads it (README
+    "Large values"). Use it as a context
     manager: on exit it waits for running workflows; on an exception
     (including Ctrl-C) it cancels them.
 
@@ -122,9 +126,12 @@ class WorkflowEngine:
         start_method: str = "forkserver",
         cancel_signal: int | None = None,
         backend: Backend | None = None,
+        inline_limit: int = INLINE_LIMIT,
     ) -> None:
         _malloc.tune()  # a long-lived engine must not keep every run's freed buffers (see _malloc.py)
         self.store: StateStore = store if store is not None else InMemoryStore()
+        # Fields whose encoding is over inline_limit go to files by content hash (objects.py).
+        self._objects = self.store.objects.limited(inline_limit) if self.store.objects is not None else None
         self.event_bus = EventBus()
         self.clock: Clock = clock or SystemClock()
         self.grace_period = float(grace_period)
@@ -151,7 +158,10 @@ class WorkflowEngine:
         self.max_workers = len(self._pool.slots)
         self._scheduler = Scheduler(self._pool, self.store, self.event_bus, self.clock, self.grace_period, self._owner)
         self._scheduler.start()
-        self._finalizer = weakref.finalize(self, _close, self._scheduler, self._pool, self.event_bus, self.grace_period)
+        own = self.store.objects if store is None else None  # the engine's own store: its temporary folder
+        self._finalizer = weakref.finalize(
+            self, _close, self._scheduler, self._pool, self.event_bus, self.grace_period, own
+        )
         _signals.attach(self)
 
     @classmethod
@@ -203,10 +213,11 @@ class WorkflowEngine:
                 f"start_workflow({workflow_id!r}): data must be a {data_type.__name__}, got {type(data).__name__}"
             )
         where = f"start_workflow({workflow_id!r})"
-        fields = data_codec.encode_fields(data, where=where)
+        fields = data_codec.encode_fields(data, where=where, objects=self._objects)
         cls_blob = self._class_blob(type(data))
         iid = uuid.uuid4().hex
-        run = Run(iid, compiled, type(data), cls_blob, RunData(fields), created_at=self.clock.now())
+        rundata = RunData(fields, objects=self._objects)
+        run = Run(iid, compiled, type(data), cls_blob, rundata, created_at=self.clock.now())
         run.data.dirty_fields.update(fields)
         run.extra = {"class": cls_blob, "fingerprint": compiled.fingerprint, "origin": self.origin}
         result: str = self._call(self._scheduler.start_run, run, None, set())
@@ -349,7 +360,8 @@ class WorkflowEngine:
                 f"the record of run {instance_id} in the wfaas store {where} is damaged ({type(exc).__name__}: "
                 f"{exc}); it cannot be resumed, other runs are not affected: restore the store from a backup"
             ) from exc
-        run = Run(instance_id, compiled, cls, record.extra["class"], RunData(fields), created_at=meta["created_at"])
+        rundata = RunData(fields, objects=self._objects)
+        run = Run(instance_id, compiled, cls, record.extra["class"], rundata, created_at=meta["created_at"])
         run.status = status
         run.extra = {"fingerprint": compiled.fingerprint}
         steps = {sid: rec for sid, rec in record.steps.items() if sid in compiled.index}
@@ -504,13 +516,15 @@ def _wait(event: threading.Event, seconds: float | None) -> bool:
             return False
 
 
-def _close(scheduler: Scheduler, pool: Pool, bus: EventBus, grace: float) -> None:
+def _close(scheduler: Scheduler, pool: Pool, bus: EventBus, grace: float, objects: ObjectStore | None) -> None:
     try:
         scheduler.stop()
     finally:
         pool.close(grace)
         bus.flush(5.0)
         bus.close()
+        if objects is not None:
+            objects.close()
 
 
 def _downstream(compiled: Compiled, steps: list[str], instance_id: str) -> set[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import data as data_codec
+from . import objects as large
 from .store import TOMBSTONE
 
 
@@ -24,6 +25,7 @@ class Snapshot:
     key: tuple[str, int]
     fields: dict[str, bytes]
     _blob: bytes | None = None
+    objects: tuple[str, bool, int] | None = None  # where large fields are (``objects.py``), for the worker
 
     @property
     def version(self) -> int:
@@ -32,7 +34,8 @@ class Snapshot:
     @property
     def blob(self) -> bytes:
         if self._blob is None:
-            self._blob = pickle.dumps(self.fields, protocol=5)
+            fields = self.fields if self.objects is None else {**self.fields, large.OBJECTS_FIELD: self.objects}
+            self._blob = pickle.dumps(fields, protocol=5)
         return self._blob
 
 
@@ -67,6 +70,7 @@ class RunData:
     # each would otherwise cost O(keys) per step.
     live_dicts: dict[str, dict[Any, Any]] = field(default_factory=dict)
     stale_fields: set[str] = field(default_factory=set)
+    objects: large.ObjectStore | None = None  # where fields over its limit go (``objects.py``)
     # Changed since the last checkpoint: fields written whole, and dict keys written one by one
     # (O(keys changed), not O(dict)).
     dirty_fields: set[str] = field(default_factory=set)
@@ -100,14 +104,15 @@ class RunData:
         """The fields at the current version, as steps starting now will see them."""
         self.sync()
         if self.snap is None or self.snap.version != self.version:
-            self.snap = Snapshot((iid, self.version), dict(self.fields))
+            cfg = self.objects.config if self.objects is not None else None
+            self.snap = Snapshot((iid, self.version), dict(self.fields), objects=cfg)
         return self.snap
 
     def build(self, cls: type) -> Any:
         """A live data object at the current version (for run_if); built at most once per version."""
         self.sync()
         if self.live is None or self.live[0] != self.version:
-            self.live = (self.version, data_codec.build(cls, self.fields))
+            self.live = (self.version, data_codec.build(cls, self.fields, self.objects, "run_if"))
         return self.live[1]
 
     def merge(self, step_id: str, base: int, changes: dict[str, data_codec.FieldChange]) -> Conflict | None:
@@ -164,6 +169,9 @@ class RunData:
                 self.field_key_marks[name] = mark
                 self.stale_fields.add(name)
             else:
+                if self.objects is not None and len(change.blob) > self.objects.limit:
+                    # From a worker that could not write it (a Dask worker elsewhere): written here, once.
+                    change.blob = self.objects.put([memoryview(change.blob)])
                 self.fields[name] = change.blob
                 self.live_dicts.pop(name, None)
                 self.stale_fields.discard(name)

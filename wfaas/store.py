@@ -21,13 +21,17 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import data as data_codec
 from .capture import AttemptLog
 from .errors import NotFound, StoreError
+from .objects import ObjectStore
 from .states import StepState, WorkflowState, WorkflowStatus
 from .steps import WorkflowContext
+
+if TYPE_CHECKING:
+    from .prune import PruneResult
 
 __all__ = ["Checkpoint", "InMemoryStore", "Record", "StateStore"]
 
@@ -147,6 +151,21 @@ class StateStore(abc.ABC):
     def close(self) -> None:
         """Release files and threads."""
 
+    objects: ObjectStore | None = None
+    """Where fields over the engine's ``inline_limit`` are kept (``objects.py``); None: in the records."""
+
+    def prune(
+        self, older_than: float | timedelta | None = None, status: Iterable[str] | None = None, *, grace: float = 60.0
+    ) -> PruneResult:
+        """Remove finished runs (ended ``older_than`` ago, with a ``status`` among these), then every object
+        no remaining run references, and compact the store; see ``prune.py`` for what is never touched."""
+        from .prune import prune
+
+        return prune(self, older_than, status, grace=grace)
+
+    def compact(self) -> None:
+        """Give the space of removed runs back to the filesystem (SQLite: VACUUM); a no-op here."""
+
     # -- the seed's API, for every store ------------------------------------
 
     def save(self, state: WorkflowState[Any]) -> None:
@@ -158,7 +177,7 @@ class StateStore(abc.ABC):
         record = self.read(instance_id)
         if record is None:
             raise NotFound(instance_id, f" in {self!r}")
-        return record_to_state(instance_id, record)
+        return record_to_state(instance_id, record, objects=self.objects)
 
     def update(self, instance_id: str, fn: Callable[[WorkflowState[Any]], None]) -> None:
         """Load, apply ``fn`` to the state, save. Not for instances a running engine owns."""
@@ -200,6 +219,10 @@ class StateStore(abc.ABC):
             meta = self._meta_or_skip(iid)
             if meta and WorkflowStatus(meta["status"]).is_terminal and meta["updated_at"] < cutoff:
                 removed += self.remove(iid)
+        if removed and self.objects is not None:
+            from .prune import sweep_objects
+
+            sweep_objects(self)
         return removed
 
     def get_context(self, instance_id: str) -> WorkflowContext[Any]:
@@ -236,7 +259,7 @@ class StateStore(abc.ABC):
             try:
                 record = self.read(iid)
                 if record is not None:
-                    states.append(record_to_state(iid, record))
+                    states.append(record_to_state(iid, record, objects=self.objects))
             except StoreError as exc:
                 log.warning("skipping run %s: %s", iid, exc)
         states.sort(key=lambda s: s.created_at or datetime.min.replace(tzinfo=UTC), reverse=True)
@@ -255,8 +278,13 @@ def data_class(record: Record) -> type:
     return cls
 
 
-def record_to_state(instance_id: str, record: Record, *, decode_data: bool = True) -> WorkflowState[Any]:
-    """Decode a record into the public :class:`WorkflowState` (``decode_data=False``: data is None)."""
+def record_to_state(
+    instance_id: str, record: Record, *, decode_data: bool = True, objects: ObjectStore | None = None
+) -> WorkflowState[Any]:
+    """Decode a record into the public :class:`WorkflowState` (``decode_data=False``: data is None).
+
+    Large fields are loaded from ``objects``; without it they show as their ``ObjectRef``.
+    """
     meta = record.meta
     try:
         fields = record.resolved_fields()
@@ -276,7 +304,9 @@ def record_to_state(instance_id: str, record: Record, *, decode_data: bool = Tru
         instance_id=instance_id,
         workflow_id=meta["workflow_id"],
         status=status,
-        data=data_codec.build(data_class(record), fields) if decode_data else None,
+        data=data_codec.build(data_class(record), fields, objects, f"run {instance_id}", lazy=False)
+        if decode_data
+        else None,
         step_states={sid: StepState.from_record(rec) for sid, rec in steps},
         error=meta.get("error"),
         failed_step=meta.get("failed_step"),
@@ -319,6 +349,7 @@ class InMemoryStore(StateStore):
         self._records: dict[str, Record] = {}
         self._logs: dict[str, dict[tuple[str, int, str], AttemptLog]] = {}
         self._lock = threading.Lock()
+        self.objects = ObjectStore.temporary()
 
     def write(self, checkpoints: list[Checkpoint]) -> None:
         with self._lock:
@@ -361,6 +392,11 @@ class InMemoryStore(StateStore):
         with self._lock:
             self._logs.pop(instance_id, None)
             return self._records.pop(instance_id, None) is not None
+
+    def close(self) -> None:
+        """Remove the temporary folder of its large values."""
+        assert self.objects is not None
+        self.objects.close()
 
     def __repr__(self) -> str:
         return "InMemoryStore()"

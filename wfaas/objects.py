@@ -1,0 +1,455 @@
+"""Large values: fields over ``inline_limit`` live in files named by their content hash, not in the store.
+
+Where a field goes, and who pays what (API.md §14)::
+
+    engine (start) / worker (a step replaced the field)
+        --encode_field--> encoding over the limit? --ObjectStore.put--> <root>/<sha256 hex>
+                          the checkpoint holds a reference blob (a pickled ObjectRef, ~120 bytes)
+    worker --build(lazy=...)--> ctx.data: unread large fields are _Lazy descriptors on a subclass
+        first read of ctx.data.frame --ObjectStore.load--> the value (out-of-band buffers memory-mapped)
+    worker --diff_large--> a field read but not changed: compared with its file, not hashed, not written
+
+``root`` is ``<store file>.objects/`` for a ``SqliteStore`` and a private
+temporary folder (removed at close) for an ``InMemoryStore``. A file is
+written once per content: under a shared ``flock`` on ``root/.lock``, an
+existing file is touched instead of written again, a new one is written to a
+temporary name, fsynced when the store's ``synchronous`` asks for it,
+renamed, and the folder fsynced. A step replies only after that, so the
+checkpoint that references an object commits after the object is complete;
+a ``kill -9`` at any moment leaves at worst an unreferenced file or a
+``.tmp-*`` file, which ``prune`` removes (``prune.py``).
+
+File layout: ``MAGIC``, the number of sections and each one's length
+(little-endian u64), then the sections, each starting on a 64-byte boundary:
+the pickle itself, then its protocol-5 out-of-band buffers (numpy arrays'
+data), which load as slices of a private (copy-on-write) memory map: no read,
+no copy, and the value stays writable. The hash covers the header and the
+sections; a worker verifies a file once (``_verified``, bounded) before its
+first use, so a damaged file is one clear :class:`ObjectError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import hashlib
+import mmap
+import os
+import pickle
+import shutil
+import struct
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import StoreError
+
+__all__ = ["INLINE_LIMIT", "ObjectError", "ObjectRef", "ObjectStore"]
+
+INLINE_LIMIT = 1 << 20
+"""Fields whose encoding is larger go to an object file (``WorkflowEngine(inline_limit=...)``)."""
+
+OBJECTS_FIELD = "__wfaas_objects__"
+"""The snapshot entry that tells a worker where the objects are (``ObjectStore.config``); never a data field."""
+
+MAGIC = b"WFAASOB1"
+_ALIGN = 64
+_CHUNK = 1 << 20
+_VERIFIED_KEPT = 256
+_PLAIN = (bytes, str, bytearray)
+
+
+class ObjectError(StoreError):
+    """Raised when a large value's file is missing or damaged; names the run, the field and the file."""
+
+
+class ObjectRef:
+    """What a checkpoint holds for a large field: the content hash of its file and its size in bytes."""
+
+    __slots__ = ("digest", "size")
+
+    def __init__(self, digest: str, size: int) -> None:
+        self.digest = digest
+        self.size = size
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ObjectRef, (self.digest, self.size))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectRef) and other.digest == self.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __repr__(self) -> str:
+        return f"ObjectRef({self.digest[:12]}..., {self.size} bytes)"
+
+
+def ref_blob(digest: str, size: int) -> bytes:
+    # Protocol 2, not 5: the blob then starts with a fixed prefix (no frame header) that no
+    # field encoded by data.py (protocol 5) can start with, so is_ref is one comparison.
+    return pickle.dumps(ObjectRef(digest, size), protocol=2)
+
+
+_PREFIX = b"\x80\x02cwfaas.objects\nObjectRef\n"
+
+
+def is_ref(blob: bytes | None) -> bool:
+    """Whether an encoded field is a reference to an object file."""
+    return blob is not None and blob[: len(_PREFIX)] == _PREFIX
+
+
+def ref_of(blob: bytes) -> ObjectRef:
+    ref = pickle.loads(blob)
+    assert isinstance(ref, ObjectRef)
+    return ref
+
+
+def digests_in(blobs: Any) -> set[str]:
+    """The object digests the encoded fields ``blobs`` reference."""
+    return {ref_of(b).digest for b in blobs if is_ref(b)}
+
+
+class _Root:
+    """The folder, shared by every view of one store; a temporary one is made on first need."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self.temporary = path is None
+        self._lock = threading.Lock()
+        self._finalizer: Any = None
+
+    def get(self) -> Path:
+        with self._lock:
+            if self._path is None:
+                self._path = Path(tempfile.mkdtemp(prefix="wfaas-objects-"))
+                self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._path), True)
+            return self._path
+
+    @property
+    def made(self) -> Path | None:
+        return self._path
+
+    def remove(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+class ObjectStore:
+    """Object files by content hash in one folder: write once, verify, load (memory-mapped), delete.
+
+    ``fsync``: files and the folder are fsynced before a reference to them
+    may commit (the store's ``synchronous`` is FULL or EXTRA); without it a
+    file is complete on disk for every process once ``put`` returns, which
+    survives a ``kill -9`` but not a power cut.
+    """
+
+    def __init__(self, root: Path | None, *, fsync: bool = False, limit: int = INLINE_LIMIT) -> None:
+        self._root = _Root(root)
+        self.fsync = fsync
+        self.limit = limit
+
+    @classmethod
+    def temporary(cls) -> ObjectStore:
+        """A private temporary folder, made on first need and removed by :meth:`close` (or at exit)."""
+        return cls(None)
+
+    def limited(self, limit: int) -> ObjectStore:
+        """The same folder with another ``inline_limit`` (each engine has its own)."""
+        view = ObjectStore.__new__(ObjectStore)
+        view._root, view.fsync, view.limit = self._root, self.fsync, int(limit)
+        return view
+
+    @property
+    def root(self) -> Path:
+        return self._root.get()
+
+    @property
+    def config(self) -> tuple[str, bool, int]:
+        """What a worker needs to read and write these objects (sent with the data snapshot)."""
+        return (str(self.root), self.fsync, self.limit)
+
+    @classmethod
+    def from_config(cls, config: tuple[str, bool, int]) -> ObjectStore:
+        store = _by_config.get(config)
+        if store is None:
+            store = _by_config[config] = cls(Path(config[0]), fsync=config[1], limit=config[2])
+        return store
+
+    def path_of(self, digest: str) -> Path:
+        return self.root / digest
+
+    def close(self) -> None:
+        """Remove a temporary folder (a store's folder stays)."""
+        if self._root.temporary:
+            self._root.remove()
+
+    # -- writing -----------------------------------------------------------------
+
+    def put(self, sections: list[memoryview]) -> bytes:
+        """Write the sections as one object (once per content); its reference blob."""
+        header = MAGIC + struct.pack(f"<{len(sections) + 1}Q", len(sections), *(s.nbytes for s in sections))
+        h = hashlib.sha256(header)
+        for s in sections:
+            h.update(s)
+        digest = h.hexdigest()
+        size = sum(s.nbytes for s in sections)
+        root = self.root
+        root.mkdir(mode=0o700, exist_ok=True)
+        path = root / digest
+        with self._locked(fcntl.LOCK_SH):
+            try:
+                os.utime(path)  # already there: one copy per content; the touch keeps prune off it
+            except FileNotFoundError:
+                self._write(path, header, sections)
+        _verified[digest] = _identity(path)
+        _trim(_verified, _VERIFIED_KEPT)
+        return ref_blob(digest, size)
+
+    def _write(self, path: Path, header: bytes, sections: list[memoryview]) -> None:
+        tmp = path.with_name(f".tmp-{path.name[:16]}-{os.getpid()}-{threading.get_ident()}")
+        with open(tmp, "wb") as f:
+            f.write(header)
+            pos = len(header)
+            for s in sections:
+                pad = -pos % _ALIGN
+                f.write(b"\0" * pad)
+                f.write(s)
+                pos += pad + s.nbytes
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if self.fsync:
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    @contextmanager
+    def _locked(self, how: int) -> Iterator[None]:
+        """``put`` holds it shared; ``prune`` exclusive while it deletes, so no touched file goes."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, how)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- reading -----------------------------------------------------------------
+
+    def load(self, blob: bytes, what: str) -> Any:
+        """The value a reference blob names; ``what`` ("run X, field Y") is for the error."""
+        ref = ref_of(blob)
+        view, sections = self._open(ref, what)
+        try:
+            return pickle.loads(sections[0], buffers=sections[1:])
+        except Exception as exc:  # a file that verified but does not decode: damaged all the same
+            raise self._damaged(ref, what, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            del view
+
+    def same(self, blob: bytes, sections: list[memoryview], what: str) -> bool:
+        """Whether the object ``blob`` references holds exactly these sections (compared, not hashed)."""
+        ref = ref_of(blob)
+        if sum(s.nbytes for s in sections) != ref.size:
+            return False
+        _, old = self._open(ref, what, access=mmap.ACCESS_READ)
+        if [s.nbytes for s in old] != [s.nbytes for s in sections]:
+            return False
+        for a, b in zip(old, sections, strict=True):
+            for i in range(0, a.nbytes, _CHUNK):
+                if bytes(a[i : i + _CHUNK]) != bytes(b[i : i + _CHUNK]):
+                    return False
+        return True
+
+    def _open(self, ref: ObjectRef, what: str, access: int = mmap.ACCESS_COPY) -> tuple[Any, list[memoryview]]:
+        path = self.path_of(ref.digest)
+        try:
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=access)
+        except FileNotFoundError:
+            raise ObjectError(
+                f"{what}: its value's file {path} is missing; restore it from a backup, or run the workflow "
+                "again (`wfaas-local prune` removes finished runs)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise self._damaged(ref, what, f"{type(exc).__name__}: {exc}") from exc
+        view = memoryview(mm)
+        sections = self._sections(ref, view, what)
+        identity = _identity(path)
+        if _verified.get(ref.digest) != identity:
+            h = hashlib.sha256(view[: 8 + 8 * (len(sections) + 1)])
+            for s in sections:
+                h.update(s)
+            if h.hexdigest() != ref.digest:
+                raise self._damaged(ref, what, "its content does not match its hash")
+            _verified[ref.digest] = identity
+            _trim(_verified, _VERIFIED_KEPT)
+        return view, sections
+
+    def _sections(self, ref: ObjectRef, view: memoryview, what: str) -> list[memoryview]:
+        try:
+            if bytes(view[:8]) != MAGIC:
+                raise ValueError("not an object file")
+            (count,) = struct.unpack_from("<Q", view, 8)
+            if count > 1 << 16:
+                raise ValueError(f"{count} sections")
+            lengths = struct.unpack_from(f"<{count}Q", view, 16)
+            pos, out = 16 + 8 * count, []
+            for n in lengths:
+                pos += -pos % _ALIGN
+                if pos + n > view.nbytes:
+                    raise ValueError(f"truncated: {view.nbytes} bytes")
+                out.append(view[pos : pos + n])
+                pos += n
+        except (ValueError, struct.error) as exc:
+            raise self._damaged(ref, what, str(exc)) from exc
+        return out
+
+    def _damaged(self, ref: ObjectRef, what: str, detail: str) -> ObjectError:
+        return ObjectError(
+            f"{what}: its value's file {self.path_of(ref.digest)} is damaged ({detail}); restore it from a "
+            "backup, or run the workflow again (`wfaas-local prune` removes finished runs)"
+        )
+
+    # -- deleting (prune.py decides what) ------------------------------------------
+
+    def files(self) -> Iterator[os.DirEntry[str]]:
+        """Object files and leftover temporary files (never the lock file)."""
+        root = self._root.made if self._root.temporary else self.root
+        if root is None or not root.is_dir():
+            return
+        with os.scandir(root) as it:
+            for entry in it:
+                if entry.name != ".lock" and entry.is_file(follow_symlinks=False):
+                    yield entry
+
+    def sweep(self, keep: set[str], before: float) -> tuple[int, int]:
+        """Delete files not in ``keep`` last touched before ``before`` (a time.time()); (files, bytes) freed."""
+        root = self._root.made if self._root.temporary else self.root
+        if root is None or not root.is_dir():
+            return 0, 0
+        removed = freed = 0
+        with self._locked(fcntl.LOCK_EX):
+            for entry in list(self.files()):
+                if entry.name in keep:
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if st.st_mtime >= before:
+                    continue
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                removed, freed = removed + 1, freed + st.st_size
+        return removed, freed
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({str(self._root.made)!r})"
+
+
+_by_config: dict[tuple[str, bool, int], ObjectStore] = {}
+# Objects this process verified (or wrote), by digest -> the file's identity then: a warm worker
+# checks each file once, not at every load; a replaced or touched-up file is checked again.
+_verified: collections.OrderedDict[str, tuple[int, int, int]] = collections.OrderedDict()
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, int(st.st_ctime_ns))
+
+
+def _trim(cache: collections.OrderedDict[Any, Any], kept: int) -> None:
+    while len(cache) > kept:
+        cache.popitem(last=False)
+
+
+# -- encoding a field -------------------------------------------------------------
+
+
+def encode_parts(value: Any) -> list[memoryview]:
+    """The value as sections: its protocol-5 pickle, then its out-of-band buffers (zero-copy)."""
+    from .data import dill_dumps
+
+    buffers: list[pickle.PickleBuffer] = []
+    if type(value) in _PLAIN:
+        return [memoryview(pickle.dumps(value, protocol=5))]
+    try:
+        main = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    except Exception:  # noqa: BLE001 - any pickling failure means: let dill try (as data.encode_value)
+        return [memoryview(dill_dumps(value))]
+    if b"__main__" in main:  # pickled by reference to a module a worker cannot import
+        return [memoryview(dill_dumps(value))]
+    return [memoryview(main), *(b.raw() for b in buffers)]
+
+
+def encode_field(value: Any, objects: ObjectStore) -> bytes:
+    """The field's encoding: inline when small, else written as an object and its reference blob."""
+    from .data import encode_value
+
+    parts = encode_parts(value)
+    if sum(p.nbytes for p in parts) <= objects.limit:
+        return bytes(parts[0]) if len(parts) == 1 else encode_value(value)
+    return objects.put(parts)
+
+
+def diff_large(value: Any, old: bytes, objects: ObjectStore, what: str) -> bytes | None:
+    """A read large field after the step: None if unchanged, else its new encoding (written if large)."""
+    parts = encode_parts(value)
+    if objects.same(old, parts, what):
+        return None
+    if sum(p.nbytes for p in parts) <= objects.limit:
+        from .data import encode_value
+
+        return bytes(parts[0]) if len(parts) == 1 else encode_value(value)
+    return objects.put(parts)
+
+
+# -- loading a field on first read -----------------------------------------------
+
+
+class _Lazy:
+    """Stands for an unread large field on the data's class: the first read loads it into the instance."""
+
+    def __init__(self, name: str, blob: bytes, objects: ObjectStore, what: str) -> None:
+        self.name, self.blob, self.objects, self.what = name, blob, objects, what
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = self.objects.load(self.blob, f"{self.what}, field {self.name}")
+        obj.__dict__[self.name] = value  # from now on the instance's own attribute wins
+        if all(n in obj.__dict__ for n in type(obj)._wfaas_lazy):
+            obj.__class__ = type(obj).__mro__[1]  # every large field read: the user's class again
+        return value
+
+
+def lazy_class(cls: type, blobs: dict[str, bytes], objects: ObjectStore, what: str) -> type:
+    """A subclass of ``cls`` whose instances load the fields in ``blobs`` when first read."""
+    attrs: dict[str, Any] = {name: _Lazy(name, blob, objects, what) for name, blob in blobs.items()}
+    attrs.update(
+        _wfaas_lazy=tuple(blobs),
+        __reduce_ex__=_reduce_loaded,
+        __module__=cls.__module__,
+        __qualname__=cls.__qualname__,
+    )
+    return type(cls.__name__, (cls,), attrs)
+
+
+def user_class(obj: Any) -> type:
+    """The data's own class, also while ``obj`` is an instance of its ``lazy_class``."""
+    cls = type(obj)
+    return cls.__mro__[1] if "_wfaas_lazy" in cls.__dict__ else cls
+
+
+def _reduce_loaded(self: Any, protocol: Any) -> Any:
+    # Pickling or copying ctx.data (a step may): as the user's class, every field loaded.
+    for name in type(self)._wfaas_lazy:
+        getattr(self, name)
+    return object.__reduce_ex__(self, protocol)
