@@ -38,6 +38,8 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _dask_remote, _threads, wire
+from . import data as data_codec
+from . import objects as large_values
 from ._worker import format_traceback
 from .pool import Exit, Pool, Slot, Waitable, WorkerPool
 
@@ -334,8 +336,14 @@ class DaskPool:
         # The scheduler always sends the snapshot to a Dask slot (see DaskSlot): it travels as fields.
         assert head.snap is not None
         fields: dict[str, bytes] = pickle.loads(head.snap)
+        # Objects (objects.py) are files on this machine: they go to the cluster encoded, once per content,
+        # and Dask children work without an object store (the engine writes what they send back large).
+        config: Any = fields.pop(large_values.OBJECTS_FIELD, None)
+        refs = {n: b for n, b in fields.items() if large_values.is_ref(b)}
+        large = {n: self._scatter_object(b, config, f"run {head.instance_id}, field {n}") for n, b in refs.items()}
+        fields = {n: b for n, b in fields.items() if n not in refs}
         small = {n: b for n, b in fields.items() if len(b) <= self._backend.large_field_bytes}
-        large = {n: self._scatter(b) for n, b in fields.items() if len(b) > self._backend.large_field_bytes}
+        large |= {n: self._scatter(b) for n, b in fields.items() if len(b) > self._backend.large_field_bytes}
         head = head._replace(snap=None)
         with self._lock:
             if slot.token != token:
@@ -360,9 +368,19 @@ class DaskPool:
             slot.future = future
         future.add_done_callback(lambda f: self._on_done(slot, token, f))
 
-    def _scatter(self, blob: bytes) -> Any:
+    def _scatter_object(self, ref: bytes, config: Any, what: str) -> Any:
+        """A Dask future holding the object ``ref`` names, encoded inline: read and sent once per content."""
+        key = large_values.ref_of(ref).digest.encode()
+        future = self._scattered.get(key)
+        if future is not None and future.status == "finished":
+            self._scattered.move_to_end(key)
+            return future
+        value = large_values.ObjectStore.from_config(config).load(ref, what)
+        return self._scatter(data_codec.encode_value(value), key)
+
+    def _scatter(self, blob: bytes, digest: bytes | None = None) -> Any:
         """A Dask future holding ``blob``: sent to the cluster once, while it stays among the recent ones."""
-        digest = hashlib.blake2b(blob, digest_size=16).digest()
+        digest = digest or hashlib.blake2b(blob, digest_size=16).digest()
         future = self._scattered.get(digest)
         if future is not None and future.status == "finished":
             self._scattered.move_to_end(digest)

@@ -171,21 +171,22 @@ def encode_fields(obj: Any, *, where: str, objects: large.ObjectStore | None = N
 
 
 def build(
-    cls: Any, fields: Mapping[str, bytes], objects: large.ObjectStore | None = None, what: str = "", lazy: bool = True
+    cls: Any,
+    fields: Mapping[str, bytes],
+    objects: large.ObjectStore | None = None,
+    what: str = "",
+    opened: bool = False,
 ) -> Any:
     """A fresh data object of ``cls`` from encoded fields, transient fields re-created.
 
-    Fields held as objects (``objects.py``) load when first read (``lazy``) or
-    at once; ``what`` names the run in errors about their files.
+    Fields held as objects (``objects.py``) load when first read (their files
+    mapped at once if ``opened``); ``what`` names the run in errors about them.
     """
     refs = {n: b for n, b in fields.items() if large.is_ref(b)} if objects is not None else {}
-    kind: Any = large.lazy_class(cls, refs, objects, what) if refs and lazy else cls  # type: ignore[arg-type]
+    kind: Any = large.lazy_class(cls, refs, objects, what, opened) if refs else cls  # type: ignore[arg-type]
     obj = kind.__new__(kind)
     for name, blob in fields.items():
-        if name in refs:
-            if not lazy:
-                object.__setattr__(obj, name, objects.load(blob, f"{what}, field {name}"))  # type: ignore[union-attr]
-        elif name != CONTEXT_FIELD:
+        if name not in refs and name != CONTEXT_FIELD:
             object.__setattr__(obj, name, pickle.loads(blob))
     for name, factory in transient_fields(cls).items():
         object.__setattr__(obj, name, factory())

@@ -66,6 +66,9 @@ _PLAIN = (bytes, str, bytearray)
 class ObjectError(StoreError):
     """Raised when a large value's file is missing or damaged; names the run, the field and the file."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ObjectError, (str(self),))  # from a worker as itself (StoreError's rebuilds a StoreError)
+
 
 class ObjectRef:
     """What a checkpoint holds for a large field: the content hash of its file and its size in bytes."""
@@ -206,7 +209,7 @@ class ObjectStore:
                 os.utime(path)  # already there: one copy per content; the touch keeps prune off it
             except FileNotFoundError:
                 self._write(path, header, sections)
-        _verified[digest] = _identity(path)
+        _verified[digest] = _identity(os.stat(path))
         _trim(_verified, _VERIFIED_KEPT)
         return ref_blob(digest, size)
 
@@ -243,23 +246,22 @@ class ObjectStore:
 
     # -- reading -----------------------------------------------------------------
 
-    def load(self, blob: bytes, what: str) -> Any:
-        """The value a reference blob names; ``what`` ("run X, field Y") is for the error."""
+    def load(self, blob: bytes, what: str, mapped: Any = None) -> Any:
+        """The value a reference blob names (from ``mapped``, if ``open`` mapped it already); ``what``
+        ("run X, field Y") is for the error."""
         ref = ref_of(blob)
-        view, sections = self._open(ref, what)
+        sections = self._check(ref, mapped if mapped is not None else self.open(blob, what), what)
         try:
             return pickle.loads(sections[0], buffers=sections[1:])
         except Exception as exc:  # a file that verified but does not decode: damaged all the same
             raise self._damaged(ref, what, f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            del view
 
     def same(self, blob: bytes, sections: list[memoryview], what: str) -> bool:
         """Whether the object ``blob`` references holds exactly these sections (compared, not hashed)."""
         ref = ref_of(blob)
         if sum(s.nbytes for s in sections) != ref.size:
             return False
-        _, old = self._open(ref, what, access=mmap.ACCESS_READ)
+        old = self._check(ref, self.open(blob, what, mmap.ACCESS_READ), what)
         if [s.nbytes for s in old] != [s.nbytes for s in sections]:
             return False
         for a, b in zip(old, sections, strict=True):
@@ -268,21 +270,29 @@ class ObjectStore:
                     return False
         return True
 
-    def _open(self, ref: ObjectRef, what: str, access: int = mmap.ACCESS_COPY) -> tuple[Any, list[memoryview]]:
-        path = self.path_of(ref.digest)
+    def open(self, blob: bytes, what: str, access: int = mmap.ACCESS_COPY) -> tuple[mmap.mmap, tuple[int, ...]]:
+        """The object's file mapped (private: a value built on it may be changed in place), not yet checked.
+
+        A mapped file stays readable after it is deleted: a state read from a store whose folder
+        goes at close can still load its large fields afterwards.
+        """
+        path = self.path_of(ref_of(blob).digest)
         try:
             with open(path, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=access)
+                return mmap.mmap(f.fileno(), 0, access=access), _identity(os.fstat(f.fileno()))
         except FileNotFoundError:
             raise ObjectError(
                 f"{what}: its value's file {path} is missing; restore it from a backup, or run the workflow "
                 "again (`wfaas-local prune` removes finished runs)"
             ) from None
         except (OSError, ValueError) as exc:
-            raise self._damaged(ref, what, f"{type(exc).__name__}: {exc}") from exc
+            raise self._damaged(ref_of(blob), what, f"{type(exc).__name__}: {exc}") from exc
+
+    def _check(self, ref: ObjectRef, mapped: tuple[mmap.mmap, tuple[int, ...]], what: str) -> list[memoryview]:
+        """The sections of a mapped object, its hash verified unless this process verified that file already."""
+        mm, identity = mapped
         view = memoryview(mm)
         sections = self._sections(ref, view, what)
-        identity = _identity(path)
         if _verified.get(ref.digest) != identity:
             h = hashlib.sha256(view[: 8 + 8 * (len(sections) + 1)])
             for s in sections:
@@ -291,7 +301,7 @@ class ObjectStore:
                 raise self._damaged(ref, what, "its content does not match its hash")
             _verified[ref.digest] = identity
             _trim(_verified, _VERIFIED_KEPT)
-        return view, sections
+        return sections
 
     def _sections(self, ref: ObjectRef, view: memoryview, what: str) -> list[memoryview]:
         try:
@@ -357,12 +367,11 @@ class ObjectStore:
 _by_config: dict[tuple[str, bool, int], ObjectStore] = {}
 # Objects this process verified (or wrote), by digest -> the file's identity then: a warm worker
 # checks each file once, not at every load; a replaced or touched-up file is checked again.
-_verified: collections.OrderedDict[str, tuple[int, int, int]] = collections.OrderedDict()
+_verified: collections.OrderedDict[str, tuple[int, ...]] = collections.OrderedDict()
 
 
-def _identity(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return (st.st_ino, st.st_size, int(st.st_ctime_ns))
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
 
 
 def _trim(cache: collections.OrderedDict[Any, Any], kept: int) -> None:
@@ -417,25 +426,34 @@ def diff_large(value: Any, old: bytes, objects: ObjectStore, what: str) -> bytes
 class _Lazy:
     """Stands for an unread large field on the data's class: the first read loads it into the instance."""
 
-    def __init__(self, name: str, blob: bytes, objects: ObjectStore, what: str) -> None:
-        self.name, self.blob, self.objects, self.what = name, blob, objects, what
+    def __init__(self, name: str, blob: bytes, objects: ObjectStore, what: str, mapped: Any) -> None:
+        self.name, self.blob, self.objects, self.what, self.mapped = name, blob, objects, what, mapped
 
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         if obj is None:
             return self
-        value = self.objects.load(self.blob, f"{self.what}, field {self.name}")
+        value = self.objects.load(self.blob, f"{self.what}, field {self.name}", self.mapped)
+        self.mapped = None
         obj.__dict__[self.name] = value  # from now on the instance's own attribute wins
         if all(n in obj.__dict__ for n in type(obj)._wfaas_lazy):
             obj.__class__ = type(obj).__mro__[1]  # every large field read: the user's class again
         return value
 
 
-def lazy_class(cls: type, blobs: dict[str, bytes], objects: ObjectStore, what: str) -> type:
-    """A subclass of ``cls`` whose instances load the fields in ``blobs`` when first read."""
-    attrs: dict[str, Any] = {name: _Lazy(name, blob, objects, what) for name, blob in blobs.items()}
+def lazy_class(cls: type, blobs: dict[str, bytes], objects: ObjectStore, what: str, opened: bool = False) -> type:
+    """A subclass of ``cls`` whose instances load the fields in ``blobs`` when first read.
+
+    ``opened``: each field's file is mapped now (a missing one raises now), so that reading it later
+    works even if the folder is gone by then (a state that outlives its engine's temporary store).
+    """
+    attrs: dict[str, Any] = {
+        name: _Lazy(name, blob, objects, what, objects.open(blob, f"{what}, field {name}") if opened else None)
+        for name, blob in blobs.items()
+    }
     attrs.update(
         _wfaas_lazy=tuple(blobs),
         __reduce_ex__=_reduce_loaded,
+        __eq__=_eq_loaded,
         __module__=cls.__module__,
         __qualname__=cls.__qualname__,
     )
@@ -448,8 +466,20 @@ def user_class(obj: Any) -> type:
     return cls.__mro__[1] if "_wfaas_lazy" in cls.__dict__ else cls
 
 
-def _reduce_loaded(self: Any, protocol: Any) -> Any:
-    # Pickling or copying ctx.data (a step may): as the user's class, every field loaded.
+def _load_all(self: Any) -> None:
     for name in type(self)._wfaas_lazy:
-        getattr(self, name)
-    return object.__reduce_ex__(self, protocol)
+        getattr(self, name)  # the last one turns self back into the user's class
+
+
+def _reduce_loaded(self: Any, protocol: Any) -> Any:
+    # Pickling or copying the data (a step, or a caller of get_status, may): as the user's class, all loaded.
+    _load_all(self)
+    return self.__reduce_ex__(protocol)
+
+
+def _eq_loaded(self: Any, other: Any) -> Any:
+    # A dataclass's __eq__ wants both of exactly one class: compare as the user's class, all loaded.
+    _load_all(self)
+    if type(other).__dict__.get("_wfaas_lazy"):
+        _load_all(other)
+    return self == other

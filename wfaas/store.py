@@ -283,7 +283,7 @@ def record_to_state(
 ) -> WorkflowState[Any]:
     """Decode a record into the public :class:`WorkflowState` (``decode_data=False``: data is None).
 
-    Large fields are loaded from ``objects``; without it they show as their ``ObjectRef``.
+    Large fields load from ``objects`` when first read; without it they show as their ``ObjectRef``.
     """
     meta = record.meta
     try:
@@ -304,7 +304,7 @@ def record_to_state(
         instance_id=instance_id,
         workflow_id=meta["workflow_id"],
         status=status,
-        data=data_codec.build(data_class(record), fields, objects, f"run {instance_id}", lazy=False)
+        data=data_codec.build(data_class(record), fields, objects, f"run {instance_id}", opened=True)
         if decode_data
         else None,
         step_states={sid: StepState.from_record(rec) for sid, rec in steps},
