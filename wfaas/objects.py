@@ -31,6 +31,7 @@ first use, so a damaged file is one clear :class:`ObjectError`.
 from __future__ import annotations
 
 import collections
+import ctypes
 import fcntl
 import hashlib
 import mmap
@@ -261,14 +262,10 @@ class ObjectStore:
         ref = ref_of(blob)
         if sum(s.nbytes for s in sections) != ref.size:
             return False
-        old = self._check(ref, self.open(blob, what, mmap.ACCESS_READ), what)
+        old = self._check(ref, self.open(blob, what), what)
         if [s.nbytes for s in old] != [s.nbytes for s in sections]:
             return False
-        for a, b in zip(old, sections, strict=True):
-            for i in range(0, a.nbytes, _CHUNK):
-                if bytes(a[i : i + _CHUNK]) != bytes(b[i : i + _CHUNK]):
-                    return False
-        return True
+        return all(_equal(a, b) for a, b in zip(old, sections, strict=True))
 
     def open(self, blob: bytes, what: str, access: int = mmap.ACCESS_COPY) -> tuple[mmap.mmap, tuple[int, ...]]:
         """The object's file mapped (private: a value built on it may be changed in place), not yet checked.
@@ -377,6 +374,33 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
 def _trim(cache: collections.OrderedDict[Any, Any], kept: int) -> None:
     while len(cache) > kept:
         cache.popitem(last=False)
+
+
+_memcmp = ctypes.CDLL(None).memcmp
+_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_memcmp.restype = ctypes.c_int
+
+
+def _address(view: memoryview) -> tuple[Any, int] | None:
+    """A C pointer to a contiguous buffer's bytes (and what keeps it alive), without copying them."""
+    if view.readonly:
+        if isinstance(view.obj, bytes) and view.nbytes == len(view.obj):
+            pointer = ctypes.c_char_p(view.obj)
+            return pointer, ctypes.cast(pointer, ctypes.c_void_p).value or 0
+        return None
+    holder = ctypes.c_char.from_buffer(view)
+    return holder, ctypes.addressof(holder)
+
+
+def _equal(a: memoryview, b: memoryview) -> bool:
+    """Byte-wise equality of two buffers of one size: memcmp where both expose their memory (the
+    change check of a 200 MB array costs a few tens of ms, not the ~0.7 s of Python slices)."""
+    if a.nbytes == 0:
+        return True
+    pa, pb = _address(a), _address(b)
+    if pa is not None and pb is not None:
+        return bool(_memcmp(pa[1], pb[1], a.nbytes) == 0)
+    return all(bytes(a[i : i + _CHUNK]) == bytes(b[i : i + _CHUNK]) for i in range(0, a.nbytes, _CHUNK))
 
 
 # -- encoding a field -------------------------------------------------------------
