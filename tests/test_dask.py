@@ -36,6 +36,7 @@ from wfaas import (  # noqa: E402 - only once distributed is known to be there
     events,
 )
 from wfaas.dask_backend import check_versions  # noqa: E402
+from wfaas.objects import is_ref  # noqa: E402
 
 from conftest import Data, alive, wait_for_text, wait_until, write_atomic  # noqa: E402
 
@@ -119,6 +120,29 @@ def test_large_fields_reach_every_step(dengine: WorkflowEngine) -> None:
     dengine.wait_for_completion(iid, timeout=60)
     items = dengine.get_status(iid).data.items
     assert items == {s: (len(big), ord("!")) for s in [*(f"fan{i}" for i in range(4)), "after"]}
+
+
+def _grow_big(ctx: Any) -> None:
+    ctx.data.value = ctx.data.value + b"?"
+
+
+def test_large_values_go_to_the_cluster_as_objects_and_come_back_as_objects(dengine: WorkflowEngine) -> None:
+    """A field the engine holds as an object (objects.py) reaches Dask steps; one a Dask step writes is
+    written to the engine's object folder (not into the store's records)."""
+    wf = WorkflowDefinition("grow_big", "grow_big", data_type=Data)
+    wf.add_step(StepDefinition("grow", "grow", _grow_big))
+    wf.add_step(StepDefinition("read", "read", _read_big).depends_on(["grow"]))
+    dengine.register_workflow(wf)
+    big = b"y" * (3 * 2**20)
+    iid = dengine.start_workflow("grow_big", Data(value=big))
+    dengine.wait_for_completion(iid, timeout=60)
+    state = dengine.get_status(iid)
+    assert state.data.items == {"read": (len(big) + 1, ord("?"))}
+    record = dengine.store.read(iid)
+    assert record is not None and is_ref(record.fields["value"])
+    objects = dengine.store.objects
+    assert objects is not None
+    assert len([p for p in objects.root.iterdir() if not p.name.startswith(".")]) == 2  # before and after
 
 
 # -- faults --------------------------------------------------------------------------
