@@ -55,6 +55,8 @@ from .events import (
     WorkflowFailed,
     WorkflowStarted,
 )
+from .objects import ObjectError
+from .prune import PruneResult
 from .states import Attempt, StepState, StepStatus, WorkflowState, WorkflowStatus
 from .steps import FunctionStep, StepExecutor, StepResult, WorkflowContext
 from .store import InMemoryStore, StateStore
@@ -103,6 +105,8 @@ __all__ = [
     "Linear",
     "LoggingSubscriber",
     "NotFound",
+    "ObjectError",
+    "PruneResult",
     "RetryPolicy",
     "SerializationError",
     "ShuttingDown",
