@@ -267,6 +267,20 @@ class ObjectStore:
             return False
         return all(_equal(a, b) for a, b in zip(old, sections, strict=True))
 
+    def same_pickle(self, blob: bytes, value: Any, what: str) -> bool:
+        """Whether the one-section object ``blob`` references is ``value``'s pickle, compared as it is made:
+        the pickler hands a large ``bytes``/``bytearray`` to ``write`` as itself, so nothing is copied."""
+        ref = ref_of(blob)
+        old = self._check(ref, self.open(blob, what), what)
+        if len(old) != 1:
+            return False
+        writer = _Compare(old[0])
+        try:
+            pickle.Pickler(writer, protocol=5).dump(value)
+        except _Differs:
+            return False
+        return writer.pos == old[0].nbytes
+
     def open(self, blob: bytes, what: str, access: int = mmap.ACCESS_COPY) -> tuple[mmap.mmap, tuple[int, ...]]:
         """The object's file mapped (private: a value built on it may be changed in place), not yet checked.
 
@@ -403,6 +417,25 @@ def _equal(a: memoryview, b: memoryview) -> bool:
     return all(bytes(a[i : i + _CHUNK]) == bytes(b[i : i + _CHUNK]) for i in range(0, a.nbytes, _CHUNK))
 
 
+class _Differs(Exception):
+    """Stops a pickler at the first byte that differs (``_Compare``)."""
+
+
+class _Compare:
+    """A file for ``pickle.Pickler`` that compares what it is given with ``old`` instead of keeping it."""
+
+    def __init__(self, old: memoryview) -> None:
+        self.old, self.pos = old, 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        n, pos = view.nbytes, self.pos
+        if pos + n > self.old.nbytes or not _equal(self.old[pos : pos + n], view.cast("B")):
+            raise _Differs
+        self.pos = pos + n
+        return n
+
+
 # -- encoding a field -------------------------------------------------------------
 
 
@@ -434,6 +467,8 @@ def encode_field(value: Any, objects: ObjectStore) -> bytes:
 
 def diff_large(value: Any, old: bytes, objects: ObjectStore, what: str) -> bytes | None:
     """A read large field after the step: None if unchanged, else its new encoding (written if large)."""
+    if type(value) in _PLAIN and objects.same_pickle(old, value, what):
+        return None
     parts = encode_parts(value)
     if objects.same(old, parts, what):
         return None
