@@ -35,7 +35,7 @@ from .errors import (
     WorkflowError,
 )
 from .events import EventBus
-from .objects import INLINE_LIMIT, ObjectStore
+from .objects import INLINE_LIMIT
 from .pool import Backend, Pool, WorkerPool
 from .rundata import RunData
 from .runs import Compiled, Run, encode_bodies
@@ -158,10 +158,7 @@ class WorkflowEngine:
         self.max_workers = len(self._pool.slots)
         self._scheduler = Scheduler(self._pool, self.store, self.event_bus, self.clock, self.grace_period, self._owner)
         self._scheduler.start()
-        own = self.store.objects if store is None else None  # the engine's own store: its temporary folder
-        self._finalizer = weakref.finalize(
-            self, _close, self._scheduler, self._pool, self.event_bus, self.grace_period, own
-        )
+        self._finalizer = weakref.finalize(self, _close, self._scheduler, self._pool, self.event_bus, self.grace_period)
         _signals.attach(self)
 
     @classmethod
@@ -516,15 +513,13 @@ def _wait(event: threading.Event, seconds: float | None) -> bool:
             return False
 
 
-def _close(scheduler: Scheduler, pool: Pool, bus: EventBus, grace: float, objects: ObjectStore | None) -> None:
+def _close(scheduler: Scheduler, pool: Pool, bus: EventBus, grace: float) -> None:
     try:
         scheduler.stop()
     finally:
         pool.close(grace)
         bus.flush(5.0)
         bus.close()
-        if objects is not None:
-            objects.close()
 
 
 def _downstream(compiled: Compiled, steps: list[str], instance_id: str) -> set[str]:

@@ -17,6 +17,8 @@ from . import data as data_codec
 from . import objects as large
 from .store import TOMBSTONE
 
+CONTEXT = data_codec.CONTEXT_FIELD
+
 
 @dataclass(eq=False)
 class Snapshot:
@@ -108,11 +110,13 @@ class RunData:
             self.snap = Snapshot((iid, self.version), dict(self.fields), objects=cfg)
         return self.snap
 
-    def build(self, cls: type) -> Any:
-        """A live data object at the current version (for run_if); built at most once per version."""
+    def build(self, cls: type, what: str = "") -> Any:
+        """A live data object at the current version (for run_if); built at most once per version.
+
+        ``what`` names the run in errors about its large values' files."""
         self.sync()
         if self.live is None or self.live[0] != self.version:
-            self.live = (self.version, data_codec.build(cls, self.fields, self.objects, "run_if"))
+            self.live = (self.version, data_codec.build(cls, self.fields, self.objects, what))
         return self.live[1]
 
     def merge(self, step_id: str, base: int, changes: dict[str, data_codec.FieldChange]) -> Conflict | None:
@@ -169,7 +173,7 @@ class RunData:
                 self.field_key_marks[name] = mark
                 self.stale_fields.add(name)
             else:
-                if self.objects is not None and len(change.blob) > self.objects.limit:
+                if self.objects is not None and len(change.blob) > self.objects.limit and name != CONTEXT:
                     # From a worker that could not write it (a Dask worker elsewhere): written here, once.
                     change.blob = self.objects.put([memoryview(change.blob)])
                 self.fields[name] = change.blob

@@ -259,7 +259,7 @@ class Run:
     def context(self, step: StepRun) -> WorkflowContext[Any]:
         """What ``run_if`` sees: a live data object at the current version, and the shared values."""
         values = dict(self.data.dict_value(data_codec.CONTEXT_FIELD))
-        data = self.data.build(self.cls)
+        data = self.data.build(self.cls, f"run {self.iid}")
         return WorkflowContext(
             data, instance_id=self.iid, workflow_id=self.workflow_id, step_id=step.sid, attempt=step.attempts + 1,
             values=values,

@@ -394,7 +394,7 @@ class InMemoryStore(StateStore):
             return self._records.pop(instance_id, None) is not None
 
     def close(self) -> None:
-        """Remove the temporary folder of its large values."""
+        """Remove the temporary folder of its large values (also done when the store is garbage-collected)."""
         assert self.objects is not None
         self.objects.close()
 
