@@ -7,6 +7,7 @@ where the test is about them. Worker processes are real.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -27,6 +28,7 @@ from wfaas import (
     WorkflowDefinition,
     WorkflowEngine,
 )
+from wfaas import data as data_codec
 from wfaas.command_line import main
 from wfaas.objects import ObjectError, ObjectStore, is_ref
 
@@ -212,6 +214,31 @@ def test_a_numpy_field_is_memory_mapped_writable_and_its_change_kept() -> None:
         state = engine.get_status(iid)
     assert state.data.items == {"mapped": True, "writeable": True}
     assert state.data.value[0] == 99.0 and state.data.value[1] == 1.0
+
+
+@dataclass(frozen=True)
+class Frozen(WorkflowData):
+    blob: bytes = b""
+    n: int = 0
+
+
+class Hashable(WorkflowData):
+    def __init__(self) -> None:
+        self.blob = b"h" * (3 * LIMIT)
+
+
+def test_lazy_data_compares_copies_and_hashes_as_the_users_class(tmp_path: Path) -> None:
+    """Before its large fields are read, the data is an instance of a subclass: nothing of that shows."""
+    objects = ObjectStore(tmp_path, limit=LIMIT)
+    frozen = Frozen(b"f" * (3 * LIMIT), 3)
+    lazy = data_codec.build(Frozen, data_codec.encode_fields(frozen, where="t", objects=objects), objects, "run 1")
+    assert "blob" not in vars(lazy)  # not loaded yet
+    assert lazy == frozen and frozen == lazy and type(lazy) is Frozen  # compared: loaded, the user's class again
+    copied = data_codec.build(Frozen, data_codec.encode_fields(frozen, where="t", objects=objects), objects, "r")
+    assert copy.deepcopy(copied) == frozen and type(copy.deepcopy(copied)) is Frozen
+    plain = Hashable()
+    lazy_plain = data_codec.build(Hashable, data_codec.encode_fields(plain, where="t", objects=objects), objects, "r")
+    assert isinstance(hash(lazy_plain), int) and lazy_plain.blob == plain.blob
 
 
 # -- damage ---------------------------------------------------------------------------------

@@ -495,7 +495,7 @@ class _Lazy:
         self.mapped = None
         obj.__dict__[self.name] = value  # from now on the instance's own attribute wins
         if all(n in obj.__dict__ for n in type(obj)._wfaas_lazy):
-            obj.__class__ = type(obj).__mro__[1]  # every large field read: the user's class again
+            object.__setattr__(obj, "__class__", type(obj).__mro__[1])  # all read: the user's class again
         return value
 
 
@@ -513,6 +513,7 @@ def lazy_class(cls: type, blobs: dict[str, bytes], objects: ObjectStore, what: s
         _wfaas_lazy=tuple(blobs),
         __reduce_ex__=_reduce_loaded,
         __eq__=_eq_loaded,
+        __hash__=cls.__hash__,  # a class body that sets __eq__ alone would make instances unhashable
         __module__=cls.__module__,
         __qualname__=cls.__qualname__,
     )
