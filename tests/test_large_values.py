@@ -159,6 +159,24 @@ def test_steps_that_do_not_read_a_150mb_field_pay_under_a_quarter_of_what_reader
     assert cost["skip"] < cost["read"] / 4, cost
 
 
+def _set_key(ctx: Any) -> None:
+    ctx.data.items[ctx.step_id] = ctx.step_id * LIMIT
+
+
+def test_a_large_dict_field_stays_merged_key_by_key() -> None:
+    """Two steps from one snapshot write distinct keys of a dict over the limit: no conflict, no object."""
+    wf = WorkflowDefinition("keys", "keys", data_type=Data)
+    wf.add_step(StepDefinition("a", "a", _set_key))
+    wf.add_step(StepDefinition("b", "b", _set_key))
+    with WorkflowEngine(max_workers=1, inline_limit=LIMIT) as engine:
+        engine.register_workflow(wf)
+        iid = engine.start_workflow("keys", Data(items={"big": b"x" * (3 * LIMIT)}))
+        engine.wait_for_completion(iid, timeout=60)
+        assert sorted(engine.get_status(iid).data.items) == ["a", "b", "big"]
+        record = engine.store.read(iid)
+    assert record is not None and not is_ref(record.fields["items"])
+
+
 # -- transparent, whatever the class ----------------------------------------------------
 
 

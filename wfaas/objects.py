@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import fcntl
 import hashlib
 import mmap
@@ -203,19 +204,40 @@ class ObjectStore:
         digest = h.hexdigest()
         size = sum(s.nbytes for s in sections)
         root = self.root
-        root.mkdir(mode=0o700, exist_ok=True)
         path = root / digest
-        with self._locked(fcntl.LOCK_SH):
-            try:
-                os.utime(path)  # already there: one copy per content; the touch keeps prune off it
-            except FileNotFoundError:
-                self._write(path, header, sections)
+        try:
+            root.mkdir(mode=0o700, exist_ok=True)
+            with self._locked(fcntl.LOCK_SH):
+                try:
+                    os.utime(path)  # already there: one copy per content; the touch keeps prune off it
+                except FileNotFoundError:
+                    self._write(path, header, sections)
+        except OSError as exc:
+            full = "the disk is full: free space there, then resume" if exc.errno == errno.ENOSPC else "fix the cause"
+            raise StoreError(
+                f"cannot write a large value ({size} bytes) to {root}: {exc.strerror or exc}; {full}",
+                resumable=True,
+            ) from exc
         _verified[digest] = _identity(os.stat(path))
         _trim(_verified, _VERIFIED_KEPT)
         return ref_blob(digest, size)
 
     def _write(self, path: Path, header: bytes, sections: list[memoryview]) -> None:
         tmp = path.with_name(f".tmp-{path.name[:16]}-{os.getpid()}-{threading.get_ident()}")
+        try:
+            self._write_tmp(tmp, header, sections)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind (a kill -9 may: prune)
+            raise
+        os.replace(tmp, path)
+        if self.fsync:
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _write_tmp(self, tmp: Path, header: bytes, sections: list[memoryview]) -> None:
         with open(tmp, "wb") as f:
             f.write(header)
             pos = len(header)
@@ -227,13 +249,6 @@ class ObjectStore:
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if self.fsync:
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
     @contextmanager
     def _locked(self, how: int) -> Iterator[None]:
@@ -459,6 +474,10 @@ def encode_field(value: Any, objects: ObjectStore) -> bytes:
     """The field's encoding: inline when small, else written as an object and its reference blob."""
     from .data import encode_value
 
+    if isinstance(value, dict):
+        # A dict stays in the store, merged and checkpointed key by key: steps writing distinct keys
+        # of one dict do not conflict, and a step's checkpoint costs what it changed, not the dict.
+        return encode_value(value)
     parts = encode_parts(value)
     if sum(p.nbytes for p in parts) <= objects.limit:
         return bytes(parts[0]) if len(parts) == 1 else encode_value(value)
@@ -472,11 +491,7 @@ def diff_large(value: Any, old: bytes, objects: ObjectStore, what: str) -> bytes
     parts = encode_parts(value)
     if objects.same(old, parts, what):
         return None
-    if sum(p.nbytes for p in parts) <= objects.limit:
-        from .data import encode_value
-
-        return bytes(parts[0]) if len(parts) == 1 else encode_value(value)
-    return objects.put(parts)
+    return encode_field(value, objects)
 
 
 # -- loading a field on first read -----------------------------------------------
