@@ -17,8 +17,6 @@ from . import data as data_codec
 from . import objects as large
 from .store import TOMBSTONE
 
-CONTEXT = data_codec.CONTEXT_FIELD
-
 
 @dataclass(eq=False)
 class Snapshot:
@@ -173,7 +171,7 @@ class RunData:
                 self.field_key_marks[name] = mark
                 self.stale_fields.add(name)
             else:
-                if self.objects is not None and len(change.blob) > self.objects.limit and name != CONTEXT:
+                if self.objects is not None and len(change.blob) > self.objects.limit and not _dict_pickle(change.blob):
                     # From a worker that could not write it (a Dask worker elsewhere): written here, once.
                     change.blob = self.objects.put([memoryview(change.blob)])
                 self.fields[name] = change.blob
@@ -197,6 +195,11 @@ class RunData:
         self.dirty_fields.clear()
         self.deltas = {}
         return fields, deltas
+
+
+def _dict_pickle(blob: bytes) -> bool:
+    """A protocol-5 pickle of a dict (the context, or a dict field: kept in the store, merged key-wise)."""
+    return blob[2:3] == b"}" or (blob[2:3] == b"\x95" and blob[11:12] == b"}")
 
 
 def same_encoded(a: bytes | None, b: bytes | None) -> bool:
