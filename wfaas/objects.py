@@ -42,12 +42,14 @@ import shutil
 import struct
 import tempfile
 import threading
+import uuid
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import data as _data  # data.py imports this module first: only its functions are used, at call time
 from .errors import StoreError
 
 __all__ = ["INLINE_LIMIT", "ObjectError", "ObjectRef", "ObjectStore"]
@@ -105,7 +107,7 @@ _PREFIX = b"\x80\x02cwfaas.objects\nObjectRef\n"
 
 def is_ref(blob: bytes | None) -> bool:
     """Whether an encoded field is a reference to an object file."""
-    return blob is not None and blob[: len(_PREFIX)] == _PREFIX
+    return blob is not None and blob.startswith(_PREFIX)
 
 
 def ref_of(blob: bytes) -> ObjectRef:
@@ -131,7 +133,9 @@ class _Root:
     def get(self) -> Path:
         with self._lock:
             if self._path is None:
-                self._path = Path(tempfile.mkdtemp(prefix="wfaas-objects-"))
+                # Named now, made by the first put (which may be a worker's): a store that never holds a
+                # large value costs no folder. uuid4: nobody can guess the name to plant a folder there first.
+                self._path = Path(tempfile.gettempdir()) / f"wfaas-objects-{uuid.uuid4().hex}"
                 self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._path), True)
             return self._path
 
@@ -206,7 +210,7 @@ class ObjectStore:
         root = self.root
         path = root / digest
         try:
-            root.mkdir(mode=0o700, exist_ok=True)
+            _make(root)
             with self._locked(fcntl.LOCK_SH):
                 try:
                     os.utime(path)  # already there: one copy per content; the touch keeps prune off it
@@ -390,6 +394,19 @@ class ObjectStore:
         return f"ObjectStore({str(self._root.made)!r})"
 
 
+def _make(root: Path) -> None:
+    """The folder, private; one that exists must be ours and not writable by others (its files are pickles)."""
+    try:
+        root.mkdir(mode=0o700)
+    except FileExistsError:
+        st = root.lstat()
+        if not root.is_dir() or root.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise StoreError(
+                f"{root} holds large values, which are pickles, but is not a private folder of this user "
+                "(a symlink, another owner, or writable by others); move it aside or fix its owner and mode"
+            ) from None
+
+
 _by_config: dict[tuple[str, bool, int], ObjectStore] = {}
 # Objects this process verified (or wrote), by digest -> the file's identity then: a warm worker
 # checks each file once, not at every load; a replaced or touched-up file is checked again.
@@ -454,34 +471,40 @@ class _Compare:
 # -- encoding a field -------------------------------------------------------------
 
 
-def encode_parts(value: Any) -> list[memoryview]:
-    """The value as sections: its protocol-5 pickle, then its out-of-band buffers (zero-copy)."""
-    from .data import dill_dumps
-
+def _pickle(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """Protocol 5 with out-of-band buffers, or dill in-band where a worker could not load the pickle
+    (the rules of ``data.encode_value``)."""
     buffers: list[pickle.PickleBuffer] = []
     if type(value) in _PLAIN:
-        return [memoryview(pickle.dumps(value, protocol=5))]
+        return pickle.dumps(value, protocol=5), buffers
     try:
         main = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     except Exception:  # noqa: BLE001 - any pickling failure means: let dill try (as data.encode_value)
-        return [memoryview(dill_dumps(value))]
+        return _data.dill_dumps(value), []
     if b"__main__" in main:  # pickled by reference to a module a worker cannot import
-        return [memoryview(dill_dumps(value))]
+        return _data.dill_dumps(value), []
+    return main, buffers
+
+
+def encode_parts(value: Any) -> list[memoryview]:
+    """The value as sections: its protocol-5 pickle, then its out-of-band buffers (zero-copy)."""
+    main, buffers = _pickle(value)
     return [memoryview(main), *(b.raw() for b in buffers)]
 
 
 def encode_field(value: Any, objects: ObjectStore) -> bytes:
     """The field's encoding: inline when small, else written as an object and its reference blob."""
-    from .data import encode_value
-
     if isinstance(value, dict):
         # A dict stays in the store, merged and checkpointed key by key: steps writing distinct keys
         # of one dict do not conflict, and a step's checkpoint costs what it changed, not the dict.
-        return encode_value(value)
-    parts = encode_parts(value)
-    if sum(p.nbytes for p in parts) <= objects.limit:
-        return bytes(parts[0]) if len(parts) == 1 else encode_value(value)
-    return objects.put(parts)
+        return _data.encode_value(value)
+    main, buffers = _pickle(value)
+    if not buffers:  # the usual case, on every field of every step: no more work than encode_value
+        return main if len(main) <= objects.limit else objects.put([memoryview(main)])
+    parts = [memoryview(main), *(b.raw() for b in buffers)]
+    if sum(p.nbytes for p in parts) > objects.limit:
+        return objects.put(parts)
+    return _data.encode_value(value)  # small after all: its buffers go in-band
 
 
 def diff_large(value: Any, old: bytes, objects: ObjectStore, what: str) -> bytes | None:
