@@ -93,10 +93,8 @@ class WorkflowEngine:
     handle it). ``clock`` replaces real time
     for the engine's timers (see :mod:`wfaas.testing`). ``backend`` sends
     steps elsewhere, e.g. ``DaskBackend("tcp://host:8786")`` (then
-    ``max_workers`` defaults to the cluster's threads). A data field whose
-    encoding is over ``inline_limit`` bytes is kept in a file by content hash
-    beside the store and loaded by a step only when it reads it (README
-    "Large values"). Use it as a context
+    ``max_workers`` defaults to the cluster's threads). Fields over
+    ``inline_limit`` bytes go to files (README "Large values"). Use it as a context
     manager: on exit it waits for running workflows; on an exception
     (including Ctrl-C) it cancels them.
 
@@ -130,7 +128,6 @@ class WorkflowEngine:
     ) -> None:
         _malloc.tune()  # a long-lived engine must not keep every run's freed buffers (see _malloc.py)
         self.store: StateStore = store if store is not None else InMemoryStore()
-        # Fields whose encoding is over inline_limit go to files by content hash (objects.py).
         self._objects = self.store.objects.limited(inline_limit) if self.store.objects is not None else None
         self.event_bus = EventBus()
         self.clock: Clock = clock or SystemClock()
@@ -213,8 +210,7 @@ class WorkflowEngine:
         fields = data_codec.encode_fields(data, where=where, objects=self._objects)
         cls_blob = self._class_blob(type(data))
         iid = uuid.uuid4().hex
-        rundata = RunData(fields, objects=self._objects)
-        run = Run(iid, compiled, type(data), cls_blob, rundata, created_at=self.clock.now())
+        run = Run(iid, compiled, type(data), cls_blob, RunData(fields, self._objects), created_at=self.clock.now())
         run.data.dirty_fields.update(fields)
         run.extra = {"class": cls_blob, "fingerprint": compiled.fingerprint, "origin": self.origin}
         result: str = self._call(self._scheduler.start_run, run, None, set())
@@ -350,14 +346,13 @@ class WorkflowEngine:
                 ", ".join(bodies),
             )
         try:
-            cls, fields = data_class(record), dict(record.resolved_fields())
+            cls, rundata = data_class(record), RunData(dict(record.resolved_fields()), self._objects)
         except Exception as exc:  # bytes that do not decode: that run's record is damaged, said as such
             where = record.where or repr(self.store)
             raise StoreError(
                 f"the record of run {instance_id} in the wfaas store {where} is damaged ({type(exc).__name__}: "
                 f"{exc}); it cannot be resumed, other runs are not affected: restore the store from a backup"
             ) from exc
-        rundata = RunData(fields, objects=self._objects)
         run = Run(instance_id, compiled, cls, record.extra["class"], rundata, created_at=meta["created_at"])
         run.status = status
         run.extra = {"fingerprint": compiled.fingerprint}

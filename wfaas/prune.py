@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .objects import digests_in
 from .states import WorkflowStatus
 
 if TYPE_CHECKING:
+    from .sqlite_store import SqliteStore
     from .store import StateStore
 
 __all__ = ["PruneResult", "parse_duration", "prune"]
@@ -111,6 +113,20 @@ def sweep_objects(store: StateStore, before: float | None = None) -> tuple[int, 
             if created is not None:
                 before = min(before, created.timestamp())
     return objects.sweep(keep, before)
+
+
+def vacuum(store: SqliteStore) -> None:
+    """Compact a SQLite store: VACUUM the file, then truncate its write-ahead log."""
+    if store.readonly:
+        raise StoreError(f"the wfaas store {store.path} was opened read-only")
+    conn = sqlite3.connect(store.path, isolation_level=None, timeout=10.0)
+    try:
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot compact the wfaas store {store.path}: {exc}; try again when it is idle") from exc
+    finally:
+        conn.close()
 
 
 def _statuses(status: Iterable[str] | None) -> set[str]:

@@ -59,6 +59,7 @@ class RunData:
     """The fields of one run: encoded, versioned, with who wrote what last (for conflicts)."""
 
     fields: dict[str, bytes]
+    objects: large.ObjectStore | None = None  # where fields over its limit go (``objects.py``)
     version: int = 0
     field_writes: dict[str, Mark] = field(default_factory=dict)
     key_writes: dict[tuple[str, Any], Mark] = field(default_factory=dict)
@@ -70,7 +71,6 @@ class RunData:
     # each would otherwise cost O(keys) per step.
     live_dicts: dict[str, dict[Any, Any]] = field(default_factory=dict)
     stale_fields: set[str] = field(default_factory=set)
-    objects: large.ObjectStore | None = None  # where fields over its limit go (``objects.py``)
     # Changed since the last checkpoint: fields written whole, and dict keys written one by one
     # (O(keys changed), not O(dict)).
     dirty_fields: set[str] = field(default_factory=set)

@@ -59,6 +59,7 @@ from ._store_files import create_file, trust
 from .capture import AttemptLog
 from .errors import StoreError
 from .objects import ObjectStore
+from .prune import vacuum
 from .store import Checkpoint, Record, StateStore
 
 __all__ = ["FORMAT_VERSION", "SqliteStore"]
@@ -118,8 +119,7 @@ class SqliteStore(StateStore):
         self._read_lock = threading.Lock()
         self._writer: _Writer | None = None
         self._empty = False  # a read-only open of a store another process is creating right now
-        # Large fields' files (objects.py): fsynced before a commit references them when commits are.
-        self.objects = ObjectStore(Path(f"{self.path}.objects"), fsync=synchronous.upper() != "NORMAL")
+        self.objects = ObjectStore(Path(f"{self.path}.objects"), fsync=synchronous.upper() != "NORMAL")  # as commits
         try:
             self._open_file(create and not readonly)
             self._connect(synchronous.upper())
@@ -454,18 +454,7 @@ class SqliteStore(StateStore):
         if errors[0] is not None:
             raise errors[0]
 
-    def compact(self) -> None:
-        """VACUUM the file, then truncate its write-ahead log: the space of removed runs goes back to the disk."""
-        if self.readonly:
-            raise StoreError(f"the wfaas store {self.path} was opened read-only")
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_SECONDS)
-        try:
-            conn.execute("VACUUM")
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot compact the wfaas store {self.path}: {exc}; try again when it is idle") from exc
-        finally:
-            conn.close()
+    compact = vacuum  # StateStore.compact: VACUUM, then truncate the write-ahead log (``prune.py``)
 
     def integrity_check(self) -> str:
         """SQLite's ``PRAGMA integrity_check``: ``"ok"`` for a sound file, else what is wrong."""
