@@ -55,8 +55,6 @@ from .events import (
     WorkflowFailed,
     WorkflowStarted,
 )
-from .objects import ObjectError
-from .prune import PruneResult
 from .states import Attempt, StepState, StepStatus, WorkflowState, WorkflowStatus
 from .steps import FunctionStep, StepExecutor, StepResult, WorkflowContext
 from .store import InMemoryStore, StateStore
@@ -80,6 +78,10 @@ def __getattr__(name: str) -> object:
         from .dask_backend import DaskBackend
 
         return DaskBackend
+    if name in ("ObjectError", "PruneResult"):  # large values (objects.py, prune.py)
+        from . import objects, prune
+
+        return getattr(objects if name == "ObjectError" else prune, name)
     raise AttributeError(f"module 'wfaas' has no attribute {name!r}")
 
 

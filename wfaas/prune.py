@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -117,6 +116,8 @@ def sweep_objects(store: StateStore, before: float | None = None) -> tuple[int, 
 
 def vacuum(store: SqliteStore) -> None:
     """Compact a SQLite store: VACUUM the file, then truncate its write-ahead log."""
+    import sqlite3  # only here: ``import wfaas`` does not import sqlite3
+
     if store.readonly:
         raise StoreError(f"the wfaas store {store.path} was opened read-only")
     conn = sqlite3.connect(store.path, isolation_level=None, timeout=10.0)
