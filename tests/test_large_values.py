@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -389,6 +390,49 @@ def _digest(blob: bytes) -> str:
     from wfaas.objects import ref_of
 
     return ref_of(blob).digest
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    import time
+    from pathlib import Path
+    from wfaas.objects import ObjectStore
+
+    import wfaas.objects as objects
+
+    write_tmp = objects.ObjectStore._write_tmp
+
+    def stalled(self, tmp, header, sections):
+        # The first section goes to the file for real, then the writer stops where a kill -9 may find it.
+        write_tmp(self, tmp, header, sections[:1])
+        Path(sys.argv[1]).with_name("stalled").touch()
+        time.sleep(600)
+
+    objects.ObjectStore._write_tmp = stalled
+    ObjectStore(Path(sys.argv[1])).put([memoryview(bytes([i]) * (1 << 20)) for i in range(4)])
+    """
+)
+
+
+def test_a_writer_killed_in_the_middle_of_an_object_leaves_no_file_by_that_name(tmp_path: Path) -> None:
+    """kill -9 while an object is being written: only its temporary file exists, which prune removes."""
+    root = tmp_path / "objects"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root)])
+    try:
+        wait_for(tmp_path / "stalled")
+        proc.kill()
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    names = [p.name for p in root.iterdir() if p.name != ".lock"]
+    assert names and all(n.startswith(".tmp-") for n in names), names  # no file named by a digest
+    store = InMemoryStore()
+    store.objects = ObjectStore(root)
+    assert store.prune(grace=0).objects == len(names)
+    assert [p.name for p in root.iterdir()] == [".lock"]
 
 
 def test_cleanup_removes_the_objects_of_the_runs_it_removes(sqlite: SqliteStore) -> None:

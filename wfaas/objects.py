@@ -34,6 +34,7 @@ import collections
 import ctypes
 import errno
 import fcntl
+import functools
 import hashlib
 import mmap
 import os
@@ -422,9 +423,12 @@ def _trim(cache: collections.OrderedDict[Any, Any], kept: int) -> None:
         cache.popitem(last=False)
 
 
-_memcmp = ctypes.CDLL(None).memcmp
-_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-_memcmp.restype = ctypes.c_int
+@functools.cache
+def _memcmp() -> Any:
+    memcmp = ctypes.CDLL(None).memcmp  # looked up at first use: not a cost of ``import wfaas``
+    memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+    memcmp.restype = ctypes.c_int
+    return memcmp
 
 
 def _address(view: memoryview) -> tuple[Any, int] | None:
@@ -445,7 +449,7 @@ def _equal(a: memoryview, b: memoryview) -> bool:
         return True
     pa, pb = _address(a), _address(b)
     if pa is not None and pb is not None:
-        return bool(_memcmp(pa[1], pb[1], a.nbytes) == 0)
+        return bool(_memcmp()(pa[1], pb[1], a.nbytes) == 0)
     return all(bytes(a[i : i + _CHUNK]) == bytes(b[i : i + _CHUNK]) for i in range(0, a.nbytes, _CHUNK))
 
 
