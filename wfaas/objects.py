@@ -213,9 +213,8 @@ class ObjectStore:
         try:
             _make(root)
             with self._locked(fcntl.LOCK_SH):
-                try:
-                    os.utime(path)  # already there: one copy per content; the touch keeps prune off it
-                except FileNotFoundError:
+                wrote = not _touch(path, _file_size(len(header), sections))
+                if wrote:
                     self._write(path, header, sections)
         except OSError as exc:
             full = "the disk is full: free space there, then resume" if exc.errno == errno.ENOSPC else "fix the cause"
@@ -223,8 +222,9 @@ class ObjectStore:
                 f"cannot write a large value ({size} bytes) to {root}: {exc.strerror or exc}; {full}",
                 resumable=True,
             ) from exc
-        _verified[digest] = _identity(os.stat(path))
-        _trim(_verified, _VERIFIED_KEPT)
+        if wrote:  # a file found there is checked by its first reader, as any other
+            _verified[digest] = _identity(os.stat(path))
+            _trim(_verified, _VERIFIED_KEPT)
         return ref_blob(digest, size)
 
     def _write(self, path: Path, header: bytes, sections: list[memoryview]) -> None:
@@ -393,6 +393,24 @@ class ObjectStore:
 
     def __repr__(self) -> str:
         return f"ObjectStore({str(self._root.made)!r})"
+
+
+def _file_size(header: int, sections: list[memoryview]) -> int:
+    pos = header
+    for s in sections:
+        pos += -pos % _ALIGN + s.nbytes
+    return pos
+
+
+def _touch(path: Path, size: int) -> bool:
+    """The object is there, whole: touch it (one copy per content; the touch keeps prune off it)."""
+    try:
+        if os.stat(path).st_size != size:
+            return False  # damaged (truncated): written again, in its place
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _make(root: Path) -> None:
