@@ -240,9 +240,7 @@ class _Held:
 
     def take_snapshot(self, run: wire.RunStep) -> None:
         if run.snap is not None:
-            self.snap_key, self.fields = run.snap_key, pickle.loads(run.snap)
-            config = self.fields.pop(large.OBJECTS_FIELD, None)
-            self.objects = large.ObjectStore.from_config(config) if config is not None else None  # type: ignore[arg-type]
+            self.snap_key, (self.fields, self.objects) = run.snap_key, read_snapshot(run.snap)
         assert self.snap_key == run.snap_key, "engine and worker disagree on the data snapshot"
 
     def load(self, run: wire.RunStep) -> None:
@@ -275,6 +273,13 @@ def _attempt(
         return wire.Done(run.task_id, outcome, changes, collector.records, output, usage)
     tb = format_traceback(raised)
     return wire.Failed(run.task_id, wire.encode_error(raised), tb, collector.records, output, usage)
+
+
+def read_snapshot(blob: bytes) -> tuple[dict[str, bytes], large.ObjectStore | None]:
+    """A snapshot's fields, and where its large values are (``objects.py``)."""
+    fields = pickle.loads(blob)
+    config = fields.pop(large.OBJECTS_FIELD, None)
+    return fields, large.ObjectStore.from_config(config) if config is not None else None
 
 
 def execute(

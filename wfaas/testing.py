@@ -149,7 +149,7 @@ class FakePool:
         _drain(self._exits[i][0])
         self.replies[i].clear()
         self._exitcodes[i] = None
-        self._held[i] = {"bodies": {}, "classes": {}, "snap": (None, {})}
+        self._held[i] = {"bodies": {}, "classes": {}, "snap": (None, {}, None)}
         slot.process, slot.conn = _FakeProcess(next(self._pids)), _FakeConn(self, slot)  # type: ignore[assignment]
         slot.task, slot.dying = None, False
         slot.bodies, slot.classes, slot.snapshot, slot.last_rss, slot.eof = set(), set(), None, 0, False
@@ -171,7 +171,7 @@ class FakePool:
         if run.cls is not None:
             held["classes"][run.cls_key] = pickle.loads(run.cls)
         if run.snap is not None:
-            held["snap"] = (run.snap_key, pickle.loads(run.snap))
+            held["snap"] = (run.snap_key, *_worker.read_snapshot(run.snap))
         assert held["snap"][0] == run.snap_key, "the scheduler and the worker disagree on the data snapshot"
         self.sent.append((slot, run))
 
@@ -215,7 +215,7 @@ class FakePool:
         held = self._held[slot.index]
         try:
             body, cls = held["bodies"][run.body_key], held["classes"][run.cls_key]
-            outcome, changes = _worker.execute(body, cls, held["snap"][1], run)
+            outcome, changes = _worker.execute(body, cls, held["snap"][1], run, held["snap"][2])
             reply: wire.Reply = wire.Done(run.task_id, outcome, changes, [], None, usage or {"wall": 0.001})
         except Exception as exc:  # noqa: BLE001 - reported to the scheduler as the worker would
             reply = wire.failed(run.task_id, exc, _worker.format_traceback(exc))
