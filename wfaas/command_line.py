@@ -19,22 +19,24 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import _cli_logs
+from . import _cli_logs, cli_items
 from .cli_engine import close_engine, follow, interrupt_code, start_engine, stopped_by
 from .cli_errors import EXIT_FAILED, EXIT_INTERRUPTED, INTERRUPT_CODES, DamagedRuns, UsageProblem, fail
+from .cli_items import item_as_step, items_json, print_items, split_item
 from .cli_store import DEFAULT_STORE, load_run, open_store, orphans_by_target, read_metas, resolve_id
 from .cli_tables import runs_json, state_json
 from .cli_target import absolute_target, build_data, load_target
 from .cli_text import console, plural
 from .definition import topological_order
 from .errors import InvalidDefinition, SerializationError, StoreError
-from .states import StepStatus, WorkflowStatus
+from .states import StepStatus, WorkflowState, WorkflowStatus
 
 dask_option = click.option(
     "--dask",
@@ -272,18 +274,35 @@ def status(instance_id: str | None, store: str, as_json: bool, step: str | None)
     finally:
         state_store.close()
     if step is not None:
-        if step not in state.step_states:
-            fail(f"run {state.instance_id} has no step {step!r}; its steps: {', '.join(state.step_states)}")
-        if as_json:
-            click.echo(json.dumps(state_json(state)["steps"][step], indent=2))
-        else:
-            _cli_logs.print_step(state, step, console())
+        _print_step(state, step, as_json)
         return
     note = owner_note(record.meta, iid, None if store == DEFAULT_STORE else store)
     if as_json:
-        click.echo(json.dumps({**state_json(state), "owner_gone": note is not None}, indent=2))
+        click.echo(cli_items.dumps({**state_json(state), "owner_gone": note is not None}))
     else:
         print_steps(state, console(), note=note, selection=selection)
+
+
+def _print_step(state: WorkflowState[Any], step: str, as_json: bool) -> None:
+    """``status --step STEP``: a step's attempts, a for_each step's items, or (``STEP[KEY]``) one item's attempts."""
+    sid, key = split_item(step) if step not in state.step_states else (step, None)
+    s = state.step_states.get(sid)
+    if s is None:
+        fail(f"run {state.instance_id} has no step {sid!r}; its steps: {', '.join(state.step_states)}")
+    if key is not None:
+        item = (s.items or {}).get(key)
+        if item is None:
+            fail(f"step {sid!r} of run {state.instance_id} has no item {key!r}; `status --step {sid}` lists them")
+        if as_json:
+            click.echo(json.dumps(items_json(s)["items"][key], indent=2))
+        else:
+            _cli_logs.print_step(replace(state, step_states={step: item_as_step(item)}), step, console())
+    elif as_json:
+        click.echo(cli_items.dumps(state_json(state)["steps"][sid]))
+    elif s.items is not None:
+        print_items(state, sid, console())
+    else:
+        _cli_logs.print_step(state, sid, console())
 
 
 @main.command()
