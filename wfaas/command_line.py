@@ -34,7 +34,7 @@ from .cli_store import DEFAULT_STORE, load_run, open_store, orphans_by_target, r
 from .cli_tables import runs_json, state_json
 from .cli_target import absolute_target, build_data, load_target
 from .cli_text import console, plural
-from .definition import topological_order
+from .definition import for_each_text, topological_order
 from .errors import InvalidDefinition, SerializationError, StoreError
 from .states import StepStatus, WorkflowState, WorkflowStatus
 
@@ -449,7 +449,10 @@ def graph(target: str, dot: bool) -> None:
         click.echo(f'digraph "{definition.id}" {{')
         click.echo("  rankdir=LR;")
         for s in definition.steps:
-            click.echo(f'  "{s.id}" [label="{s.id}\\n{s.name}"];')
+            mark = for_each_text(s)
+            # A for_each step is drawn as a stack of boxes (Graphviz's box3d), its cap under its name.
+            extra = f'\\n{mark}", shape=box3d' if s.items is not None else (f'\\n{mark}"' if mark else '"')
+            click.echo(f'  "{s.id}" [label="{s.id}\\n{s.name}{extra}];')
             for dep in s.dependencies:
                 click.echo(f'  "{dep}" -> "{s.id}";')
             for dep in s.any_dependencies:
@@ -461,7 +464,8 @@ def graph(target: str, dot: bool) -> None:
     deps = {s.id: (list(s.dependencies), list(s.any_dependencies)) for s in definition.steps}
     levels = depths([s.id for s in topological_order(definition)], deps)  # the report's columns
     for level in range(max(levels.values()) + 1):
-        names = [sid for sid, lv in levels.items() if lv == level]
+        by_id = {s.id: s for s in definition.steps}
+        names = [sid + (" (for each)" if by_id[sid].items else "") for sid, lv in levels.items() if lv == level]
         click.echo(f"  [{level}] " + "   ".join(names))
         for s in definition.steps:
             if levels[s.id] == level:
@@ -528,6 +532,7 @@ def plan(target: str | None, resume_id: str | None, data: str | None, params: tu
     from .cli_plan import plan_lines
 
     done: dict[str, str] = {}
+    items_done: dict[str, tuple[int, int]] = {}
     if resume_id:
         from .cli_resume import resume_problem
 
@@ -550,12 +555,13 @@ def plan(target: str | None, resume_id: str | None, data: str | None, params: tu
             for sid, s in state.step_states.items()
             if s.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
         }
+        items_done = {sid: (s.items_done, s.items_total) for sid, s in state.step_states.items() if s.items}
     elif target is None:
         fail("plan needs a TARGET (module:attr or file.py:attr), or --resume ID")
     else:
         definition = load_target(target)
         payload = build_data(definition, data, params)
-    for line in plan_lines(definition, payload, done, datetime.now(UTC)):
+    for line in plan_lines(definition, payload, done, datetime.now(UTC), items_done):
         click.echo(line)
 
 

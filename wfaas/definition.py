@@ -292,7 +292,7 @@ class WorkflowDefinition:
                 parts.append("after all of " + ", ".join(s.dependencies))
             if s.any_dependencies:
                 parts.append("after any of " + ", ".join(s.any_dependencies))
-            flags = []
+            flags = [for_each_text(s)] if s.items is not None or s.concurrency is not None else []
             if s.condition is not None:
                 flags.append("run_if")
             if s.delay:
@@ -313,6 +313,13 @@ class WorkflowDefinition:
 
     def __repr__(self) -> str:
         return f"WorkflowDefinition({self.id!r}, {len(self.steps)} steps)"
+
+
+def for_each_text(step: StepDefinition) -> str:
+    """``for each``, ``for each, at most 4 at once`` or ``at most 4 at once``: how ``graph`` and ``plan``
+    mark a step that runs once per item, and its concurrency cap."""
+    cap = f"at most {step.concurrency} at once" if step.concurrency is not None else ""
+    return ", ".join(part for part in ("for each" if step.items is not None else "", cap) if part)
 
 
 def validate(definition: WorkflowDefinition) -> list[str]:
