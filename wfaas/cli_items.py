@@ -16,6 +16,7 @@ once per command, not once per figure.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -150,13 +151,25 @@ def print_items(state: WorkflowState[Any], step_id: str, console: Any) -> None:
     if not items:
         return
     key_w = max(4, min(max(len(i.key) for i in items), max(12, width // 3)))
+    shared = len(os.path.commonprefix([i.key for i in items]))  # noqa: RUF071 - keys, not paths: by character
     echo(f"{'item':<{key_w}}  {'status':<9}  attempts     wall  error")
     for item in items:
-        key = item.key if len(item.key) <= key_w else item.key[: key_w - 1] + "…"
+        key = _cut(item.key, key_w, shared)
         wall = _wall(item)
         line = f"{key:<{key_w}}  {item.status.name:<9}  {item.attempts:>8}  {'' if wall is None else f'{wall:.2f}s':>7}"
         echo(line + ("  " + step_error(item.error) if item.error else "").rstrip())
-    echo(f"one item's attempts and tracebacks: wfaas-local status {iid[:8]} --step '{step_id}[KEY]'")
+    # A command to copy: whole, even past the width.
+    console.out(f"an item's tracebacks: wfaas-local status {iid[:8]} --step '{step_id}[KEY]'", highlight=False)
+
+
+def _cut(key: str, width: int, shared: int) -> str:
+    """A long key cut to ``width`` around where keys start to differ (``shared``: the length of the
+    start all keys have in common): keys of one list often share a folder and differ further on."""
+    if len(key) <= width:
+        return key
+    w = width - 2
+    start = max(0, min(shared - 2, len(key) - w))
+    return ("…" if start else "") + key[start : start + w] + ("…" if start + w < len(key) else "")
 
 
 def item_as_step(item: ItemState) -> StepState:

@@ -67,6 +67,10 @@ class ItemBar:
     h: float
     title: str
 
+    def __post_init__(self) -> None:
+        # A tenth of a pixel is finer than any screen: 15 digits per number would double the page.
+        self.x, self.width = round(self.x, 1), round(self.width, 1)
+
 
 @dataclass
 class _Span:
