@@ -250,6 +250,11 @@ def test_the_panel_counts_items_without_a_line_per_item() -> None:
     assert re.search(r"^\s+clean\s+9994/10000 items\s+4 running, 2 failed\s*$", text, re.M), text
     assert len(text.splitlines()) == 2  # the run's line and the step's: no line per item
     assert progress.done == 0  # items are not steps
+    for e in item_events(10_000, fail=set())[-8:]:  # the 4 running items end
+        progress(e)
+    assert progress.done == 1  # the step, once all its items ended
+    progress(events.StepSucceeded(IID, "etl", datetime.now(UTC), "clean", 1, 9.0))  # and its own event, if sent
+    assert progress.done == 1 and "clean" not in screen(progress)
 
 
 def test_the_panel_total_is_asked_once_the_state_has_the_list() -> None:

@@ -224,16 +224,24 @@ class Progress:
         if isinstance(e, events.StepSucceeded | events.StepSkipped):
             p.running.pop(key, None)
             p.done.add(key)
+            self._step_done_with(sid, p)
             return f"{sid}: {p.line()}" if p.milestone() else ""
         if isinstance(e, events.StepFailed):
             p.running.pop(key, None)
             if not e.will_retry:
                 p.failed.add(key)
+                self._step_done_with(sid, p)
             line = f"{sid}[{key}]: attempt {e.attempt} failed: {e.error}" + (" (will retry)" if e.will_retry else "")
             return line + (f" [{p.line()}]" if not e.will_retry and p.milestone() else "")
         if isinstance(e, events.StepRetrying):
             self.retries += 1
         return ""
+
+    def _step_done_with(self, sid: str, p: ItemProgress) -> None:
+        """Once every item has ended, the step counts as done (as its own event would say; counted once)."""
+        if p.total is not None and len(p.done) + len(p.failed) == p.total:
+            self._done.add((sid, None))
+            self.running.pop(sid, None)
 
     def _ask_total(self, sid: str, p: ItemProgress) -> None:
         """The number of the step's items, from the run's state (no event carries it); asked again at most
