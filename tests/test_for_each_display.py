@@ -470,3 +470,6 @@ def test_logs_prefix_an_items_lines_with_step_and_key() -> None:
         "clean[a.csv] 1 a done",
         "clean[b.csv] 1 b done",
     ]
+    printed.clear()
+    assert print_logs(_Logs(logs), IID, "clean", None, False, printed.append, item="b.csv") == 1  # type: ignore[arg-type]
+    assert [line.split(" ", 1)[1] for line in printed] == ["clean[b.csv] 1 b done"]

@@ -124,9 +124,16 @@ def log_lines(log: AttemptLog) -> list[tuple[float, str]]:
 
 
 def print_logs(
-    store: StateStore, iid: str, step: str | None, attempt: int | None, follow: bool, echo: Callable[[str], None]
+    store: StateStore,
+    iid: str,
+    step: str | None,
+    attempt: int | None,
+    follow: bool,
+    echo: Callable[[str], None],
+    item: str | None = None,
 ) -> int:
-    """Print a run's stored logs (``follow``: until the run ends); how many attempts had any."""
+    """Print a run's stored logs (``follow``: until the run ends; ``item``: only that item's); how many
+    attempts had any."""
     printed: dict[tuple[str, str | None, int, str], int] = {}
     while True:
         # The status first: logs read after it include everything committed before it ended.
@@ -134,7 +141,7 @@ def print_logs(
         finished = WorkflowStatus(meta.get("status", "completed")).is_terminal
         fresh: list[tuple[float, str]] = []
         for log in store.read_logs(iid, step):
-            if attempt is not None and log.attempt != attempt:
+            if (attempt is not None and log.attempt != attempt) or (item is not None and log.item_key != item):
                 continue
             key = (log.step_id, getattr(log, "item_key", None), log.attempt, log.part)
             if key in printed:

@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .cli_text import plural, shorten
@@ -33,6 +33,7 @@ __all__ = [
     "items_json",
     "print_item_lines",
     "print_items",
+    "show_step",
     "split_item",
 ]
 
@@ -170,6 +171,35 @@ def _cut(key: str, width: int, shared: int) -> str:
     w = width - 2
     start = max(0, min(shared - 2, len(key) - w))
     return ("…" if start else "") + key[start : start + w] + ("…" if start + w < len(key) else "")
+
+
+def show_step(state: WorkflowState[Any], step: str, as_json: bool) -> None:
+    """``status --step STEP``: a step's attempts, a for_each step's items, or (``STEP[KEY]``) one item's attempts."""
+    import click
+
+    from . import _cli_logs
+    from .cli_errors import fail
+    from .cli_tables import state_json
+    from .cli_text import console
+
+    sid, key = split_item(step) if step not in state.step_states else (step, None)
+    s = state.step_states.get(sid)
+    if s is None:
+        fail(f"run {state.instance_id} has no step {sid!r}; its steps: {', '.join(state.step_states)}")
+    if key is not None:
+        item = (s.items or {}).get(key)
+        if item is None:
+            fail(f"step {sid!r} of run {state.instance_id} has no item {key!r}; `status --step {sid}` lists them")
+        if as_json:
+            click.echo(json.dumps(items_json(s)["items"][key], indent=2))
+        else:
+            _cli_logs.print_step(replace(state, step_states={step: item_as_step(item)}), step, console())
+    elif as_json:
+        click.echo(dumps(state_json(state)["steps"][sid]))
+    elif s.items is not None:
+        print_items(state, sid, console())
+    else:
+        _cli_logs.print_step(state, sid, console())
 
 
 def item_as_step(item: ItemState) -> StepState:

@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,14 @@ import click
 from . import _cli_logs, cli_items
 from .cli_engine import close_engine, follow, interrupt_code, start_engine, stopped_by
 from .cli_errors import EXIT_FAILED, EXIT_INTERRUPTED, INTERRUPT_CODES, DamagedRuns, UsageProblem, fail
-from .cli_items import item_as_step, items_json, print_items, split_item
+from .cli_items import show_step
 from .cli_store import DEFAULT_STORE, load_run, open_store, orphans_by_target, read_metas, resolve_id
 from .cli_tables import runs_json, state_json
 from .cli_target import absolute_target, build_data, load_target
 from .cli_text import console, plural
 from .definition import for_each_text, topological_order
 from .errors import InvalidDefinition, SerializationError, StoreError
-from .states import StepStatus, WorkflowState, WorkflowStatus
+from .states import StepStatus, WorkflowStatus
 
 dask_option = click.option(
     "--dask",
@@ -251,7 +250,11 @@ def recover(store: str, workers: int | None, quiet: bool, dask: str | None) -> N
 @click.argument("instance_id", metavar="[ID]", required=False)
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
-@click.option("--step", metavar="STEP", help="Show this step's attempts, with errors and tracebacks.")
+@click.option(
+    "--step",
+    metavar="STEP",
+    help="Show this step's attempts, with errors and tracebacks (a for_each step: its items; 'STEP[KEY]': one item).",
+)
 def status(instance_id: str | None, store: str, as_json: bool, step: str | None) -> None:
     """Show a run's steps (no ID: the newest run). Safe while the run is in progress.
 
@@ -274,35 +277,13 @@ def status(instance_id: str | None, store: str, as_json: bool, step: str | None)
     finally:
         state_store.close()
     if step is not None:
-        _print_step(state, step, as_json)
+        show_step(state, step, as_json)
         return
     note = owner_note(record.meta, iid, None if store == DEFAULT_STORE else store)
     if as_json:
         click.echo(cli_items.dumps({**state_json(state), "owner_gone": note is not None}))
     else:
         print_steps(state, console(), note=note, selection=selection)
-
-
-def _print_step(state: WorkflowState[Any], step: str, as_json: bool) -> None:
-    """``status --step STEP``: a step's attempts, a for_each step's items, or (``STEP[KEY]``) one item's attempts."""
-    sid, key = split_item(step) if step not in state.step_states else (step, None)
-    s = state.step_states.get(sid)
-    if s is None:
-        fail(f"run {state.instance_id} has no step {sid!r}; its steps: {', '.join(state.step_states)}")
-    if key is not None:
-        item = (s.items or {}).get(key)
-        if item is None:
-            fail(f"step {sid!r} of run {state.instance_id} has no item {key!r}; `status --step {sid}` lists them")
-        if as_json:
-            click.echo(json.dumps(items_json(s)["items"][key], indent=2))
-        else:
-            _cli_logs.print_step(replace(state, step_states={step: item_as_step(item)}), step, console())
-    elif as_json:
-        click.echo(cli_items.dumps(state_json(state)["steps"][sid]))
-    elif s.items is not None:
-        print_items(state, sid, console())
-    else:
-        _cli_logs.print_step(state, sid, console())
 
 
 @main.command()
@@ -573,7 +554,7 @@ def plan(target: str | None, resume_id: str | None, data: str | None, params: tu
 @store_option
 @_cli_logs.log_level_option
 def logs(instance_id: str, step: str | None, attempt: int | None, follow: bool, store: str) -> None:
-    """Print what a run's steps printed and logged, one line each: time, step, attempt, text.
+    """Print what a run's steps printed and logged, one line each: time, step[item], attempt, text.
 
     Printed lines (stdout and stderr, C code and child processes included) are
     always shown; log records from WARNING up unless -v or --log-level says.
@@ -583,17 +564,19 @@ def logs(instance_id: str, step: str | None, attempt: int | None, follow: bool, 
     Example:
       wfaas-local logs 3f2a
       wfaas-local logs 3f2a parse --attempt 2
+      wfaas-local logs 3f2a 'clean[b.csv]'
       wfaas-local logs 3f2a --follow
     """
     state_store = open_store(store, readonly=True)
     try:
         iid = resolve_id(state_store, instance_id)
         record = state_store.read(iid)
-        if step is not None and record is not None and step not in record.steps:
+        sid, item = cli_items.split_item(step) if step and record and step not in record.steps else (step, None)
+        if sid is not None and record is not None and sid not in record.steps:
             known = (record.extra.get("fingerprint") or {}).get("steps") or record.steps  # in definition order
-            fail(f"run {iid} has no step {step!r}; its steps: {', '.join(known)}")
+            fail(f"run {iid} has no step {sid!r}; its steps: {', '.join(known)}")
         try:
-            found = _cli_logs.print_logs(state_store, iid, step, attempt, follow, click.echo)
+            found = _cli_logs.print_logs(state_store, iid, sid, attempt, follow, click.echo, item=item)
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
     finally:
