@@ -206,9 +206,12 @@ def test_status_json_of_a_for_each_step_whose_list_is_not_computed_yet(saved: An
     result = cli("status", "--store", saved(state), "--json")
     clean = json.loads(result.output)["steps"]["clean"]
     assert clean["items"] == {} and clean["items_total"] == 0
-    assert "clean: 0/0 items done" in cli("status", "--store", saved(state)).output
+    assert "\n  clean: list not computed yet\n" in cli("status", "--store", saved(state)).output
     listing = cli("status", "--store", saved(state), "--step", "clean").output
-    assert "its list of items is not computed yet" in listing
+    assert listing.splitlines()[1] == "list not computed yet"
+    assert "for each: list not computed yet" in render_report(state, DEPS)
+    state.step_states["clean"] = StepState(StepStatus.SUCCEEDED, items={})  # an empty collection
+    assert "\n  clean: no items\n" in cli("status", "--store", saved(state)).output
 
 
 # -- the live progress --------------------------------------------------------------------

@@ -18,18 +18,18 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .cli_text import plural, shorten
-from .states import Attempt, ItemState, StepState, StepStatus, WorkflowState
+from .report_items import no_items
+from .states import ItemState, StepState, StepStatus, WorkflowState
 
 __all__ = [
     "FAILED_SHOWN",
     "ItemCounts",
     "dumps",
-    "item_attempts",
     "items_json",
     "print_item_lines",
     "print_items",
@@ -82,13 +82,6 @@ class ItemCounts:
         return text
 
 
-def item_attempts(step: StepState) -> Iterator[Attempt]:
-    """Every attempt of a step: its own and, for a ``for_each`` step, each item's."""
-    yield from step.history
-    for item in (step.items or {}).values():
-        yield from item.history
-
-
 def _wall(item: ItemState) -> float | None:
     if item.history and item.history[-1].wall is not None:
         return item.history[-1].wall
@@ -113,7 +106,8 @@ def print_item_lines(steps: Iterable[tuple[str, StepState]], console: Any, iid: 
     width = console.width
     console.print(Text("items:"))
     for sid, s in shown:
-        console.print(Text(shorten(f"  {sid}: {ItemCounts.of(s).line()}", width)), soft_wrap=False)
+        summary = ItemCounts.of(s).line() if s.items else no_items(s)
+        console.print(Text(shorten(f"  {sid}: {summary}", width)), soft_wrap=False)
         failed = _failed(s)
         for item in failed[:FAILED_SHOWN]:
             what = f"    {item.key}  {plural(item.attempts, 'attempt')}  {step_error(item.error or item.status.name)}"
@@ -146,7 +140,7 @@ def print_items(state: WorkflowState[Any], step_id: str, console: Any) -> None:
         console.out(shorten(text, width), highlight=False)  # plain text: no markup (a key may hold "[")
 
     echo(f"step {step_id} of {state.workflow_id} {iid}: {step.status.name}")
-    echo(ItemCounts.of(step).line() if items else "its list of items is not computed yet")
+    echo(ItemCounts.of(step).line() if items else no_items(step))
     if step.error:
         echo(f"error: {step_error(step.error)}")
     if not items:

@@ -39,6 +39,7 @@ __all__ = [
     "failed_items",
     "item_row",
     "items_note",
+    "no_items",
 ]
 
 LANE_LIMIT = 12  # lanes drawn in one step's row
@@ -190,9 +191,17 @@ def _density(sid: str, lanes: list[list[_Span]], top: float, plot_w: float) -> l
     return bars
 
 
+def no_items(step: StepState) -> str:
+    """What a ``for_each`` step without items says: its list is to come, or was empty (or never made)."""
+    waiting = step.status in (StepStatus.PENDING, StepStatus.WAITING, StepStatus.RUNNING)
+    return "list not computed yet" if waiting else "no items"
+
+
 def items_note(step: StepState) -> str:
     """The line under a ``for_each`` step's label: ``9990/10000 items``."""
     items = step.items or {}
+    if not items:
+        return no_items(step)
     done = sum(i.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED) for i in items.values())
     return f"{done}/{len(items)} items"
 
