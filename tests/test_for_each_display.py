@@ -331,6 +331,7 @@ def test_the_report_packs_50_items_into_lanes_one_bar_per_attempt() -> None:
     lanes = set(re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="[\d.]+" height="9" rx="1"', row))
     assert len(lanes) == 4  # four workers: four lanes
     assert "for each: 46/50 items" in row
+    assert "<dt>for each</dt><dd>clean: 46/50 items</dd>" in html  # the summary
     assert 'class="failed-items"' in html and "part-00039.csv: step &#39;clean&#39;" in html
 
 

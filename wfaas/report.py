@@ -367,6 +367,7 @@ def summary(state: WorkflowState[Any], deps: Dependencies, bounds: tuple[datetim
         "attempts": sum(n for n, _ in units),
         "retries": sum(max(h - 1, 0) for _, h in units),
         "counts": _counts(state),
+        "items": [(sid, items_note(s)) for sid, s in state.step_states.items() if s.items is not None],
         "slowest": [(sid, _secs(seconds)) for sid, seconds in slowest],
         "critical_path": [(sid, _secs(busy[sid])) for sid in critical_path(state, deps)],
     }
