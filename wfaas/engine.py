@@ -353,6 +353,9 @@ class WorkflowEngine:
         run.status = status
         run.extra = {"fingerprint": compiled.fingerprint}
         steps = {sid: rec for sid, rec in record.steps.items() if sid in compiled.index}
+        for sid, listed in record.item_lists.items():  # for_each: the collection is not computed again
+            if sid in steps:
+                steps[sid] = {**steps[sid], "item_list": listed, "item_records": record.items.get(sid, {})}
         result: str = self._call(self._scheduler.start_run, run, steps, reruns)
         return result
 
@@ -569,6 +572,10 @@ def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[
         for kind in ("depends_on", "depends_on_any"):
             if a[kind] != b[kind]:
                 structural.append(f"step {sid!r}: {kind} was {a[kind]}, is now {b[kind]}")
+        if ("for_each" in a) != ("for_each" in b):
+            structural.append(
+                f"step {sid!r}: " + ("is no longer" if "for_each" in a else "is now") + " a for_each step"
+            )
         if a["code"] != b["code"]:
             bodies.append(sid)
     return sorted(structural), sorted(bodies)

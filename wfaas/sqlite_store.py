@@ -9,6 +9,8 @@ reads it). Per instance::
     i/<iid>/f/<field>    one encoded data field                   (written when a step replaced it)
     i/<iid>/k/<field>/<key hex>  one key of a dict field          (written when a step changed that key)
     i/<iid>/x/<name>     write-once records: data class, definition fingerprint
+    i/<iid>/L/<step>     a for_each step's collection: [(key, encoded item)]  (written once, when computed)
+    i/<iid>/t/<step>\x1f<position>  one item of a for_each step              (written when that item changes)
     l/<iid>/<step>\x1f<attempt>\x1f<part>   what one attempt printed and logged (an ``AttemptLog``)
 
 and ``wfaas/format`` holds the layout version. A scheduler turn is one
@@ -341,6 +343,11 @@ class SqliteStore(StateStore):
                     rows.append((f"{prefix}f/{name}", sqlite3.Binary(blob)))
             for name, changes in cp.deltas.items():
                 rows += [(f"{prefix}k/{name}/{k.hex()}", sqlite3.Binary(v)) for k, v in changes.items()]
+            for sid, listed in cp.item_lists.items():  # a new collection: the step's old items go
+                ranges.append((f"{prefix}t/{sid}\x1f", f"{prefix}t/{sid}\x20"))
+                rows.append((f"{prefix}L/{sid}", _encode(listed)))
+            for sid, records in cp.items.items():
+                rows += [(f"{prefix}t/{sid}\x1f{n:08d}", _encode(rec)) for n, rec in records.items()]
             if cp.meta is not None:
                 rows.append((f"m/{cp.instance_id}", _encode(cp.meta)))
             for (sid, number, part), log in cp.logs.items():
@@ -404,6 +411,11 @@ class SqliteStore(StateStore):
                 record.steps[name] = self._decode(instance_id, key, value)
             elif kind == "x/" and name:
                 record.extra[name] = self._decode(instance_id, key, value)
+            elif kind == "L/" and name:
+                record.item_lists[name] = self._decode(instance_id, key, value)
+            elif kind == "t/" and "\x1f" in name:
+                sid, _, n = name.rpartition("\x1f")
+                record.items.setdefault(sid, {})[int(n)] = self._decode(instance_id, key, value)
             else:  # a key damaged in a sound file: SQLite's checks cannot see it
                 raise StoreError(self._bad_record(instance_id, f"unexpected key {key!r}"))
         return record
