@@ -296,7 +296,10 @@ class ForEachSteps:
             if new is S.SUCCEEDED:
                 self._finish(run, step, S.SUCCEEDED)
             elif new is S.FAILED:
-                self._fail_for_good(run, step, self._items_failed(run, step))
+                error = self._items_failed(run, step)
+                fields = {"attempt": step.attempts, "error": str(error), "will_retry": False}
+                self._event(ev.StepFailed, run, self.clock.now(), step_id=step.sid, **fields)
+                self._fail_for_good(run, step, error)
             elif new is not None:  # CANCELLED or PENDING: the run stopped before its items ran
                 self._set_status(run, step, new)
                 step.finished_at = self.clock.now() if new is S.CANCELLED else None

@@ -78,6 +78,7 @@ _DONE = (S.SUCCEEDED, S.SKIPPED, S.FAILED)
 # Errors of finished runs kept in memory, so that wait_for_completion raises the very exception (with its
 # cause); beyond that a long-lived engine would grow with every failed run, and the store answers instead.
 ERRORS_KEPT = 1000
+Words = Callable[..., WorkflowError]
 
 
 class Scheduler(Loop, ForEachSteps):
@@ -225,9 +226,7 @@ class Scheduler(Loop, ForEachSteps):
         else:
             self._enqueue(run, step, now)
 
-    def _condition_raised(
-        self, run: Run, step: StepRun, exc: Exception, words: Callable[..., WorkflowError] = verdicts.run_if_raised
-    ) -> None:
+    def _condition_raised(self, run: Run, step: StepRun, exc: Exception, words: Words = verdicts.run_if_raised) -> None:
         """A raising run_if (or for_each) is the step's failed attempt (recorded, StepFailed, on_failure), never
         retried: a retry would dispatch the step without asking run_if again."""
         step.attempts += 1
@@ -399,15 +398,15 @@ class Scheduler(Loop, ForEachSteps):
         step.error = verdicts.reason(error)
         now = self.clock.now()
         retry = verdict is Verdict.RETRY
-        fields = {"attempt": step.attempts, "error": str(error), "will_retry": retry, "usage": step.usage, **_key(step)}
-        self._event(ev.StepFailed, run, now, step_id=step.sid, **fields)
+        fields = {"attempt": step.attempts, "error": str(error), "will_retry": retry, "usage": step.usage}
+        self._event(ev.StepFailed, run, now, step_id=step.sid, **fields, **_key(step))
         if retry:
             self._set_status(run, step, S.WAITING)
             step.waited_from, step.wait_kind = self.clock.monotonic(), WaitKind.BACKOFF
             step.wait_until = now + verdicts.delta(delay)
             step.timer = self.timer(self.clock.monotonic() + delay, TimerKind.RETRY, step)
-            retrying = {"attempt": step.attempts + 1, "delay": delay, **_key(step)}
-            self._event(ev.StepRetrying, run, now, step_id=step.sid, **retrying)
+            retrying = {"attempt": step.attempts + 1, "delay": delay}
+            self._event(ev.StepRetrying, run, now, step_id=step.sid, **retrying, **_key(step))
             return
         step.final_error = error
         if verdict is Verdict.HOOK:

@@ -238,7 +238,7 @@ class FakePool:
         """The oldest kill still pending (of ``step_id``'s slot) is over: its tree is dead."""
         for request in self.kills:
             task = request.slot.task
-            if step_id is None or (task is not None and task.step.sid == step_id):
+            if step_id is None or (task is not None and task.step.label == step_id):
                 self.kills.remove(request)
                 request.done(request.slot, request.exit or Exit(exitcode, request.slot.last_rss))
                 return request
