@@ -1,0 +1,225 @@
+"""``for_each`` with real worker processes: per-item timeouts, the concurrency cap, kill -9 and resume, scale.
+
+What the tick tests (``test_for_each_tick.py``) cannot show: that a timeout
+kills only the item's own worker tree, that ``with_concurrency`` holds on
+real time, that a ``wfaas-local run`` killed with SIGKILL mid-items resumes
+without running a succeeded item again or computing the list again, and
+that 10,000 items complete.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from wfaas import (
+    FailureAction,
+    SqliteStore,
+    StepDefinition,
+    StepStatus,
+    WorkflowData,
+    WorkflowDefinition,
+    WorkflowEngine,
+    WorkflowStatus,
+)
+from wfaas.store import record_to_state
+
+from conftest import reap, wait_for, wait_until
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+S, W = StepStatus, WorkflowStatus
+
+
+@dataclass
+class ItemData(WorkflowData):
+    folder: str = ""
+    names: list[str] = field(default_factory=list)
+    done: dict[str, int] = field(default_factory=dict)
+
+
+def stuck_on_b(ctx: Any) -> None:
+    if ctx.item == "b":
+        wait_for(Path(ctx.data.folder) / "never", timeout=120)  # stopped by its timeout long before
+    ctx.data.done[ctx.item_key] = os.getpid()
+
+
+def trivial(ctx: Any) -> None:
+    ctx.data.done[ctx.item_key] = 1
+
+
+def short_sleep(ctx: Any) -> None:
+    time.sleep(0.05)
+
+
+def names(data: ItemData) -> list[str]:
+    return data.names
+
+
+@pytest.mark.slow  # waits out a real 1 s timeout; the other items need well under 60 s each
+def test_a_timeout_kills_only_the_item_that_ran_over(tmp_path: Path) -> None:
+    step = (
+        StepDefinition("e", "e", stuck_on_b)
+        .for_each(names)
+        .with_timeout(1.0)
+        .with_failure_action(FailureAction.CONTINUE_NEXT_STEP)
+    )
+    with WorkflowEngine(max_workers=2, grace_period=0.5) as engine:
+        engine.register_workflow(WorkflowDefinition("t", data_type=ItemData).add_step(step))
+        iid = engine.start_workflow("t", ItemData(folder=str(tmp_path), names=["a", "b", "c", "d"]))
+        engine.wait_for_completion(iid, timeout=60)
+        state = engine.get_status(iid)
+    items = state.step_states["e"].items or {}
+    assert {k: i.status for k, i in items.items()} == {
+        "a": S.SUCCEEDED,
+        "b": S.FAILED,
+        "c": S.SUCCEEDED,
+        "d": S.SUCCEEDED,
+    }
+    assert items["b"].history[-1].outcome == "timed_out"
+    assert "timed out after 1 s" in (items["b"].error or "")
+    assert set(state.data.done) == {"a", "c", "d"}
+
+
+@pytest.mark.slow  # 12 items of 50 ms on 4 workers; the cap is checked on the recorded times, any load
+def test_with_concurrency_2_is_never_exceeded(tmp_path: Path) -> None:
+    step = StepDefinition("e", "e", short_sleep).for_each(names).with_concurrency(2)
+    with WorkflowEngine(max_workers=4, store=SqliteStore(tmp_path / "r.sqlite")) as engine:
+        engine.register_workflow(WorkflowDefinition("c", data_type=ItemData).add_step(step))
+        iid = engine.start_workflow("c", ItemData(names=[f"n{i}" for i in range(12)]))
+        engine.wait_for_completion(iid, timeout=60)
+        items = engine.get_status(iid).step_states["e"].items or {}
+    spans = [(a.started_at, a.finished_at) for i in items.values() for a in i.history]
+    assert len(spans) == 12
+    moments = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])  # ends before starts
+    running = peak = 0
+    for _, change in moments:
+        running += change
+        peak = max(peak, running)
+    assert peak == 2  # never more; and with 4 workers and 12 items, two did run side by side
+
+
+def test_ten_thousand_items_complete(tmp_path: Path) -> None:
+    step = StepDefinition("e", "e", trivial).for_each(names)
+    started = time.monotonic()
+    with WorkflowEngine(max_workers=2, store=SqliteStore(tmp_path / "r.sqlite")) as engine:
+        engine.register_workflow(WorkflowDefinition("big", data_type=ItemData).add_step(step))
+        iid = engine.start_workflow("big", ItemData(names=[f"f{i:05d}" for i in range(10_000)]))
+        engine.wait_for_completion(iid, timeout=120)
+        state = engine.get_status(iid)
+    took = time.monotonic() - started
+    e = state.step_states["e"]
+    assert (e.status, e.items_total, e.items_done) == (S.SUCCEEDED, 10_000, 10_000)
+    assert list(e.items or ())[:2] == ["f00000", "f00001"]
+    assert len(state.data.done) == 10_000
+    assert took < 60, f"10,000 trivial items took {took:.1f} s"
+
+
+# -- kill -9 of wfaas-local run mid-items, then resume ------------------------------------------
+
+TARGET = textwrap.dedent(
+    '''
+    """20 items; each execution leaves a file in RUNS; items from i10 on wait for the file GO."""
+    import os, time
+    from dataclasses import dataclass, field
+    from pathlib import Path
+    from wfaas import StepDefinition, WorkflowData, WorkflowDefinition
+
+    @dataclass
+    class D(WorkflowData):
+        folder: str = ""
+        done: dict = field(default_factory=dict)
+
+    def listing(data):
+        with open(Path(data.folder) / "listed", "a") as f:  # one line per computation of the list
+            f.write("listed\\n")
+        return [f"i{n:02d}" for n in range(20)]
+
+    def body(ctx):
+        folder = Path(ctx.data.folder)
+        (folder / "runs" / f"{ctx.item_key}.{os.getpid()}.{time.monotonic_ns()}").touch()
+        if ctx.item_key >= "i10":
+            while not (folder / "go").exists():
+                time.sleep(0.01)
+        ctx.data.done[ctx.item_key] = ctx.attempt
+
+    workflow = WorkflowDefinition("killed", data_type=D).add_step(StepDefinition("e", "e", body).for_each(listing))
+    '''
+)
+
+
+def _state(store: SqliteStore, iid: str) -> Any:
+    record = store.read(iid)
+    assert record is not None
+    return record_to_state(iid, record, decode_data=False)  # its data class lives in the target file
+
+
+def _succeeded(store_path: Path) -> tuple[str, set[str]]:
+    store = SqliteStore(store_path, readonly=True)
+    try:
+        ids = store.ids()
+        if not ids:
+            return "", set()
+        [iid] = ids
+        items = _state(store, iid).step_states["e"].items or {}
+        return iid, {k for k, i in items.items() if i.status is S.SUCCEEDED}
+    finally:
+        store.close()
+
+
+def test_kill_9_mid_items_then_resume_runs_no_succeeded_item_again(tmp_path: Path) -> None:
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "target.py").write_text(TARGET)
+    store = tmp_path / "r.sqlite"
+    data = f'{{"folder": "{tmp_path}"}}'
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    cli = [sys.executable, "-m", "wfaas.command_line"]
+    run = subprocess.Popen(
+        [*cli, "run", f"{tmp_path}/target.py:workflow", "--data", data, "--store", str(store), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+    try:
+        # Wait until the first ten items are checkpointed SUCCEEDED and two more are stuck in workers.
+        wait_until(lambda: store.exists() and len(_succeeded(store)[1]) == 10, 60, "ten items checkpointed")
+        wait_until(lambda: len(list((tmp_path / "runs").glob("i1[0-9].*"))) == 2, 30, "two items in workers")
+        os.killpg(run.pid, signal.SIGKILL)  # the CLI, its workers' guard sees it go and kills the workers
+        run.wait(timeout=30)
+    finally:
+        reap(run)
+    iid, before = _succeeded(store)
+    assert before == {f"i{n:02d}" for n in range(10)}
+    executed_before = {p.name.split(".")[0] for p in (tmp_path / "runs").iterdir()}
+    (tmp_path / "go").touch()
+    resumed = subprocess.run(
+        [*cli, "resume", iid, "--store", str(store), "--workers", "2", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    runs: dict[str, int] = {}
+    for p in (tmp_path / "runs").iterdir():
+        key = p.name.split(".")[0]
+        runs[key] = runs.get(key, 0) + 1
+    assert all(runs[k] == 1 for k in before), runs  # no succeeded item ran again
+    assert set(runs) == {f"i{n:02d}" for n in range(20)}
+    assert executed_before >= {"i10", "i11"}
+    assert (tmp_path / "listed").read_text() == "listed\n"  # the list was not computed again
+    check = SqliteStore(store, readonly=True)
+    try:
+        state = _state(check, iid)
+    finally:
+        check.close()
+    assert state.status is W.COMPLETED
+    assert state.step_states["e"].items_done == 20
