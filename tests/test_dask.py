@@ -78,12 +78,13 @@ def test_examples_give_the_same_data_as_local(dengine: WorkflowEngine, tmp_path:
     import quickstart
 
     assert dengine.max_workers == 2  # the cluster's threads
+    batch_files.make_sample_files(tmp_path, 12, seed=3)
     runs = {}
     for module, data in [
         (quickstart, quickstart.MyData(input="on dask")),
         (dag, dag.DagData()),
         (flaky_service, flaky_service.FlakyData()),
-        (batch_files, batch_files.BatchData(workdir=str(tmp_path))),
+        (batch_files, batch_files.BatchData(folder=str(tmp_path))),
     ]:
         dengine.register_workflow(module.workflow)
         runs[module.__name__] = dengine.start_workflow(module.workflow.id, data)
@@ -93,7 +94,7 @@ def test_examples_give_the_same_data_as_local(dengine: WorkflowEngine, tmp_path:
     assert data["quickstart"].result == "Processed: on dask"
     assert (data["dag"].parts, data["dag"].total, data["dag"].source) == ({"a": 1, "b": 2, "c": 3}, 6, "recomputed")
     assert data["flaky_service"].response.startswith("200 OK after 3 attempts")
-    assert len(data["batch_files"].counts) == batch_files.FILES
+    assert len(data["batch_files"].counts) == 12  # the files made below, listed at run time
     assert data["batch_files"].report == (tmp_path / "report.txt").read_text().strip()
     steps = dengine.get_status(runs["flaky_service"]).step_states
     assert steps["call_service"].attempts == 3
