@@ -27,7 +27,7 @@ from wfaas import (
 from wfaas.items import item_keys
 from wfaas.states import StepStatus, WorkflowStatus
 
-from conftest import Data, Ticker
+from conftest import Data, HeldStore, Ticker
 
 S, W = StepStatus, WorkflowStatus
 calls: list[Any] = []  # what the for_each functions were called with (they run in this process)
@@ -361,6 +361,23 @@ def test_a_crashed_worker_fails_only_its_item(ticker: Ticker) -> None:
     assert items["a"].history[-1].outcome == "crashed"
 
 
+def test_a_memory_limit_stops_only_the_item_over_it(ticker: Ticker) -> None:
+    limited = each("e").with_memory_limit(100 * 2**20).with_failure_action(FailureAction.CONTINUE_NEXT_STEP)
+    iid = ticker.start(wf(lister(), limited))
+    ticker.run("list")
+    slot = ticker.pool.busy()["e[b]"]
+    ticker.scheduler.supervisor.over_memory(slot, slot.task, 300 * 2**20)  # what the watchdog thread calls
+    ticker.turn()
+    [kill] = ticker.pool.kills
+    assert kill.slot is slot
+    ticker.pool.end_kill("e[b]", exitcode=-9)
+    ticker.turn()
+    run_all(ticker)
+    items = ticker.step(iid, "e").items or {}
+    assert {k: i.status for k, i in items.items()} == {"a": S.SUCCEEDED, "b": S.FAILED, "c": S.SUCCEEDED}
+    assert "its worker used 300 MiB, over the step's memory limit of 100 MiB" in (items["b"].error or "")
+
+
 # -- events, merges, hooks -------------------------------------------------------------------
 
 
@@ -441,6 +458,28 @@ def test_rerun_computes_the_list_again(ticker: Ticker) -> None:
         assert fresh.status(iid) is W.COMPLETED
     finally:
         fresh.close()
+
+
+def test_items_start_only_once_their_collection_is_committed() -> None:
+    store = HeldStore()
+    t = Ticker(store=store)
+    try:
+        iid = t.start(wf(lister(), each("e")))
+        store.commit()
+        t.turn()
+        t.run("list")
+        store.commit()  # the write in flight when list's result came (its RUNNING status) ...
+        t.turn()
+        assert t.busy() == set()  # ... so list's result and e's collection are being written now
+        record = store.read(iid)
+        assert record is not None and "e" not in record.item_lists  # written, not committed yet
+        store.commit()
+        t.turn()
+        assert t.busy() == {"e[a]", "e[b]"}
+        record = store.read(iid)
+        assert record is not None and [key for key, _ in record.item_lists["e"]] == ["a", "b", "c"]
+    finally:
+        t.close()
 
 
 def test_a_checkpoint_holds_only_the_items_that_changed(ticker: Ticker) -> None:

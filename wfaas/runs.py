@@ -258,6 +258,7 @@ class Run:
         self.data = RunData({})
         for step in self.steps:
             step.snapshot = None
+            step.items = None  # for_each: its items hold snapshots too
 
     @property
     def final(self) -> bool:
