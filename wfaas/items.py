@@ -265,7 +265,8 @@ class ForEachSteps:
         sdef = run.compiled.steps[step.index]
         if step.items is None:
             try:
-                keys, blobs = collect(sdef.items, run.data.build(run.cls))
+                # A data object of its own: what fn does to it stays out of the run (and of run_if's).
+                keys, blobs = collect(sdef.items, data_codec.build(run.cls, run.snapshot().fields))
             except ItemsError as exc:
                 self._condition_raised(run, step, exc, _words)
                 return
@@ -294,7 +295,10 @@ class ForEachSteps:
                 continue
             new = settled(step.items, run.stopping)
             if new is S.SUCCEEDED:
-                self._finish(run, step, S.SUCCEEDED)
+                began = step.started_at
+                self._finish(
+                    run, step, S.SUCCEEDED, duration=(self.clock.now() - began).total_seconds() if began else 0.0
+                )
             elif new is S.FAILED:
                 error = self._items_failed(run, step)
                 fields = {"attempt": step.attempts, "error": str(error), "will_retry": False}
