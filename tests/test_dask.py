@@ -101,6 +101,22 @@ def test_examples_give_the_same_data_as_local(dengine: WorkflowEngine, tmp_path:
     assert steps["optional_enrich"].status.value == "failed"
 
 
+def _item_once_flaky(ctx: Any) -> None:
+    if ctx.item == "b" and ctx.attempt == 1:
+        raise RuntimeError("b fails its first attempt")
+    ctx.data.items[ctx.item_key] = (ctx.item * 2, ctx.attempt)
+
+
+def test_for_each_items_run_on_the_cluster_each_retried_on_its_own(dengine: WorkflowEngine) -> None:
+    step = StepDefinition("e", "e", _item_once_flaky).for_each(lambda data: data.log).with_retry(RetryPolicy(2))
+    dengine.register_workflow(WorkflowDefinition("items", "items", data_type=Data).add_step(step))
+    iid = dengine.start_workflow("items", Data(log=["a", "b", "c"]))
+    dengine.wait_for_completion(iid, timeout=90)
+    state = dengine.get_status(iid)
+    assert state.data.items == {"a": ("aa", 1), "b": ("bb", 2), "c": ("cc", 1)}
+    assert [i.attempts for i in (state.step_states["e"].items or {}).values()] == [1, 2, 1]
+
+
 # -- large fields --------------------------------------------------------------------
 
 
