@@ -160,6 +160,15 @@ def test_an_empty_collection_succeeds_at_once_and_its_dependents_run(ticker: Tic
     assert ticker.status(iid) is W.COMPLETED
 
 
+def test_a_delayed_step_with_an_empty_collection_ends_the_run_when_its_delay_is_over(ticker: Ticker) -> None:
+    iid = ticker.start(wf(lister([]), each("e").with_delay(5)))
+    ticker.run("list")
+    assert ticker.step(iid, "e").status is S.WAITING
+    ticker.advance(5)
+    assert ticker.step(iid, "e").status is S.SUCCEEDED
+    assert ticker.status(iid) is W.COMPLETED
+
+
 def test_run_if_false_skips_the_step_without_computing_its_items(ticker: Ticker) -> None:
     iid = ticker.start(wf(lister(), each("e").run_if(lambda ctx: False)))
     ticker.run("list")

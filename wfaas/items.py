@@ -59,6 +59,7 @@ if TYPE_CHECKING:
         ) -> None: ...
         def _fail_for_good(self, run: Run, step: StepRun, error: WorkflowError) -> None: ...
         def _items_failed(self, run: Run, step: StepRun) -> WorkflowError: ...
+        def _maybe_finish(self, run: Run) -> None: ...
 
 
 S = StepStatus
@@ -278,7 +279,8 @@ class ForEachSteps:
         for item in step.items.items:
             if not item.done:
                 self._enqueue(run, item, now)
-        run.unsettled.add(step)  # an empty (or, resumed, finished) collection ends at once
+        run.unsettled.add(step)
+        self._maybe_finish(run)  # an empty (or, resumed, finished) collection ends now, whoever opened it
 
     def _release_item(self: Scheduler, item: StepRun) -> None:
         """An item's attempt left its worker: under ``with_concurrency`` the next one may be queued."""
