@@ -343,11 +343,7 @@ class SqliteStore(StateStore):
                     rows.append((f"{prefix}f/{name}", sqlite3.Binary(blob)))
             for name, changes in cp.deltas.items():
                 rows += [(f"{prefix}k/{name}/{k.hex()}", sqlite3.Binary(v)) for k, v in changes.items()]
-            for sid, listed in cp.item_lists.items():  # a new collection: the step's old items go
-                ranges.append((f"{prefix}t/{sid}\x1f", f"{prefix}t/{sid}\x20"))
-                rows.append((f"{prefix}L/{sid}", _encode(listed)))
-            for sid, records in cp.items.items():
-                rows += [(f"{prefix}t/{sid}\x1f{n:08d}", _encode(rec)) for n, rec in records.items()]
+            _item_rows(prefix, cp, rows, ranges)
             if cp.meta is not None:
                 rows.append((f"m/{cp.instance_id}", _encode(cp.meta)))
             for (sid, number, part), log in cp.logs.items():
@@ -411,11 +407,8 @@ class SqliteStore(StateStore):
                 record.steps[name] = self._decode(instance_id, key, value)
             elif kind == "x/" and name:
                 record.extra[name] = self._decode(instance_id, key, value)
-            elif kind == "L/" and name:
-                record.item_lists[name] = self._decode(instance_id, key, value)
-            elif kind == "t/" and "\x1f" in name:
-                sid, _, n = name.rpartition("\x1f")
-                record.items.setdefault(sid, {})[int(n)] = self._decode(instance_id, key, value)
+            elif (kind == "L/" and name) or (kind == "t/" and name[-9:-8] == "\x1f" and name[-8:].isdigit()):
+                _put_item(record, kind, name, self._decode(instance_id, key, value))
             else:  # a key damaged in a sound file: SQLite's checks cannot see it
                 raise StoreError(self._bad_record(instance_id, f"unexpected key {key!r}"))
         return record
@@ -568,6 +561,22 @@ def _wal(conn: sqlite3.Connection) -> None:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
+
+
+def _item_rows(prefix: str, cp: Checkpoint, rows: list[tuple[str, Any]], ranges: list[tuple[str, str]]) -> None:
+    """A for_each step's rows: its collection when new (its old items go), and the items that changed."""
+    for sid, listed in cp.item_lists.items():
+        ranges.append((f"{prefix}t/{sid}\x1f", f"{prefix}t/{sid}\x20"))
+        rows.append((f"{prefix}L/{sid}", _encode(listed)))
+    for sid, records in cp.items.items():
+        rows += [(f"{prefix}t/{sid}\x1f{n:08d}", _encode(rec)) for n, rec in records.items()]
+
+
+def _put_item(record: Record, kind: str, name: str, value: Any) -> None:
+    if kind == "L/":
+        record.item_lists[name] = value
+    else:
+        record.items.setdefault(name[:-9], {})[int(name[-8:])] = value
 
 
 def _delta_key(name: str) -> tuple[str, bytes] | None:
