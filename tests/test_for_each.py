@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -229,3 +230,32 @@ def test_kill_9_mid_items_then_resume_runs_no_succeeded_item_again(tmp_path: Pat
         check.close()
     assert state.status is W.COMPLETED
     assert state.step_states["e"].items_done == 20
+
+
+# -- the item table in SqliteStore -----------------------------------------------------------
+
+
+def test_sqlite_keeps_one_row_per_item_and_a_rerun_replaces_them(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite"
+    definition = WorkflowDefinition("rows", data_type=ItemData).add_step(
+        StepDefinition("e", "e", trivial).for_each(numbered)
+    )
+    with WorkflowEngine(max_workers=2, store=SqliteStore(path)) as engine:
+        engine.register_workflow(definition)
+        iid = engine.start_workflow("rows", ItemData(count=5))
+        engine.wait_for_completion(iid, timeout=60)
+
+        def keys() -> list[str]:
+            with sqlite3.connect(path) as db:
+                return [k for (k,) in db.execute("SELECT key FROM wfaas WHERE key LIKE ?", (f"i/{iid}/%",))]
+
+        first = keys()
+        assert sorted(k for k in first if "/t/" in k) == [f"i/{iid}/t/e\x1f{n:08d}" for n in range(5)]
+        assert [k for k in first if "/L/" in k] == [f"i/{iid}/L/e"]
+        assert [k for k in first if "/s/" in k] == [f"i/{iid}/s/e"]  # no step record per item
+        engine.store.update(iid, lambda state: setattr(state.data, "count", 3))
+        engine.resume(iid, rerun=["e"])
+        engine.wait_for_completion(iid, timeout=60)
+        assert sorted(k for k in keys() if "/t/" in k) == [f"i/{iid}/t/e\x1f{n:08d}" for n in range(3)]
+        items = engine.get_status(iid).step_states["e"].items or {}
+        assert list(items) == ["f00000", "f00001", "f00002"]
