@@ -23,6 +23,7 @@ from wfaas import (
     WorkflowContext,
     WorkflowDefinition,
     events,
+    wire,
 )
 from wfaas.items import item_keys
 from wfaas.states import StepStatus, WorkflowStatus
@@ -396,6 +397,24 @@ def test_events_carry_the_item_key(ticker: Ticker) -> None:
     ticker.run("e[a]")
     seen = [(type(e).__name__, e.item_key) for e in ticker.events() if getattr(e, "step_id", None) == "e"]
     assert seen == [("StepStarted", None), ("StepStarted", "a"), ("StepFailed", "a"), ("StepFailed", None)]
+
+
+def test_what_an_item_prints_is_its_own_output_and_log(ticker: Ticker) -> None:
+    iid = ticker.start(wf(lister(["a", "b"]), each("e")))
+    ticker.run("list")
+    for key in ("a", "b"):
+        sent = ticker.pool.last_sent(f"e[{key}]")
+        ticker.pool.reply(f"e[{key}]", wire.Output(sent.task_id, [(0.0, 20, f"live {key}")]))
+        line = (0.0, 20, f"kept {key}")
+        ticker.pool.reply(f"e[{key}]", wire.Done(sent.task_id, "success", {}, [], ([line], 0, 0), {"wall": 0.001}))
+    ticker.turn()
+    outputs = [(e.item_key, e.lines[0][2]) for e in ticker.events(events.StepOutput)]
+    assert sorted(outputs) == [("a", "kept a"), ("a", "live a"), ("b", "kept b"), ("b", "live b")]
+    logs = ticker.store.read_logs(iid, "e")
+    assert sorted((log.part, log.attempt, log.lines[0][2]) for log in logs) == [
+        ("[a]", 1, "kept a"),
+        ("[b]", 1, "kept b"),
+    ]
 
 
 def test_items_writing_one_plain_field_differently_conflict(ticker: Ticker) -> None:
