@@ -30,7 +30,7 @@ killing a process tree happens on a helper thread that reports back the same
 way (``supervision.py``). What is decided, not done, lives beside it: run
 data and merges (``rundata.py``), verdicts and error wording
 (``verdicts.py``), checkpoints and group commit (``commits.py``), the
-records and the ready queue (``runs.py``).
+records and the ready queue (``runs.py``), for_each's items (``items.py``).
 """
 
 from __future__ import annotations
