@@ -106,6 +106,7 @@ def run_all(ticker: Ticker, limit: int = 50) -> None:
 
 def test_items_come_from_upstream_data_each_with_its_key_and_idempotency_key(ticker: Ticker) -> None:
     iid = ticker.start(wf(lister(), each("e"), StepDefinition("r", "r", record_items).depends_on(["e"])))
+    assert (ticker.step(iid, "e").items, ticker.step(iid, "list").items) == ({}, None)  # not computed yet
     ticker.run("list")
     assert ticker.busy() == {"e[a]", "e[b]"}
     run_all(ticker)
