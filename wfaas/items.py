@@ -284,8 +284,7 @@ class ForEachSteps:
 
     def _release_item(self: Scheduler, item: StepRun) -> None:
         """An item's attempt left its worker: under ``with_concurrency`` the next one may be queued."""
-        assert item.parent is not None and item.parent.items is not None
-        nxt = item.parent.items.release()
+        nxt = item.table.release()
         if nxt is not None:
             self._ready.push(item.run, nxt, next(self._seq))
 

@@ -151,6 +151,12 @@ class StepRun:
     items: ItemTable | None = None  # of a for_each step: its items, once computed (or restored)
 
     @property
+    def table(self) -> ItemTable:
+        """Of an item: the item table of its for_each step."""
+        assert self.parent is not None and self.parent.items is not None, f"{self.label} is not an item"
+        return self.parent.items
+
+    @property
     def label(self) -> str:
         """``step`` or, for an item, ``step[key]``: who wrote a field, in merges and messages."""
         return self.sid if self.item_key is None else f"{self.sid}[{self.item_key}]"

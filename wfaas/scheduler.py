@@ -240,7 +240,7 @@ class Scheduler(Loop, ForEachSteps):
 
     def _enqueue(self, run: Run, step: StepRun, now: float) -> None:
         step.enqueued = now
-        if step.parent is None or step.parent.items.admit(step):  # type: ignore[union-attr]
+        if step.parent is None or step.table.admit(step):
             self._ready.push(run, step, next(self._seq))
 
     def _queue_hook(self, run: Run, step: StepRun, hook: Hook) -> None:
@@ -554,7 +554,7 @@ class Scheduler(Loop, ForEachSteps):
             run.done_steps += (new in _DONE) - (old in _DONE) if step.parent is None else 0
             step.status = new
         if step.parent is not None:
-            step.parent.items.moved(step, old)  # type: ignore[union-attr]
+            step.table.moved(step, old)
             run.unsettled.add(step.parent)
         run.dirty_steps.add(step.index)
         self._out.dirty[run.iid] = run
