@@ -425,6 +425,8 @@ def fingerprint(definition: WorkflowDefinition) -> dict[str, Any]:
             "depends_on_any": sorted(s.any_dependencies),
             "code": body_hash(s.body),
         }
+        if s.items is not None:  # only then: runs stored before for_each keep their fingerprint
+            steps[s.id]["for_each"] = body_hash(s.items)
     return {"workflow_id": definition.id, "steps": steps}
 
 

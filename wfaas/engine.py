@@ -40,7 +40,7 @@ from .rundata import RunData
 from .runs import Compiled, Run, encode_bodies
 from .scheduler import Scheduler
 from .states import WorkflowState, WorkflowStatus
-from .store import InMemoryStore, StateStore, data_class
+from .store import InMemoryStore, Record, StateStore, data_class
 
 __all__ = ["CleanupHandle", "WorkflowEngine"]
 
@@ -352,8 +352,7 @@ class WorkflowEngine:
         run = Run(instance_id, compiled, cls, record.extra["class"], RunData(fields), created_at=meta["created_at"])
         run.status = status
         run.extra = {"fingerprint": compiled.fingerprint}
-        steps = {sid: rec for sid, rec in record.steps.items() if sid in compiled.index}
-        result: str = self._call(self._scheduler.start_run, run, steps, reruns)
+        result: str = self._call(self._scheduler.start_run, run, resumed_steps(record, compiled), reruns)
         return result
 
     def _refuse_if_running(self, instance_id: str, status: WorkflowStatus, owner: dict[str, Any]) -> None:
@@ -535,6 +534,15 @@ def _downstream(compiled: Compiled, steps: list[str], instance_id: str) -> set[s
     return out
 
 
+def resumed_steps(record: Record, compiled: Compiled) -> dict[str, dict[str, Any]]:
+    """The step records ``Scheduler.start_run`` resumes from; a for_each step's with its items (not recomputed)."""
+    steps = {sid: rec for sid, rec in record.steps.items() if sid in compiled.index}
+    for sid, listed in record.item_lists.items():
+        if sid in steps:
+            steps[sid] = {**steps[sid], "item_list": listed, "item_records": record.items.get(sid, {})}
+    return steps
+
+
 def owner_alive(owner: dict[str, Any]) -> bool:
     """Whether the process recorded as an instance's owner still runs (PID and start time match)."""
     pid = owner.get("pid")
@@ -569,6 +577,10 @@ def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[
         for kind in ("depends_on", "depends_on_any"):
             if a[kind] != b[kind]:
                 structural.append(f"step {sid!r}: {kind} was {a[kind]}, is now {b[kind]}")
+        if ("for_each" in a) != ("for_each" in b):
+            structural.append(
+                f"step {sid!r}: " + ("is no longer" if "for_each" in a else "is now") + " a for_each step"
+            )
         if a["code"] != b["code"]:
             bodies.append(sid)
     return sorted(structural), sorted(bodies)

@@ -26,7 +26,7 @@ from typing import Any
 from . import data as data_codec
 from .capture import AttemptLog
 from .errors import NotFound, StoreError
-from .states import StepState, WorkflowState, WorkflowStatus
+from .states import ItemState, StepState, WorkflowState, WorkflowStatus
 from .steps import WorkflowContext
 
 __all__ = ["Checkpoint", "InMemoryStore", "Record", "StateStore"]
@@ -50,6 +50,10 @@ class Checkpoint:
     # What attempts printed and logged, by (step, attempt, part): kept beside the records, read by
     # ``read_logs``; None removes that attempt's log.
     logs: dict[tuple[str, int, str], AttemptLog | None] = field(default_factory=dict)
+    # for_each steps: the collection, (key, encoded item) in order, written once when computed (it replaces
+    # the step's earlier items, records included); and the records of the items that changed, by position.
+    item_lists: dict[str, list[tuple[str, bytes]]] = field(default_factory=dict)
+    items: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
 
 
 TOMBSTONE = b""
@@ -66,11 +70,17 @@ class Record:
     extra: dict[str, Any]
     deltas: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
     where: str = ""  # the file it was read from, for messages about a damaged record
+    item_lists: dict[str, list[tuple[str, bytes]]] = field(default_factory=dict)  # see Checkpoint
+    items: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
 
     def apply(self, cp: Checkpoint) -> None:
         if cp.meta is not None:
             self.meta = cp.meta
         self.steps.update(cp.steps)
+        for sid, listed in cp.item_lists.items():
+            self.item_lists[sid], self.items[sid] = listed, {}
+        for sid, records in cp.items.items():
+            self.items.setdefault(sid, {}).update(records)
         for name, blob in cp.fields.items():
             self.deltas.pop(name, None)
             if blob is None:
@@ -270,14 +280,19 @@ def record_to_state(instance_id: str, record: Record, *, decode_data: bool = Tru
             "be read, other runs are not affected: restore the store from a backup, or delete that run"
         ) from exc
     # Steps in definition order (the fingerprint keeps it), whatever order the store returns.
-    order = {sid: i for i, sid in enumerate((record.extra.get("fingerprint") or {}).get("steps", {}))}
+    known = (record.extra.get("fingerprint") or {}).get("steps", {})
+    order = {sid: i for i, sid in enumerate(known)}
     steps = sorted(record.steps.items(), key=lambda item: order.get(item[0], len(order)))
+    step_states = {sid: StepState.from_record(rec) for sid, rec in steps}
+    for sid, state in step_states.items():
+        if sid in record.item_lists or (known.get(sid) or {}).get("for_each"):
+            state.items = item_states(record.item_lists.get(sid) or [], record.items.get(sid) or {})
     return WorkflowState(
         instance_id=instance_id,
         workflow_id=meta["workflow_id"],
         status=status,
         data=data_codec.build(data_class(record), fields) if decode_data else None,
-        step_states={sid: StepState.from_record(rec) for sid, rec in steps},
+        step_states=step_states,
         error=meta.get("error"),
         failed_step=meta.get("failed_step"),
         created_at=meta.get("created_at"),
@@ -285,6 +300,13 @@ def record_to_state(instance_id: str, record: Record, *, decode_data: bool = Tru
         context=context,
         owner=meta.get("owner"),
     )
+
+
+def item_states(listed: list[tuple[str, bytes]], records: dict[int, dict[str, Any]]) -> dict[str, ItemState]:
+    """A for_each step's items in collection order: as recorded, or PENDING if never started."""
+    return {
+        key: ItemState.from_record(records[n]) if n in records else ItemState(key) for n, (key, _) in enumerate(listed)
+    }
 
 
 def state_to_checkpoint(state: WorkflowState[Any], previous: Record | None) -> Checkpoint:
@@ -308,8 +330,14 @@ def state_to_checkpoint(state: WorkflowState[Any], previous: Record | None) -> C
         for name in previous.fields:
             fields.setdefault(name, None)
     extra = {**(previous.extra if previous else {}), "class": data_codec.encode_value(type(state.data))}
-    steps = {sid: s.to_record() for sid, s in state.step_states.items()}
-    return Checkpoint(state.instance_id, meta, steps, fields, extra, replace=True)
+    steps, lists, items = {}, {}, {}
+    for sid, step in state.step_states.items():
+        steps[sid] = {k: v for k, v in step.to_record().items() if k != "items"}  # items: in their own table
+        if previous and sid in previous.item_lists and step.items is not None:
+            lists[sid] = listed = previous.item_lists[sid]  # the items themselves are not in the state
+            at = {key: n for n, (key, _) in enumerate(listed)}
+            items[sid] = {at[key]: i.to_record() for key, i in step.items.items() if key in at}
+    return Checkpoint(state.instance_id, meta, steps, fields, extra, replace=True, item_lists=lists, items=items)
 
 
 class InMemoryStore(StateStore):
@@ -346,7 +374,10 @@ class InMemoryStore(StateStore):
             if record is None:
                 return None
             deltas = {name: dict(d) for name, d in record.deltas.items()}
-            return Record(dict(record.meta), dict(record.steps), dict(record.fields), dict(record.extra), deltas)
+            copy = Record(dict(record.meta), dict(record.steps), dict(record.fields), dict(record.extra), deltas)
+            copy.item_lists = dict(record.item_lists)
+            copy.items = {sid: dict(records) for sid, records in record.items.items()}
+            return copy
 
     def read_meta(self, instance_id: str) -> dict[str, Any] | None:
         with self._lock:
