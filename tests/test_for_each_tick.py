@@ -412,9 +412,9 @@ def test_what_an_item_prints_is_its_own_output_and_log(ticker: Ticker) -> None:
     outputs = [(e.item_key, e.lines[0][2]) for e in ticker.events(events.StepOutput)]
     assert sorted(outputs) == [("a", "kept a"), ("a", "live a"), ("b", "kept b"), ("b", "live b")]
     logs = ticker.store.read_logs(iid, "e")
-    assert sorted((log.part, log.attempt, log.lines[0][2]) for log in logs) == [
-        ("[a]", 1, "kept a"),
-        ("[b]", 1, "kept b"),
+    assert sorted((log.item_key, log.part, log.attempt, log.lines[0][2]) for log in logs) == [
+        ("a", "", 1, "kept a"),
+        ("b", "", 1, "kept b"),
     ]
 
 

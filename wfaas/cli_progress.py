@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _cli_logs, events
+from .cli_tables import step_error
 from .cli_text import plural
 from .states import StepStatus, WorkflowState
 
@@ -196,7 +197,7 @@ class Progress:
             self.running.pop(e.step_id, None)
             if not e.will_retry:
                 self._done.add((e.step_id, None))
-            return f"{e.step_id}: attempt {e.attempt} failed: {e.error}" + (" (will retry)" if e.will_retry else "")
+            return f"{e.step_id}: attempt {e.attempt} failed: {_failure(e)}"
         if isinstance(e, events.StepRetrying):
             self.retries += 1
             self.waiting[e.step_id] = f"backoff {e.delay:.2f}s"
@@ -231,7 +232,7 @@ class Progress:
             if not e.will_retry:
                 p.failed.add(key)
                 self._step_done_with(sid, p)
-            line = f"{sid}[{key}]: attempt {e.attempt} failed: {e.error}" + (" (will retry)" if e.will_retry else "")
+            line = f"{sid}[{key}]: attempt {e.attempt} failed: {_failure(e)}"
             return line + (f" [{p.line()}]" if not e.will_retry and p.milestone() else "")
         if isinstance(e, events.StepRetrying):
             self.retries += 1
@@ -258,3 +259,8 @@ class Progress:
 
 
 # -- running -------------------------------------------------------------------------
+
+
+def _failure(e: events.StepFailed) -> str:
+    """An attempt's error without the where-prefix the line already gives, and whether it will be retried."""
+    return step_error(e.error) + (" (will retry)" if e.will_retry else "")

@@ -291,8 +291,9 @@ class Run:
         """What an attempt (or hook) printed and logged, for the next checkpoint; the ``kept`` latest attempts'."""
         step = task.step
         item = f"[{step.item_key}]" if step.item_key is not None else ""  # each item's attempts have their own
-        part = item + (f"on_{task.hook.value}" if task.hook else "")
-        self.logs[(step.sid, task.attempt, part)] = AttemptLog(step.sid, task.attempt, lines, cut, part)
+        hook = f"on_{task.hook.value}" if task.hook else ""
+        log = AttemptLog(step.sid, task.attempt, lines, cut, hook, step.item_key)
+        self.logs[(step.sid, task.attempt, item + hook)] = log
         if not task.hook and task.attempt > kept:
             # Logs are kept for the attempts the history keeps: a step retried forever stays bounded.
             self.logs[(step.sid, task.attempt - kept, item)] = None

@@ -333,10 +333,14 @@ def state_to_checkpoint(state: WorkflowState[Any], previous: Record | None) -> C
     steps, lists, items = {}, {}, {}
     for sid, step in state.step_states.items():
         steps[sid] = {k: v for k, v in step.to_record().items() if k != "items"}  # items: in their own table
-        if previous and sid in previous.item_lists and step.items is not None:
-            lists[sid] = listed = previous.item_lists[sid]  # the items themselves are not in the state
-            at = {key: n for n, (key, _) in enumerate(listed)}
-            items[sid] = {at[key]: i.to_record() for key, i in step.items.items() if key in at}
+        if step.items is not None:
+            listed = previous.item_lists.get(sid, []) if previous else []
+            if [key for key, _ in listed] != list(step.items):
+                # The items themselves are not in the state: a state saved with other keys keeps its keys,
+                # each standing for its item.
+                listed = [(key, data_codec.encode_value(key)) for key in step.items]
+            lists[sid] = listed
+            items[sid] = {n: i.to_record() for n, i in enumerate(step.items.values())}
     return Checkpoint(state.instance_id, meta, steps, fields, extra, replace=True, item_lists=lists, items=items)
 
 
