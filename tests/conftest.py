@@ -17,6 +17,7 @@ import psutil
 import pytest
 from wfaas import WorkflowData, WorkflowDefinition, WorkflowEngine, events
 from wfaas import data as data_codec
+from wfaas.engine import resumed_steps
 from wfaas.rundata import RunData
 from wfaas.runs import Compiled, Run, encode_bodies
 from wfaas.scheduler import Scheduler
@@ -229,6 +230,17 @@ class Ticker:
         self.scheduler.start_run(run, None, set())
         self.turn(turns)
         return iid
+
+    def resume(self, definition: WorkflowDefinition, iid: str, reruns: set[str] | None = None, turns: int = 3) -> None:
+        """Resume a stored run in this ticker's scheduler, from its store, the way ``WorkflowEngine.resume`` does."""
+        record = self.store.read(iid)
+        assert record is not None, f"instance {iid} was never checkpointed"
+        compiled = Compiled(definition, encode_bodies(definition)[0])
+        fields = RunData(dict(record.resolved_fields()))
+        run = Run(iid, compiled, Data, record.extra["class"], fields, record.meta["created_at"])
+        run.status = WorkflowStatus(record.meta["status"])
+        self.scheduler.start_run(run, resumed_steps(record, compiled), reruns or set())
+        self.turn(turns)
 
     def turn(self, n: int = 3) -> None:
         for _ in range(n):

@@ -79,12 +79,13 @@ def test_examples_give_the_same_data_as_local(dengine: WorkflowEngine, tmp_path:
     import quickstart
 
     assert dengine.max_workers == 2  # the cluster's threads
+    batch_files.make_sample_files(tmp_path, 12, seed=3)
     runs = {}
     for module, data in [
         (quickstart, quickstart.MyData(input="on dask")),
         (dag, dag.DagData()),
         (flaky_service, flaky_service.FlakyData()),
-        (batch_files, batch_files.BatchData(workdir=str(tmp_path))),
+        (batch_files, batch_files.BatchData(folder=str(tmp_path))),
     ]:
         dengine.register_workflow(module.workflow)
         runs[module.__name__] = dengine.start_workflow(module.workflow.id, data)
@@ -94,11 +95,27 @@ def test_examples_give_the_same_data_as_local(dengine: WorkflowEngine, tmp_path:
     assert data["quickstart"].result == "Processed: on dask"
     assert (data["dag"].parts, data["dag"].total, data["dag"].source) == ({"a": 1, "b": 2, "c": 3}, 6, "recomputed")
     assert data["flaky_service"].response.startswith("200 OK after 3 attempts")
-    assert len(data["batch_files"].counts) == batch_files.FILES
+    assert len(data["batch_files"].counts) == 12  # the files made below, listed at run time
     assert data["batch_files"].report == (tmp_path / "report.txt").read_text().strip()
     steps = dengine.get_status(runs["flaky_service"]).step_states
     assert steps["call_service"].attempts == 3
     assert steps["optional_enrich"].status.value == "failed"
+
+
+def _item_once_flaky(ctx: Any) -> None:
+    if ctx.item == "b" and ctx.attempt == 1:
+        raise RuntimeError("b fails its first attempt")
+    ctx.data.items[ctx.item_key] = (ctx.item * 2, ctx.attempt)
+
+
+def test_for_each_items_run_on_the_cluster_each_retried_on_its_own(dengine: WorkflowEngine) -> None:
+    step = StepDefinition("e", "e", _item_once_flaky).for_each(lambda data: data.log).with_retry(RetryPolicy(2))
+    dengine.register_workflow(WorkflowDefinition("items", "items", data_type=Data).add_step(step))
+    iid = dengine.start_workflow("items", Data(log=["a", "b", "c"]))
+    dengine.wait_for_completion(iid, timeout=90)
+    state = dengine.get_status(iid)
+    assert state.data.items == {"a": ("aa", 1), "b": ("bb", 2), "c": ("cc", 1)}
+    assert [i.attempts for i in (state.step_states["e"].items or {}).values()] == [1, 2, 1]
 
 
 # -- large fields --------------------------------------------------------------------

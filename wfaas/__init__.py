@@ -55,7 +55,7 @@ from .events import (
     WorkflowFailed,
     WorkflowStarted,
 )
-from .states import Attempt, StepState, StepStatus, WorkflowState, WorkflowStatus
+from .states import Attempt, ItemState, StepState, StepStatus, WorkflowState, WorkflowStatus
 from .steps import FunctionStep, StepExecutor, StepResult, WorkflowContext
 from .store import InMemoryStore, StateStore
 
@@ -104,6 +104,7 @@ __all__ = [
     "InMemoryStore",
     "InvalidDefinition",
     "InvalidStateTransition",
+    "ItemState",
     "Linear",
     "LoggingSubscriber",
     "NotFound",

@@ -110,8 +110,9 @@ def prefixed(prefix: str, text: str) -> list[str]:
 
 
 def log_lines(log: AttemptLog) -> list[tuple[float, str]]:
-    """One attempt's shown lines as ``(time, "time step attempt text")``, the cut marker first."""
-    where = f"{log.step_id}{'.' + log.part if log.part else ''} {log.attempt}"
+    """One attempt's shown lines as ``(time, "time step[item] attempt text")``, the cut marker first."""
+    item = getattr(log, "item_key", None)  # a log stored before items existed has none
+    where = f"{log.step_id}{f'[{item}]' if item is not None else ''}{'.' + log.part if log.part else ''} {log.attempt}"
     out: list[tuple[float, str]] = []
     lines = shown(log.lines)
     if log.cut:
@@ -123,19 +124,26 @@ def log_lines(log: AttemptLog) -> list[tuple[float, str]]:
 
 
 def print_logs(
-    store: StateStore, iid: str, step: str | None, attempt: int | None, follow: bool, echo: Callable[[str], None]
+    store: StateStore,
+    iid: str,
+    step: str | None,
+    attempt: int | None,
+    follow: bool,
+    echo: Callable[[str], None],
+    item: str | None = None,
 ) -> int:
-    """Print a run's stored logs (``follow``: until the run ends); how many attempts had any."""
-    printed: dict[tuple[str, int, str], int] = {}
+    """Print a run's stored logs (``follow``: until the run ends; ``item``: only that item's); how many
+    attempts had any."""
+    printed: dict[tuple[str, str | None, int, str], int] = {}
     while True:
         # The status first: logs read after it include everything committed before it ended.
         meta = store.read_meta(iid) or {}
         finished = WorkflowStatus(meta.get("status", "completed")).is_terminal
         fresh: list[tuple[float, str]] = []
         for log in store.read_logs(iid, step):
-            if attempt is not None and log.attempt != attempt:
+            if (attempt is not None and log.attempt != attempt) or (item is not None and log.item_key != item):
                 continue
-            key = (log.step_id, log.attempt, log.part)
+            key = (log.step_id, getattr(log, "item_key", None), log.attempt, log.part)
             if key in printed:
                 continue  # an attempt's log is written once, when it ends
             lines = log_lines(log)

@@ -298,6 +298,8 @@ def execute(
         step_id=step_id,
         attempt=run.attempt,
         values=values,
+        item=pickle.loads(run.item) if run.item is not None else None,
+        item_key=run.item_key,
     )
     if hook is not None:
         # Hooks run once the outcome is decided (the result merged, or the step failed for good).

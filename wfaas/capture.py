@@ -55,7 +55,8 @@ class AttemptLog:
 
     ``part`` is ``""`` for the attempt itself, ``"on_success"`` / ``"on_failure"``
     for the hook that ran after it. ``cut`` counts the characters dropped from
-    the front to keep the last :data:`LIMIT`.
+    the front to keep the last :data:`LIMIT`. ``item_key`` is the item's key
+    for an attempt of one item of a ``for_each`` step (``None`` otherwise).
     """
 
     step_id: str
@@ -63,6 +64,7 @@ class AttemptLog:
     lines: list[LogLine] = field(default_factory=list)
     cut: int = 0
     part: str = ""
+    item_key: str | None = None
 
 
 # Signals whose Python-level disposition a step may change; SIGKILL and SIGSTOP cannot be caught.

@@ -8,7 +8,6 @@ code the command ends with.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 
 import click
 
-from . import _cli_logs, _signals, _threads
+from . import _cli_logs, _signals, _threads, cli_items
 from .cli_errors import EXIT_FAILED, EXIT_INTERRUPTED, fail
 from .cli_progress import Progress
 from .cli_store import DEFAULT_STORE
@@ -67,6 +66,8 @@ def follow(
         iid = start()
     except (WorkflowError, TypeError, ValueError) as exc:
         fail(str(exc).replace("\n", " "))
+    # No event carries how many items a for_each step has: the panel asks the run's state, once per step.
+    progress.items_total = lambda sid: engine.get_status(iid).step_states[sid].items_total
     resume_cmd, how = _resume_hint(iid, store_path)
     how_in_a_line = how if store_path == ":memory:" else f"continue it with: {resume_cmd}"
     code = 0
@@ -113,7 +114,7 @@ def _print_outcome(state: WorkflowState[Any], out: Any, *, quiet: bool, as_json:
     """The finished run: its table (or JSON), and for a failed or cancelled one why and how to continue."""
     resume_cmd, how = _resume_hint(state.instance_id, store_path)
     if as_json:
-        click.echo(json.dumps(state_json(state), indent=2))
+        click.echo(cli_items.dumps(state_json(state)))
     elif not quiet:
         print_steps(state, out)
     if state.status is WorkflowStatus.FAILED:

@@ -18,14 +18,28 @@ from .steps import WorkflowContext
 __all__ = ["plan_lines"]
 
 
-def plan_lines(definition: WorkflowDefinition, payload: Any, done: dict[str, str], now: datetime) -> Iterator[str]:
-    """One line per step in the order they can run; ``done``: the steps a resumed run will not run again."""
+def plan_lines(
+    definition: WorkflowDefinition,
+    payload: Any,
+    done: dict[str, str],
+    now: datetime,
+    items_done: dict[str, tuple[int, int]] | None = None,
+) -> Iterator[str]:
+    """One line per step in the order they can run; ``done``: the steps a resumed run will not run again;
+    ``items_done``: for a resumed run's unfinished for_each steps, (items succeeded, items in its list)."""
     for s in topological_order(definition):
         if s.id in done:
             yield f"{s.id}: already {done[s.id]} in that run; will not run again"
             continue
         why = _waits_for(s)
         verdict = _verdict(definition, s, payload, why)
+        if s.items is not None and s.id in (items_done or {}):
+            ok, total = (items_done or {})[s.id]
+            verdict += f" for the {total - ok} of its {total} items not done yet (the list is not computed again)"
+        elif s.items is not None:
+            verdict += " for each item of its list (computed when it is ready)"
+        if s.concurrency is not None:
+            why.append(f"at most {s.concurrency} at once")
         if s.delay:
             why.append(f"then waits {s.delay:g}s")
         if s.schedule is not None:

@@ -15,6 +15,7 @@ import re
 from datetime import datetime
 from typing import Any
 
+from .cli_items import ItemCounts, items_json, print_item_lines
 from .cli_text import PIPE_LIMIT, data_text, plural, shorten
 from .states import Attempt, StepState, StepStatus, WorkflowState
 
@@ -51,6 +52,11 @@ def _duration(start: datetime | None, end: datetime | None) -> float | None:
 
 
 def _row(sid: str, s: StepState) -> list[str]:
+    if s.items is not None:  # a for_each step: its items' attempts and CPU summed, their peak memory
+        counts = ItemCounts.of(s)
+        rss = "" if counts.max_rss is None else f"{counts.max_rss / 2**20:.0f} MiB"
+        duration = _seconds(_duration(s.started_at, s.finished_at))
+        return [sid, s.status.name, str(s.attempts + counts.attempts), duration, _seconds(counts.cpu), rss, ""]
     last = s.history[-1] if s.history else None
     waited = sum(a.waited + a.queued for a in s.history) if s.history else None
     return [
@@ -145,6 +151,7 @@ def print_steps(
     for sid, s in shown:
         table.add_row(*_row(sid, s))
     console.print(table)
+    print_item_lines(shown, console, state.instance_id)
     errors = [(sid, s.error) for sid, s in shown if s.error]
     if errors:
         console.print(Text("errors:"))
@@ -234,6 +241,7 @@ def state_json(state: WorkflowState[Any]) -> dict[str, Any]:
                 "duration": _duration(s.started_at, s.finished_at),
                 "error": s.error,
                 "history": [attempt_json(a) for a in s.history],
+                **items_json(s),
             }
             for sid, s in state.step_states.items()
         },

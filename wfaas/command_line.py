@@ -25,14 +25,15 @@ from typing import Any
 
 import click
 
-from . import _cli_logs
+from . import _cli_logs, cli_items
 from .cli_engine import close_engine, follow, interrupt_code, start_engine, stopped_by
 from .cli_errors import EXIT_FAILED, EXIT_INTERRUPTED, INTERRUPT_CODES, DamagedRuns, UsageProblem, fail
+from .cli_items import show_step
 from .cli_store import DEFAULT_STORE, load_run, open_store, orphans_by_target, read_metas, resolve_id
 from .cli_tables import runs_json, state_json
 from .cli_target import absolute_target, build_data, load_target
 from .cli_text import console, plural
-from .definition import topological_order
+from .definition import for_each_text, topological_order
 from .errors import InvalidDefinition, SerializationError, StoreError
 from .states import StepStatus, WorkflowStatus
 
@@ -249,7 +250,11 @@ def recover(store: str, workers: int | None, quiet: bool, dask: str | None) -> N
 @click.argument("instance_id", metavar="[ID]", required=False)
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
-@click.option("--step", metavar="STEP", help="Show this step's attempts, with errors and tracebacks.")
+@click.option(
+    "--step",
+    metavar="STEP",
+    help="Show this step's attempts, with errors and tracebacks (a for_each step: its items; 'STEP[KEY]': one item).",
+)
 def status(instance_id: str | None, store: str, as_json: bool, step: str | None) -> None:
     """Show a run's steps (no ID: the newest run). Safe while the run is in progress.
 
@@ -272,16 +277,11 @@ def status(instance_id: str | None, store: str, as_json: bool, step: str | None)
     finally:
         state_store.close()
     if step is not None:
-        if step not in state.step_states:
-            fail(f"run {state.instance_id} has no step {step!r}; its steps: {', '.join(state.step_states)}")
-        if as_json:
-            click.echo(json.dumps(state_json(state)["steps"][step], indent=2))
-        else:
-            _cli_logs.print_step(state, step, console())
+        show_step(state, step, as_json)
         return
     note = owner_note(record.meta, iid, None if store == DEFAULT_STORE else store)
     if as_json:
-        click.echo(json.dumps({**state_json(state), "owner_gone": note is not None}, indent=2))
+        click.echo(cli_items.dumps({**state_json(state), "owner_gone": note is not None}))
     else:
         print_steps(state, console(), note=note, selection=selection)
 
@@ -430,7 +430,10 @@ def graph(target: str, dot: bool) -> None:
         click.echo(f'digraph "{definition.id}" {{')
         click.echo("  rankdir=LR;")
         for s in definition.steps:
-            click.echo(f'  "{s.id}" [label="{s.id}\\n{s.name}"];')
+            mark = for_each_text(s)
+            # A for_each step is drawn as a stack of boxes (Graphviz's box3d), its cap under its name.
+            extra = f'\\n{mark}", shape=box3d' if s.items is not None else (f'\\n{mark}"' if mark else '"')
+            click.echo(f'  "{s.id}" [label="{s.id}\\n{s.name}{extra}];')
             for dep in s.dependencies:
                 click.echo(f'  "{dep}" -> "{s.id}";')
             for dep in s.any_dependencies:
@@ -442,7 +445,8 @@ def graph(target: str, dot: bool) -> None:
     deps = {s.id: (list(s.dependencies), list(s.any_dependencies)) for s in definition.steps}
     levels = depths([s.id for s in topological_order(definition)], deps)  # the report's columns
     for level in range(max(levels.values()) + 1):
-        names = [sid for sid, lv in levels.items() if lv == level]
+        by_id = {s.id: s for s in definition.steps}
+        names = [sid + (" (for each)" if by_id[sid].items else "") for sid, lv in levels.items() if lv == level]
         click.echo(f"  [{level}] " + "   ".join(names))
         for s in definition.steps:
             if levels[s.id] == level:
@@ -509,6 +513,7 @@ def plan(target: str | None, resume_id: str | None, data: str | None, params: tu
     from .cli_plan import plan_lines
 
     done: dict[str, str] = {}
+    items_done: dict[str, tuple[int, int]] = {}
     if resume_id:
         from .cli_resume import resume_problem
 
@@ -531,12 +536,13 @@ def plan(target: str | None, resume_id: str | None, data: str | None, params: tu
             for sid, s in state.step_states.items()
             if s.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
         }
+        items_done = {sid: (s.items_done, s.items_total) for sid, s in state.step_states.items() if s.items}
     elif target is None:
         fail("plan needs a TARGET (module:attr or file.py:attr), or --resume ID")
     else:
         definition = load_target(target)
         payload = build_data(definition, data, params)
-    for line in plan_lines(definition, payload, done, datetime.now(UTC)):
+    for line in plan_lines(definition, payload, done, datetime.now(UTC), items_done):
         click.echo(line)
 
 
@@ -548,7 +554,7 @@ def plan(target: str | None, resume_id: str | None, data: str | None, params: tu
 @store_option
 @_cli_logs.log_level_option
 def logs(instance_id: str, step: str | None, attempt: int | None, follow: bool, store: str) -> None:
-    """Print what a run's steps printed and logged, one line each: time, step, attempt, text.
+    """Print what a run's steps printed and logged, one line each: time, step[item], attempt, text.
 
     Printed lines (stdout and stderr, C code and child processes included) are
     always shown; log records from WARNING up unless -v or --log-level says.
@@ -558,17 +564,19 @@ def logs(instance_id: str, step: str | None, attempt: int | None, follow: bool, 
     Example:
       wfaas-local logs 3f2a
       wfaas-local logs 3f2a parse --attempt 2
+      wfaas-local logs 3f2a 'clean[b.csv]'
       wfaas-local logs 3f2a --follow
     """
     state_store = open_store(store, readonly=True)
     try:
         iid = resolve_id(state_store, instance_id)
         record = state_store.read(iid)
-        if step is not None and record is not None and step not in record.steps:
+        sid, item = cli_items.split_item(step) if step and record and step not in record.steps else (step, None)
+        if sid is not None and record is not None and sid not in record.steps:
             known = (record.extra.get("fingerprint") or {}).get("steps") or record.steps  # in definition order
-            fail(f"run {iid} has no step {step!r}; its steps: {', '.join(known)}")
+            fail(f"run {iid} has no step {sid!r}; its steps: {', '.join(known)}")
         try:
-            found = _cli_logs.print_logs(state_store, iid, step, attempt, follow, click.echo)
+            found = _cli_logs.print_logs(state_store, iid, sid, attempt, follow, click.echo, item=item)
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
     finally:

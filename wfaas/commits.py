@@ -132,6 +132,7 @@ def checkpoint(run: Run, owner: dict[str, Any], now: datetime) -> Checkpoint:
         "owner": owner if not run.final else None,
     }
     steps = {}
+    lists, items = {}, {}
     for i in run.dirty_steps:
         s = run.steps[i]
         steps[s.sid] = {
@@ -143,8 +144,12 @@ def checkpoint(run: Run, owner: dict[str, Any], now: datetime) -> Checkpoint:
             "wait_until": s.wait_until,
             "history": list(s.history),  # a copy: the store may encode it after this turn
         }
+        if s.items is not None:  # for_each: the collection once, then the items that changed
+            listed, items[s.sid] = s.items.take_changes()
+            if listed is not None:
+                lists[s.sid] = listed
     run.dirty_steps.clear()
     fields, deltas = run.data.take_changes()
     extra, run.extra = run.extra, {}
     logs, run.logs = run.logs, {}
-    return Checkpoint(run.iid, meta, steps, fields, extra, deltas, logs=logs)
+    return Checkpoint(run.iid, meta, steps, fields, extra, deltas, logs=logs, item_lists=lists, items=items)

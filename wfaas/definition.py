@@ -150,6 +150,8 @@ class StepDefinition:
         self.delay: float = 0.0
         self.schedule: datetime | None = None
         self.memory_limit: int | None = None
+        self.items: Callable[[Any], Iterable[Any]] | None = None  # for_each
+        self.concurrency: int | None = None
 
     def depends_on(self, step_ids: Iterable[str]) -> StepDefinition:
         """Run after **all** of these finished (succeeded, skipped, or failed with CONTINUE_NEXT_STEP)."""
@@ -202,6 +204,28 @@ class StepDefinition:
         if limit_bytes <= 0:
             raise ValueError(f"step {self.id!r}: memory limit must be positive, got {limit_bytes}")
         self.memory_limit = int(limit_bytes)
+        return self
+
+    def for_each(self, items: Callable[[Any], Iterable[Any]]) -> StepDefinition:
+        """Run the body once per item of ``items(data)``, computed in the scheduler when the step is ready.
+
+        Each item is its own unit of work (retry, timeout, memory limit apply
+        per item); the body sees it as ``ctx.item`` and its key as
+        ``ctx.item_key`` (API.md §12).
+        """
+        if not callable(items):
+            raise TypeError(
+                f"step {self.id!r}: for_each takes a function of the data returning the items, "
+                f"e.g. .for_each(lambda data: data.files); got {type(items).__name__}"
+            )
+        self.items = items
+        return self
+
+    def with_concurrency(self, n: int) -> StepDefinition:
+        """Run at most ``n`` attempts of this step (items or not) at once; ``n >= 1``."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"step {self.id!r}: with_concurrency needs a whole number >= 1, got {n!r}")
+        self.concurrency = n
         return self
 
     def __repr__(self) -> str:
@@ -268,7 +292,7 @@ class WorkflowDefinition:
                 parts.append("after all of " + ", ".join(s.dependencies))
             if s.any_dependencies:
                 parts.append("after any of " + ", ".join(s.any_dependencies))
-            flags = []
+            flags = [for_each_text(s)] if s.items is not None or s.concurrency is not None else []
             if s.condition is not None:
                 flags.append("run_if")
             if s.delay:
@@ -289,6 +313,13 @@ class WorkflowDefinition:
 
     def __repr__(self) -> str:
         return f"WorkflowDefinition({self.id!r}, {len(self.steps)} steps)"
+
+
+def for_each_text(step: StepDefinition) -> str:
+    """``for each``, ``for each, at most 4 at once`` or ``at most 4 at once``: how ``graph`` and ``plan``
+    mark a step that runs once per item, and its concurrency cap."""
+    cap = f"at most {step.concurrency} at once" if step.concurrency is not None else ""
+    return ", ".join(part for part in ("for each" if step.items is not None else "", cap) if part)
 
 
 def validate(definition: WorkflowDefinition) -> list[str]:
@@ -394,6 +425,8 @@ def fingerprint(definition: WorkflowDefinition) -> dict[str, Any]:
             "depends_on_any": sorted(s.any_dependencies),
             "code": body_hash(s.body),
         }
+        if s.items is not None:  # only then: runs stored before for_each keep their fingerprint
+            steps[s.id]["for_each"] = body_hash(s.items)
     return {"workflow_id": definition.id, "steps": steps}
 
 

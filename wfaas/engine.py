@@ -35,13 +35,12 @@ from .errors import (
     WorkflowError,
 )
 from .events import EventBus
-from .objects import INLINE_LIMIT
 from .pool import Backend, Pool, WorkerPool
 from .rundata import RunData
 from .runs import Compiled, Run, encode_bodies
 from .scheduler import Scheduler
 from .states import WorkflowState, WorkflowStatus
-from .store import InMemoryStore, StateStore, data_class
+from .store import InMemoryStore, Record, StateStore, data_class, with_inline_limit
 
 __all__ = ["CleanupHandle", "WorkflowEngine"]
 
@@ -93,8 +92,7 @@ class WorkflowEngine:
     handle it). ``clock`` replaces real time
     for the engine's timers (see :mod:`wfaas.testing`). ``backend`` sends
     steps elsewhere, e.g. ``DaskBackend("tcp://host:8786")`` (then
-    ``max_workers`` defaults to the cluster's threads). Fields over
-    ``inline_limit`` bytes go to files (README "Large values"). Use it as a context
+    ``max_workers`` defaults to the cluster's threads). ``inline_limit``: README "Large values". Use it as a context
     manager: on exit it waits for running workflows; on an exception
     (including Ctrl-C) it cancels them.
 
@@ -124,11 +122,10 @@ class WorkflowEngine:
         start_method: str = "forkserver",
         cancel_signal: int | None = None,
         backend: Backend | None = None,
-        inline_limit: int = INLINE_LIMIT,
+        inline_limit: int | None = None,
     ) -> None:
         _malloc.tune()  # a long-lived engine must not keep every run's freed buffers (see _malloc.py)
-        self.store: StateStore = store if store is not None else InMemoryStore()
-        self._objects = self.store.objects.limited(inline_limit) if self.store.objects is not None else None
+        self.store: StateStore = with_inline_limit(store if store is not None else InMemoryStore(), inline_limit)
         self.event_bus = EventBus()
         self.clock: Clock = clock or SystemClock()
         self.grace_period = float(grace_period)
@@ -206,11 +203,10 @@ class WorkflowEngine:
             raise TypeError(
                 f"start_workflow({workflow_id!r}): data must be a {data_type.__name__}, got {type(data).__name__}"
             )
-        where = f"start_workflow({workflow_id!r})"
-        fields = data_codec.encode_fields(data, where=where, objects=self._objects)
+        fields = data_codec.encode_fields(data, where=f"start_workflow({workflow_id!r})", objects=self.store.objects)
         cls_blob = self._class_blob(type(data))
         iid = uuid.uuid4().hex
-        run = Run(iid, compiled, type(data), cls_blob, RunData(fields, self._objects), created_at=self.clock.now())
+        run = Run(iid, compiled, type(data), cls_blob, RunData(fields, self.store.objects), created_at=self.clock.now())
         run.data.dirty_fields.update(fields)
         run.extra = {"class": cls_blob, "fingerprint": compiled.fingerprint, "origin": self.origin}
         result: str = self._call(self._scheduler.start_run, run, None, set())
@@ -346,7 +342,7 @@ class WorkflowEngine:
                 ", ".join(bodies),
             )
         try:
-            cls, rundata = data_class(record), RunData(dict(record.resolved_fields()), self._objects)
+            cls, rundata = data_class(record), RunData(dict(record.resolved_fields()), self.store.objects)
         except Exception as exc:  # bytes that do not decode: that run's record is damaged, said as such
             where = record.where or repr(self.store)
             raise StoreError(
@@ -356,8 +352,7 @@ class WorkflowEngine:
         run = Run(instance_id, compiled, cls, record.extra["class"], rundata, created_at=meta["created_at"])
         run.status = status
         run.extra = {"fingerprint": compiled.fingerprint}
-        steps = {sid: rec for sid, rec in record.steps.items() if sid in compiled.index}
-        result: str = self._call(self._scheduler.start_run, run, steps, reruns)
+        result: str = self._call(self._scheduler.start_run, run, resumed_steps(record, compiled), reruns)
         return result
 
     def _refuse_if_running(self, instance_id: str, status: WorkflowStatus, owner: dict[str, Any]) -> None:
@@ -539,6 +534,15 @@ def _downstream(compiled: Compiled, steps: list[str], instance_id: str) -> set[s
     return out
 
 
+def resumed_steps(record: Record, compiled: Compiled) -> dict[str, dict[str, Any]]:
+    """The step records ``Scheduler.start_run`` resumes from; a for_each step's with its items (not recomputed)."""
+    steps = {sid: rec for sid, rec in record.steps.items() if sid in compiled.index}
+    for sid, listed in record.item_lists.items():
+        if sid in steps:
+            steps[sid] = {**steps[sid], "item_list": listed, "item_records": record.items.get(sid, {})}
+    return steps
+
+
 def owner_alive(owner: dict[str, Any]) -> bool:
     """Whether the process recorded as an instance's owner still runs (PID and start time match)."""
     pid = owner.get("pid")
@@ -573,6 +577,10 @@ def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[
         for kind in ("depends_on", "depends_on_any"):
             if a[kind] != b[kind]:
                 structural.append(f"step {sid!r}: {kind} was {a[kind]}, is now {b[kind]}")
+        if ("for_each" in a) != ("for_each" in b):
+            structural.append(
+                f"step {sid!r}: " + ("is no longer" if "for_each" in a else "is now") + " a for_each step"
+            )
         if a["code"] != b["code"]:
             bodies.append(sid)
     return sorted(structural), sorted(bodies)

@@ -78,6 +78,7 @@ class StepStarted(WorkflowEvent):
 
     step_id: str
     attempt: int
+    item_key: str | None = None  # the item's key, for an item of a for_each step
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class StepSucceeded(WorkflowEvent):
     attempt: int
     duration: float
     usage: dict[str, Any] | None = None
+    item_key: str | None = None  # the item's key, for an item of a for_each step
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class StepFailed(WorkflowEvent):
     error: str
     will_retry: bool
     usage: dict[str, Any] | None = None
+    item_key: str | None = None  # the item's key, for an item of a for_each step
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class StepRetrying(WorkflowEvent):
     step_id: str
     attempt: int
     delay: float
+    item_key: str | None = None  # the item's key, for an item of a for_each step
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class StepSkipped(WorkflowEvent):
 
     step_id: str
     reason: str
+    item_key: str | None = None  # the item's key, for an item of a for_each step
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,7 @@ class StepOutput(WorkflowEvent):
     step_id: str
     attempt: int
     lines: tuple[tuple[float, int, str], ...]
+    item_key: str | None = None  # the item's key, for an item of a for_each step
 
 
 @runtime_checkable

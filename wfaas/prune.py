@@ -85,7 +85,10 @@ def prune(
         if store.remove(iid):
             result.runs.append(iid)
     result.objects, result.object_bytes = sweep_objects(store, started - grace)
-    store.compact()
+    from .sqlite_store import SqliteStore  # imports sqlite3: not at ``import wfaas``
+
+    if isinstance(store, SqliteStore):
+        vacuum(store)
     return result
 
 

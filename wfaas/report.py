@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .report_items import attempts_of, failed_items, item_row, items_note
 from .states import Attempt, AttemptOutcome, StepState, StepStatus, WorkflowState
 
 __all__ = ["COLOURS", "Dependencies", "render_report"]
@@ -55,6 +56,8 @@ class Bar:
     width: float
     title: str
     mark: str | None = None  # the signal that killed it, drawn at its end
+    y: float = 4  # from the row's top: a for_each step's lanes (report_items.py) set these
+    h: float = ROW - 8
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Row:
     y: float
     bars: list[Bar] = field(default_factory=list)
     note: str = ""  # what a step with no attempt did (skipped by run_if, never started, …)
+    height: float = ROW
+    items: str = ""  # a for_each step's "done/total items", under its label
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Node:
     x: float
     y: float
     title: str
+    stack: bool = False  # a for_each step: drawn as a stack of cards
 
 
 @dataclass
@@ -114,12 +120,18 @@ def render_report(state: WorkflowState[Any], dependencies: Dependencies, now: da
         row_h=ROW,
         node_w=NODE_W,
         node_h=NODE_H,
-        table=[
-            (sid, s, _figures_line(s.history[-1]) if s.history else "", _last_traceback(s))
-            for sid, s in drawn.step_states.items()
-        ],
+        table=[_table_row(sid, s) for sid, s in drawn.step_states.items()],
         generated=datetime.now(UTC),
     )
+
+
+def _table_row(sid: str, s: StepState) -> tuple[Any, ...]:
+    """(step, state, attempts, figures, traceback, (failed items, how many more)) for the steps table."""
+    if s.items is None:
+        figures = _figures_line(s.history[-1]) if s.history else ""
+        return sid, s, s.attempts, figures, _last_traceback(s), ([], 0)
+    attempts = sum(i.attempts for i in s.items.values())
+    return sid, s, attempts, f"for each: {items_note(s)}", "", failed_items(s)
 
 
 def drawn_steps(state: WorkflowState[Any], deps: Dependencies) -> tuple[WorkflowState[Any], str | None]:
@@ -133,7 +145,7 @@ def drawn_steps(state: WorkflowState[Any], deps: Dependencies) -> tuple[Workflow
     if len(steps) <= DRAW_LIMIT:
         return state, None
     look = [sid for sid, s in steps.items() if s.status in _WORTH_A_LOOK][: DRAW_LIMIT // 2]
-    busy = sorted(((sum(a.wall or 0.0 for a in s.history), sid) for sid, s in steps.items()), reverse=True)
+    busy = sorted(((sum(a.wall or 0.0 for a in attempts_of(s)), sid) for sid, s in steps.items()), reverse=True)
     keep = {*look, *critical_path(state, deps)}
     keep.update(sid for _, sid in busy[: max(0, DRAW_LIMIT - len(keep))])
     drawn = replace(state, step_states={sid: s for sid, s in steps.items() if sid in keep})
@@ -158,13 +170,13 @@ def _bounds(state: WorkflowState[Any], now: datetime) -> tuple[datetime, datetim
     starts: list[datetime] = [state.created_at] if state.created_at else []
     ends: list[datetime] = []
     for s in state.step_states.values():
-        for a in s.history:
+        for a in attempts_of(s):
             begin, end = _span(a)
             starts += [begin] if begin else []
             ends += [end] if end else []
         starts += [s.started_at] if s.started_at else []
         ends += [s.finished_at] if s.finished_at else []  # not wait_until: a wait of hours would squash the rest
-        if s.status is StepStatus.RUNNING:
+        if s.status is StepStatus.RUNNING or any(i.status is StepStatus.RUNNING for i in (s.items or {}).values()):
             ends.append(now)
     t0 = min(starts) if starts else now
     t1 = max([*ends, t0])
@@ -190,8 +202,14 @@ def timeline(
         return (t - t0).total_seconds() * scale
 
     rows = []
-    for i, (sid, s) in enumerate(state.step_states.items()):
-        row = Row(sid, s.status.value, i * ROW)
+    y = 0.0
+    for sid, s in state.step_states.items():
+        row = Row(sid, s.status.value, y)
+        if s.items is not None:
+            bars, row.height = item_row(sid, s, x, now, PLOT_W, _describe)
+            row.bars = [Bar(b.kind, b.x, b.width, b.title, None, b.y, b.h) for b in bars]
+            row.items = items_note(s)
+        y += row.height
         for a in s.history:
             if a.started_at is None or a.finished_at is None:
                 continue
@@ -215,24 +233,30 @@ def timeline(
                         f"{sid}: attempt {a.number} waited {_secs(a.queued)} for a free worker",
                     )
                 )
-            title = f"{sid}, attempt {a.number}: {a.outcome.replace('_', ' ')}\n{_figures_line(a)}"
-            if a.error:
-                title += f"\n{a.error}"
-            if a.traceback:
-                title += "\n\n" + _tail(a.traceback, TOOLTIP_TRACEBACK_LINES)
+            title = _describe(sid, a)
             row.bars.append(Bar(a.outcome, x(a.started_at), x(a.finished_at) - x(a.started_at), title, a.signal))
-        if s.status is StepStatus.RUNNING and s.started_at is not None:
+        if s.status is StepStatus.RUNNING and s.started_at is not None and s.items is None:
             row.bars.append(
                 Bar("running", x(s.started_at), x(now) - x(s.started_at), f"{sid}, attempt {s.attempts}: running")
             )
         if s.status is StepStatus.WAITING and s.wait_until is not None:
             row.note = f"waiting until {s.wait_until:%H:%M:%S}"
-        elif not s.history and s.status is not StepStatus.RUNNING:
+        elif not s.history and not row.bars and s.status is not StepStatus.RUNNING:
             row.note = _no_attempt_note(s)
         rows.append(row)
     step = nice_step(span)
     ticks = [(k * step * scale, _secs(k * step)) for k in range(int(span / step) + 1)]
-    return rows, ticks, max(len(rows), 1) * ROW
+    return rows, ticks, max(y, ROW)
+
+
+def _describe(where: str, a: Attempt) -> str:
+    """An attempt's tooltip: outcome, figures, error, the end of its traceback."""
+    title = f"{where}, attempt {a.number}: {a.outcome.replace('_', ' ')}\n{_figures_line(a)}"
+    if a.error:
+        title += f"\n{a.error}"
+    if a.traceback:
+        title += "\n\n" + _tail(a.traceback, TOOLTIP_TRACEBACK_LINES)
+    return title
 
 
 # A tooltip shows the end of a traceback (where it failed); the steps table has all of it.
@@ -310,7 +334,10 @@ def dag_layout(state: WorkflowState[Any], deps: Dependencies) -> tuple[list[Node
     nodes = []
     for sid, (x, y) in pos.items():
         s = state.step_states[sid]
-        nodes.append(Node(sid, s.status.value, x, y, f"{sid}: {s.status.value}, {s.attempts} attempt(s)"))
+        title = f"{sid}: {s.status.value}, {s.attempts} attempt(s)"
+        if s.items is not None:
+            title = f"{sid}: {s.status.value}, for each item: {items_note(s)}"
+        nodes.append(Node(sid, s.status.value, x, y, title, s.items is not None))
     edges = []
     for sid, (all_deps, any_deps) in deps.items():
         if sid not in pos:
@@ -330,13 +357,17 @@ def dag_layout(state: WorkflowState[Any], deps: Dependencies) -> tuple[list[Node
 def summary(state: WorkflowState[Any], deps: Dependencies, bounds: tuple[datetime, datetime]) -> dict[str, Any]:
     """Status, duration (``bounds``: the run's first and last moment), attempts, slowest steps, critical path."""
     t0, t1 = bounds
-    busy = {sid: sum(a.wall or 0.0 for a in s.history) for sid, s in state.step_states.items()}
+    busy = {sid: sum(a.wall or 0.0 for a in attempts_of(s)) for sid, s in state.step_states.items()}
     slowest = sorted((item for item in busy.items() if item[1] > 0), key=lambda item: -item[1])[:5]
+    # A for_each step's unit of work is the item: its attempts and retries are the items'.
+    units = [(s.attempts, len(s.history)) for s in state.step_states.values() if s.items is None]
+    units += [(i.attempts, len(i.history)) for s in state.step_states.values() for i in (s.items or {}).values()]
     return {
         "duration": _secs((t1 - t0).total_seconds()),
-        "attempts": sum(s.attempts for s in state.step_states.values()),
-        "retries": sum(max(len(s.history) - 1, 0) for s in state.step_states.values()),
+        "attempts": sum(n for n, _ in units),
+        "retries": sum(max(h - 1, 0) for _, h in units),
         "counts": _counts(state),
+        "items": [(sid, items_note(s)) for sid, s in state.step_states.items() if s.items is not None],
         "slowest": [(sid, _secs(seconds)) for sid, seconds in slowest],
         "critical_path": [(sid, _secs(busy[sid])) for sid in critical_path(state, deps)],
     }

@@ -17,7 +17,7 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import data as data_codec
 from . import wire
@@ -29,6 +29,9 @@ from .readiness import Gate
 from .rundata import RunData, Snapshot
 from .states import StepStatus, WorkflowStatus
 from .steps import WorkflowContext
+
+if TYPE_CHECKING:
+    from .items import ItemTable
 
 _ids = itertools.count(1)
 
@@ -140,6 +143,23 @@ class StepRun:
     not_before: float | None = None  # monotonic: scheduled_at
     snapshot: Snapshot | None = None  # the data it will start from
     hook: Hook | None = None
+    # for_each (items.py): an item is a StepRun of its own, with its step's index and id, and these set
+    item_key: str | None = None
+    item_blob: bytes | None = None  # the item, encoded
+    parent: StepRun | None = None  # the for_each step it belongs to
+    position: int = 0  # its place in the collection
+    items: ItemTable | None = None  # of a for_each step: its items, once computed (or restored)
+
+    @property
+    def table(self) -> ItemTable:
+        """Of an item: the item table of its for_each step."""
+        assert self.parent is not None and self.parent.items is not None, f"{self.label} is not an item"
+        return self.parent.items
+
+    @property
+    def label(self) -> str:
+        """``step`` or, for an item, ``step[key]``: who wrote a field, in merges and messages."""
+        return self.sid if self.item_key is None else f"{self.sid}[{self.item_key}]"
 
     @property
     def done(self) -> bool:
@@ -220,6 +240,7 @@ class Run:
     failed_step: str | None = None
     started_mono: float = 0.0
     dirty_steps: set[int] = field(default_factory=set)
+    unsettled: set[StepRun] = field(default_factory=set)  # for_each steps whose items moved (items.py)
     extra: dict[str, Any] = field(default_factory=dict)
     waiters: list[concurrent.futures.Future[Any]] = field(default_factory=list)
     logs: dict[tuple[str, int, str], AttemptLog | None] = field(default_factory=dict)  # since the last checkpoint
@@ -243,6 +264,7 @@ class Run:
         self.data = RunData({})
         for step in self.steps:
             step.snapshot = None
+            step.items = None  # for_each: its items hold snapshots too
 
     @property
     def final(self) -> bool:
@@ -268,11 +290,13 @@ class Run:
     def keep_log(self, task: Task, lines: list[Any], cut: int, kept: int) -> None:
         """What an attempt (or hook) printed and logged, for the next checkpoint; the ``kept`` latest attempts'."""
         step = task.step
-        part = f"on_{task.hook.value}" if task.hook else ""
-        self.logs[(step.sid, task.attempt, part)] = AttemptLog(step.sid, task.attempt, lines, cut, part)
-        if not part and task.attempt > kept:
+        item = f"[{step.item_key}]" if step.item_key is not None else ""  # each item's attempts have their own
+        hook = f"on_{task.hook.value}" if task.hook else ""
+        log = AttemptLog(step.sid, task.attempt, lines, cut, hook, step.item_key)
+        self.logs[(step.sid, task.attempt, item + hook)] = log
+        if not task.hook and task.attempt > kept:
             # Logs are kept for the attempts the history keeps: a step retried forever stays bounded.
-            self.logs[(step.sid, task.attempt - kept, "")] = None
+            self.logs[(step.sid, task.attempt - kept, item)] = None
 
 
 def run_message(task: Task) -> wire.RunStep:
@@ -291,6 +315,7 @@ def run_message(task: Task) -> wire.RunStep:
     return wire.RunStep(
         id(task), key, body_blob, run.cls_key, cls_blob, snap.key, snap_blob,
         run.iid, run.workflow_id, step.sid, task.attempt, hook.value if hook else None, error_blob,
+        step.item_blob, step.item_key,
     )  # fmt: skip
 
 

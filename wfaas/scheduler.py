@@ -30,13 +30,15 @@ killing a process tree happens on a helper thread that reports back the same
 way (``supervision.py``). What is decided, not done, lives beside it: run
 data and merges (``rundata.py``), verdicts and error wording
 (``verdicts.py``), checkpoints and group commit (``commits.py``), the
-records and the ready queue (``runs.py``).
+records and the ready queue (``runs.py``), for_each's items (``items.py``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +48,8 @@ from .clock import Clock
 from .commits import Commits
 from .definition import FailureAction
 from .errors import Cancelled, InvalidStateTransition, StepFailed, WorkflowError
+from .items import ForEachSteps, ItemTable, items_of
+from .items import key_field as _key
 from .loopio import Loop, TimerKind
 from .pool import Exit, Pool, Slot, Waitable
 from .readiness import Decision, Gate, Outcome, decide
@@ -74,9 +78,10 @@ _DONE = (S.SUCCEEDED, S.SKIPPED, S.FAILED)
 # Errors of finished runs kept in memory, so that wait_for_completion raises the very exception (with its
 # cause); beyond that a long-lived engine would grow with every failed run, and the store answers instead.
 ERRORS_KEPT = 1000
+Words = Callable[..., WorkflowError]
 
 
-class Scheduler(Loop):
+class Scheduler(Loop, ForEachSteps):
     """Owns every run of one engine; see the module docstring for the journey and the turn.
 
     Its thread, ``submit`` (how other threads reach it) and the wait between
@@ -216,15 +221,17 @@ class Scheduler(Loop):
             step.timer = self.timer(due, TimerKind.WAIT, step)
         elif decision is Decision.SKIP:
             self._finish(run, step, S.SKIPPED, reason="run_if was false")
+        elif sdef.items is not None:
+            self._open_items(run, step, now)  # items.py
         else:
             self._enqueue(run, step, now)
 
-    def _condition_raised(self, run: Run, step: StepRun, exc: Exception) -> None:
-        """A raising run_if is the step's failed attempt (recorded, StepFailed, on_failure), never retried:
-        a retry would dispatch the step without asking run_if again."""
+    def _condition_raised(self, run: Run, step: StepRun, exc: Exception, words: Words = verdicts.run_if_raised) -> None:
+        """A raising run_if (or for_each) is the step's failed attempt (recorded, StepFailed, on_failure), never
+        retried: a retry would dispatch the step without asking run_if again."""
         step.attempts += 1
         step.started_at = now = self.clock.now()
-        error = verdicts.run_if_raised(run, step, exc)
+        error = words(run, step, exc)
         waited = self.clock.monotonic() - step.waited_from if step.wait_kind else 0.0
         step.usage, record = verdicts.run_if_record(step, error, now, waited)
         step.history.append(record)
@@ -233,7 +240,8 @@ class Scheduler(Loop):
 
     def _enqueue(self, run: Run, step: StepRun, now: float) -> None:
         step.enqueued = now
-        self._ready.push(run, step, next(self._seq))
+        if step.parent is None or step.table.admit(step):
+            self._ready.push(run, step, next(self._seq))
 
     def _queue_hook(self, run: Run, step: StepRun, hook: Hook) -> None:
         step.hook = hook
@@ -255,7 +263,7 @@ class Scheduler(Loop):
             self._set_status(run, step, S.RUNNING)
             step.started_at = self.clock.now()
             step.finished_at = None
-            self._event(ev.StepStarted, run, step.started_at, step_id=step.sid, attempt=step.attempts)
+            self._event(ev.StepStarted, run, step.started_at, step_id=step.sid, attempt=step.attempts, **_key(step))
         now = self.clock.monotonic()
         task = slot.task = Task.start(run, step, slot, now)
         timeout = run.compiled.timeout[step.index]
@@ -270,7 +278,8 @@ class Scheduler(Loop):
         run, step = task.run, task.step
         if isinstance(message, wire.Output):  # lines the step printed while it runs; its reply follows
             lines = tuple(message.lines)
-            self._event(ev.StepOutput, run, self.clock.now(), step_id=step.sid, attempt=task.attempt, lines=lines)
+            fields = {"step_id": step.sid, "attempt": task.attempt, "lines": lines, **_key(step)}
+            self._event(ev.StepOutput, run, self.clock.now(), **fields)
             return
         if slot.dying:
             # Its step returned while being stopped (it handled SIGTERM): the result is kept,
@@ -299,7 +308,7 @@ class Scheduler(Loop):
         if message.outcome == wire.FAILURE:
             error: WorkflowError = verdicts.returned_failure(run, step)
         else:
-            conflict = run.data.merge(step.sid, task.snapshot.version, message.changes)
+            conflict = run.data.merge(step.label, task.snapshot.version, message.changes)
             if conflict is None:
                 self._out.dirty[run.iid] = run
                 success = message.outcome == wire.SUCCESS
@@ -320,6 +329,8 @@ class Scheduler(Loop):
     def _release(self, task: Task) -> None:
         task.slot.task = None
         task.timer = 0
+        if task.step.parent is not None and not task.hook:
+            self._release_item(task.step)
 
     def _end_attempt(
         self, task: Task, outcome: AttemptOutcome, usage: dict[str, float] | None = None, **how: Any
@@ -341,7 +352,8 @@ class Scheduler(Loop):
         self._out.dirty[run.iid] = run
         if fresh < len(lines):
             new = tuple(lines[fresh:])
-            self._event(ev.StepOutput, run, self.clock.now(), step_id=step.sid, attempt=task.attempt, lines=new)
+            fields = {"step_id": step.sid, "attempt": task.attempt, "lines": new, **_key(step)}
+            self._event(ev.StepOutput, run, self.clock.now(), **fields)
 
     def _hook_done(self, run: Run, step: StepRun) -> None:
         """A hook ended (however it ended): the step takes the outcome that was decided before it."""
@@ -358,15 +370,17 @@ class Scheduler(Loop):
         step.finished_at = self.clock.now()
         step.error = None
         if status is S.SUCCEEDED:
-            fields = {"attempt": step.attempts, "duration": duration, "usage": step.usage}
+            fields = {"attempt": step.attempts, "duration": duration, "usage": step.usage, **_key(step)}
             self._event(ev.StepSucceeded, run, step.finished_at, step_id=step.sid, **fields)
             outcome = Outcome.SUCCEEDED
         else:
-            self._event(ev.StepSkipped, run, step.finished_at, step_id=step.sid, reason=reason)
+            self._event(ev.StepSkipped, run, step.finished_at, step_id=step.sid, reason=reason, **_key(step))
             outcome = Outcome.SKIPPED
         self._propagate(run, step, outcome)
 
     def _propagate(self, run: Run, step: StepRun, outcome: Outcome) -> None:
+        if step.parent is not None:
+            return  # an item: its step ends when the SETTLE table says (items.py)
         now = None
         for j, via_any in run.compiled.dependents[step.index]:
             nxt = run.steps[j]
@@ -385,13 +399,14 @@ class Scheduler(Loop):
         now = self.clock.now()
         retry = verdict is Verdict.RETRY
         fields = {"attempt": step.attempts, "error": str(error), "will_retry": retry, "usage": step.usage}
-        self._event(ev.StepFailed, run, now, step_id=step.sid, **fields)
+        self._event(ev.StepFailed, run, now, step_id=step.sid, **fields, **_key(step))
         if retry:
             self._set_status(run, step, S.WAITING)
             step.waited_from, step.wait_kind = self.clock.monotonic(), WaitKind.BACKOFF
             step.wait_until = now + verdicts.delta(delay)
             step.timer = self.timer(self.clock.monotonic() + delay, TimerKind.RETRY, step)
-            self._event(ev.StepRetrying, run, now, step_id=step.sid, attempt=step.attempts + 1, delay=delay)
+            retrying = {"attempt": step.attempts + 1, "delay": delay}
+            self._event(ev.StepRetrying, run, now, step_id=step.sid, **retrying, **_key(step))
             return
         step.final_error = error
         if verdict is Verdict.HOOK:
@@ -412,8 +427,9 @@ class Scheduler(Loop):
         self._maybe_finish(run)
 
     def _park_waiting(self, run: Run) -> None:
-        """The run stops: steps not yet started go back to PENDING (a resume starts them)."""
-        for step in run.steps:
+        """The run stops: steps (and items) not yet started go back to PENDING (a resume starts them)."""
+        run.unsettled.update(s for s in run.steps if s.items is not None)
+        for step in itertools.chain(run.steps, items_of(run)):
             if step.hook:
                 continue  # an on_failure hook still runs; the step ends after it
             if step.status is S.WAITING or step.queued:
@@ -460,6 +476,8 @@ class Scheduler(Loop):
     # -- 7. the run ends ----------------------------------------------------------------
 
     def _maybe_finish(self, run: Run) -> None:
+        if run.unsettled:
+            self._settle(run)  # for_each steps whose items moved may end now (items.py)
         # Cheapest first: in a running fan-out most steps are unfinished, and _busy walks the slots.
         if run.final or (run.stopping is None and run.unfinished) or self._busy(run):
             return
@@ -530,10 +548,14 @@ class Scheduler(Loop):
     # -- helpers ---------------------------------------------------------------------
 
     def _set_status(self, run: Run, step: StepRun, new: StepStatus) -> None:
-        if step.status is not new:
-            check_step_transition(run.iid, step.sid, step.status, new)
-            run.done_steps += (new in _DONE) - (step.status in _DONE)
+        old = step.status
+        if old is not new:
+            check_step_transition(run.iid, step.label, old, new)
+            run.done_steps += (new in _DONE) - (old in _DONE) if step.parent is None else 0
             step.status = new
+        if step.parent is not None:
+            step.table.moved(step, old)
+            run.unsettled.add(step.parent)
         run.dirty_steps.add(step.index)
         self._out.dirty[run.iid] = run
 
@@ -573,4 +595,6 @@ def _restore(run: Run, records: dict[str, dict[str, Any]], reruns: set[str]) -> 
         if step.status in (S.SUCCEEDED, S.SKIPPED) and step.sid not in reruns:
             step.error = rec.get("error")
             done.append(step)
+        elif step.sid not in reruns:
+            step.items = ItemTable.restored(step, rec)  # for_each: its collection is not computed again
     return done

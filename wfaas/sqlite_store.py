@@ -9,6 +9,8 @@ reads it). Per instance::
     i/<iid>/f/<field>    one encoded data field                   (written when a step replaced it)
     i/<iid>/k/<field>/<key hex>  one key of a dict field          (written when a step changed that key)
     i/<iid>/x/<name>     write-once records: data class, definition fingerprint
+    i/<iid>/L/<step>     a for_each step's collection: [(key, encoded item)]  (written once, when computed)
+    i/<iid>/t/<step>\x1f<position>  one item of a for_each step              (written when that item changes)
     l/<iid>/<step>\x1f<attempt>\x1f<part>   what one attempt printed and logged (an ``AttemptLog``)
 
 and ``wfaas/format`` holds the layout version. A scheduler turn is one
@@ -59,7 +61,6 @@ from ._store_files import create_file, trust
 from .capture import AttemptLog
 from .errors import StoreError
 from .objects import ObjectStore
-from .prune import vacuum
 from .store import Checkpoint, Record, StateStore
 
 __all__ = ["FORMAT_VERSION", "SqliteStore"]
@@ -344,6 +345,7 @@ class SqliteStore(StateStore):
                     rows.append((f"{prefix}f/{name}", sqlite3.Binary(blob)))
             for name, changes in cp.deltas.items():
                 rows += [(f"{prefix}k/{name}/{k.hex()}", sqlite3.Binary(v)) for k, v in changes.items()]
+            _item_rows(prefix, cp, rows, ranges)
             if cp.meta is not None:
                 rows.append((f"m/{cp.instance_id}", _encode(cp.meta)))
             for (sid, number, part), log in cp.logs.items():
@@ -407,6 +409,8 @@ class SqliteStore(StateStore):
                 record.steps[name] = self._decode(instance_id, key, value)
             elif kind == "x/" and name:
                 record.extra[name] = self._decode(instance_id, key, value)
+            elif (kind == "L/" and name) or (kind == "t/" and name[-9:-8] == "\x1f" and name[-8:].isdigit()):
+                _put_item(record, kind, name, self._decode(instance_id, key, value))
             else:  # a key damaged in a sound file: SQLite's checks cannot see it
                 raise StoreError(self._bad_record(instance_id, f"unexpected key {key!r}"))
         return record
@@ -453,8 +457,6 @@ class SqliteStore(StateStore):
         answered.wait()  # the writer thread answers every job, also when the commit fails
         if errors[0] is not None:
             raise errors[0]
-
-    compact = vacuum  # StateStore.compact: VACUUM, then truncate the write-ahead log (``prune.py``)
 
     def integrity_check(self) -> str:
         """SQLite's ``PRAGMA integrity_check``: ``"ok"`` for a sound file, else what is wrong."""
@@ -561,6 +563,22 @@ def _wal(conn: sqlite3.Connection) -> None:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
+
+
+def _item_rows(prefix: str, cp: Checkpoint, rows: list[tuple[str, Any]], ranges: list[tuple[str, str]]) -> None:
+    """A for_each step's rows: its collection when new (its old items go), and the items that changed."""
+    for sid, listed in cp.item_lists.items():
+        ranges.append((f"{prefix}t/{sid}\x1f", f"{prefix}t/{sid}\x20"))
+        rows.append((f"{prefix}L/{sid}", _encode(listed)))
+    for sid, records in cp.items.items():
+        rows += [(f"{prefix}t/{sid}\x1f{n:08d}", _encode(rec)) for n, rec in records.items()]
+
+
+def _put_item(record: Record, kind: str, name: str, value: Any) -> None:
+    if kind == "L/":
+        record.item_lists[name] = value
+    else:
+        record.items.setdefault(name[:-9], {})[int(name[-8:])] = value
 
 
 def _delta_key(name: str) -> tuple[str, bytes] | None:

@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from .errors import InvalidStateTransition
 
-__all__ = ["Attempt", "AttemptOutcome", "StepState", "StepStatus", "WorkflowState", "WorkflowStatus"]
+__all__ = ["Attempt", "AttemptOutcome", "ItemState", "StepState", "StepStatus", "WorkflowState", "WorkflowStatus"]
 
 D = TypeVar("D")
 
@@ -148,8 +148,55 @@ class Attempt:
 
 
 @dataclass
+class ItemState:
+    """One item of a ``for_each`` step, as last checkpointed (API.md §12).
+
+    ``status`` uses the step statuses (an item is PENDING, WAITING for its
+    backoff, RUNNING, SUCCEEDED, SKIPPED, FAILED or CANCELLED); ``history``
+    has one :class:`Attempt` per attempt of this item.
+    """
+
+    key: str
+    status: StepStatus = StepStatus.PENDING
+    attempts: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    history: list[Attempt] = field(default_factory=list)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "status": self.status.value,
+            "attempts": self.attempts,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "error": self.error,
+            "history": [a.to_record() for a in self.history],
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> ItemState:
+        return cls(
+            key=rec["key"],
+            status=StepStatus(rec["status"]),
+            attempts=rec.get("attempts", 0),
+            started_at=rec.get("started_at"),
+            finished_at=rec.get("finished_at"),
+            error=rec.get("error"),
+            history=[Attempt.from_record(a) for a in rec.get("history") or ()],
+        )
+
+
+@dataclass
 class StepState:
-    """One step of one instance, as last checkpointed; ``history`` has one :class:`Attempt` per attempt."""
+    """One step of one instance, as last checkpointed; ``history`` has one :class:`Attempt` per attempt.
+
+    For a ``for_each`` step, ``items`` maps each item's key to its
+    :class:`ItemState` (in the order of the collection), and the ``items_*``
+    counts summarise them; an ordinary step has ``items = None``. A
+    ``for_each`` step whose collection is not computed yet has ``items = {}``.
+    """
 
     status: StepStatus = StepStatus.PENDING
     attempts: int = 0
@@ -158,6 +205,30 @@ class StepState:
     error: str | None = None
     wait_until: datetime | None = None
     history: list[Attempt] = field(default_factory=list)
+    items: dict[str, ItemState] | None = None
+
+    @property
+    def items_total(self) -> int:
+        """How many items the collection has (0 for an ordinary step)."""
+        return len(self.items or ())
+
+    @property
+    def items_done(self) -> int:
+        """Items that succeeded or were skipped."""
+        return self._count(_ITEM_DONE)
+
+    @property
+    def items_failed(self) -> int:
+        """Items that failed for good (or were cancelled)."""
+        return self._count(_ITEM_FAILED)
+
+    @property
+    def items_running(self) -> int:
+        """Items with an attempt in a worker now."""
+        return self._count(frozenset({StepStatus.RUNNING}))
+
+    def _count(self, statuses: frozenset[StepStatus]) -> int:
+        return sum(item.status in statuses for item in (self.items or {}).values())
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -168,10 +239,12 @@ class StepState:
             "error": self.error,
             "wait_until": self.wait_until,
             "history": [a.to_record() for a in self.history],
+            "items": None if self.items is None else [i.to_record() for i in self.items.values()],
         }
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> StepState:
+        items = rec.get("items")
         return cls(
             status=StepStatus(rec["status"]),
             attempts=rec.get("attempts", 0),
@@ -180,7 +253,12 @@ class StepState:
             error=rec.get("error"),
             wait_until=rec.get("wait_until"),
             history=[Attempt.from_record(a) for a in rec.get("history") or ()],
+            items=None if items is None else {r["key"]: ItemState.from_record(r) for r in items},
         )
+
+
+_ITEM_DONE = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED})
+_ITEM_FAILED = frozenset({StepStatus.FAILED, StepStatus.CANCELLED})
 
 
 @dataclass

@@ -33,8 +33,11 @@ class WorkflowContext(Generic[D]):
     """What a step sees: its copy of the data, who it is, and shared named values.
 
     ``attempt`` counts from 1. ``idempotency_key`` is ``"{instance_id}:{step_id}"``
-    and stays the same across retries and resumes: pass it to external systems
-    so that a step run twice (at-least-once) has its effect once.
+    (``"{instance_id}:{step_id}[{item_key}]"`` for an item of a ``for_each``
+    step) and stays the same across retries and resumes: pass it to external
+    systems so that a step run twice (at-least-once) has its effect once.
+    ``item`` / ``item_key`` are the item and its key for a ``for_each`` step,
+    else ``None``.
     """
 
     def __init__(
@@ -46,12 +49,16 @@ class WorkflowContext(Generic[D]):
         step_id: str,
         attempt: int,
         values: dict[str, Any] | None = None,
+        item: Any = None,
+        item_key: str | None = None,
     ) -> None:
         self.data = data
         self.instance_id = instance_id
         self.workflow_id = workflow_id
         self.step_id = step_id
         self.attempt = attempt
+        self.item = item
+        self.item_key = item_key
         self._values: dict[str, Any] = values if values is not None else {}
         self._written: dict[str, Any] = {}
 
@@ -62,7 +69,9 @@ class WorkflowContext(Generic[D]):
 
     @property
     def idempotency_key(self) -> str:
-        """``"{instance_id}:{step_id}"``, stable across retries and resumes."""
+        """``"{instance_id}:{step_id}"`` (``[{item_key}]`` appended for an item), stable across retries and resumes."""
+        if self.item_key is not None:
+            return f"{self.instance_id}:{self.step_id}[{self.item_key}]"
         return f"{self.instance_id}:{self.step_id}"
 
     @overload

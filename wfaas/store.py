@@ -27,7 +27,7 @@ from . import data as data_codec
 from .capture import AttemptLog
 from .errors import NotFound, StoreError
 from .objects import ObjectStore
-from .states import StepState, WorkflowState, WorkflowStatus
+from .states import ItemState, StepState, WorkflowState, WorkflowStatus
 from .steps import WorkflowContext
 
 if TYPE_CHECKING:
@@ -54,6 +54,10 @@ class Checkpoint:
     # What attempts printed and logged, by (step, attempt, part): kept beside the records, read by
     # ``read_logs``; None removes that attempt's log.
     logs: dict[tuple[str, int, str], AttemptLog | None] = field(default_factory=dict)
+    # for_each steps: the collection, (key, encoded item) in order, written once when computed (it replaces
+    # the step's earlier items, records included); and the records of the items that changed, by position.
+    item_lists: dict[str, list[tuple[str, bytes]]] = field(default_factory=dict)
+    items: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
 
 
 TOMBSTONE = b""
@@ -70,11 +74,17 @@ class Record:
     extra: dict[str, Any]
     deltas: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
     where: str = ""  # the file it was read from, for messages about a damaged record
+    item_lists: dict[str, list[tuple[str, bytes]]] = field(default_factory=dict)  # see Checkpoint
+    items: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
 
     def apply(self, cp: Checkpoint) -> None:
         if cp.meta is not None:
             self.meta = cp.meta
         self.steps.update(cp.steps)
+        for sid, listed in cp.item_lists.items():
+            self.item_lists[sid], self.items[sid] = listed, {}
+        for sid, records in cp.items.items():
+            self.items.setdefault(sid, {}).update(records)
         for name, blob in cp.fields.items():
             self.deltas.pop(name, None)
             if blob is None:
@@ -162,9 +172,6 @@ class StateStore(abc.ABC):
         from .prune import prune
 
         return prune(self, older_than, status, grace=grace)
-
-    def compact(self) -> None:
-        """Give the space of removed runs back to the filesystem (SQLite: VACUUM); a no-op here."""
 
     # -- the seed's API, for every store ------------------------------------
 
@@ -266,6 +273,14 @@ class StateStore(abc.ABC):
         return states
 
 
+def with_inline_limit(store: StateStore, limit: int | None) -> StateStore:
+    """``store``, its fields over ``limit`` bytes kept as objects (``WorkflowEngine(inline_limit=...)``; the
+    store's setting: engines sharing a store share it, the last one made sets it)."""
+    if limit is not None and store.objects is not None:
+        store.objects = store.objects.limited(limit)
+    return store
+
+
 _class_cache: dict[bytes, type] = {}
 
 
@@ -298,8 +313,13 @@ def record_to_state(
             "be read, other runs are not affected: restore the store from a backup, or delete that run"
         ) from exc
     # Steps in definition order (the fingerprint keeps it), whatever order the store returns.
-    order = {sid: i for i, sid in enumerate((record.extra.get("fingerprint") or {}).get("steps", {}))}
+    known = (record.extra.get("fingerprint") or {}).get("steps", {})
+    order = {sid: i for i, sid in enumerate(known)}
     steps = sorted(record.steps.items(), key=lambda item: order.get(item[0], len(order)))
+    step_states = {sid: StepState.from_record(rec) for sid, rec in steps}
+    for sid, state in step_states.items():
+        if sid in record.item_lists or (known.get(sid) or {}).get("for_each"):
+            state.items = item_states(record.item_lists.get(sid) or [], record.items.get(sid) or {})
     return WorkflowState(
         instance_id=instance_id,
         workflow_id=meta["workflow_id"],
@@ -307,7 +327,7 @@ def record_to_state(
         data=data_codec.build(data_class(record), fields, objects, f"run {instance_id}", opened=True)
         if decode_data
         else None,
-        step_states={sid: StepState.from_record(rec) for sid, rec in steps},
+        step_states=step_states,
         error=meta.get("error"),
         failed_step=meta.get("failed_step"),
         created_at=meta.get("created_at"),
@@ -315,6 +335,13 @@ def record_to_state(
         context=context,
         owner=meta.get("owner"),
     )
+
+
+def item_states(listed: list[tuple[str, bytes]], records: dict[int, dict[str, Any]]) -> dict[str, ItemState]:
+    """A for_each step's items in collection order: as recorded, or PENDING if never started."""
+    return {
+        key: ItemState.from_record(records[n]) if n in records else ItemState(key) for n, (key, _) in enumerate(listed)
+    }
 
 
 def state_to_checkpoint(state: WorkflowState[Any], previous: Record | None) -> Checkpoint:
@@ -338,8 +365,18 @@ def state_to_checkpoint(state: WorkflowState[Any], previous: Record | None) -> C
         for name in previous.fields:
             fields.setdefault(name, None)
     extra = {**(previous.extra if previous else {}), "class": data_codec.encode_value(type(state.data))}
-    steps = {sid: s.to_record() for sid, s in state.step_states.items()}
-    return Checkpoint(state.instance_id, meta, steps, fields, extra, replace=True)
+    steps, lists, items = {}, {}, {}
+    for sid, step in state.step_states.items():
+        steps[sid] = {k: v for k, v in step.to_record().items() if k != "items"}  # items: in their own table
+        if step.items is not None:
+            listed = previous.item_lists.get(sid, []) if previous else []
+            if [key for key, _ in listed] != list(step.items):
+                # The items themselves are not in the state: a state saved with other keys keeps its keys,
+                # each standing for its item.
+                listed = [(key, data_codec.encode_value(key)) for key in step.items]
+            lists[sid] = listed
+            items[sid] = {n: i.to_record() for n, i in enumerate(step.items.values())}
+    return Checkpoint(state.instance_id, meta, steps, fields, extra, replace=True, item_lists=lists, items=items)
 
 
 class InMemoryStore(StateStore):
@@ -377,7 +414,10 @@ class InMemoryStore(StateStore):
             if record is None:
                 return None
             deltas = {name: dict(d) for name, d in record.deltas.items()}
-            return Record(dict(record.meta), dict(record.steps), dict(record.fields), dict(record.extra), deltas)
+            copy = Record(dict(record.meta), dict(record.steps), dict(record.fields), dict(record.extra), deltas)
+            copy.item_lists = dict(record.item_lists)
+            copy.items = {sid: dict(records) for sid, records in record.items.items()}
+            return copy
 
     def read_meta(self, instance_id: str) -> dict[str, Any] | None:
         with self._lock:

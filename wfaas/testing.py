@@ -200,12 +200,12 @@ class FakePool:
     # -- what the test does -------------------------------------------------------------
 
     def busy(self) -> dict[str, Slot]:
-        """The slots running a step (or hook), by step id."""
-        return {slot.task.step.sid: slot for slot in self.slots if slot.task is not None}
+        """The slots running a step (or hook), by step id; an item of a for_each step as ``step[key]``."""
+        return {slot.task.step.label: slot for slot in self.slots if slot.task is not None}
 
     def last_sent(self, step_id: str) -> wire.RunStep:
-        """The last message that started ``step_id`` (or one of its hooks)."""
-        message: wire.RunStep = next(m for _, m in reversed(self.sent) if m.step_id == step_id)
+        """The last message that started ``step_id`` (or one of its hooks); ``step[key]`` names an item."""
+        message: wire.RunStep = next(m for _, m in reversed(self.sent) if _label(m) == step_id)
         return message
 
     def execute(self, step_id: str, usage: dict[str, Any] | None = None) -> wire.Reply:
@@ -238,11 +238,15 @@ class FakePool:
         """The oldest kill still pending (of ``step_id``'s slot) is over: its tree is dead."""
         for request in self.kills:
             task = request.slot.task
-            if step_id is None or (task is not None and task.step.sid == step_id):
+            if step_id is None or (task is not None and task.step.label == step_id):
                 self.kills.remove(request)
                 request.done(request.slot, request.exit or Exit(exitcode, request.slot.last_rss))
                 return request
         raise AssertionError(f"no kill pending for {step_id or 'any step'}; pending: {self.kills}")
+
+
+def _label(message: wire.RunStep) -> str:
+    return message.step_id if message.item_key is None else f"{message.step_id}[{message.item_key}]"
 
 
 def _drain(fd: int) -> None:

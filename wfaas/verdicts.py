@@ -80,8 +80,9 @@ def retryable(body: Any, cause: BaseException) -> bool:
 
 
 def where(run: Run, step: StepRun) -> dict[str, Any]:
-    """The keyword arguments that make a step error name its step, attempt, instance and workflow."""
-    return {"instance_id": run.iid, "workflow_id": run.workflow_id, "step_id": step.sid, "attempt": step.attempts}
+    """The keyword arguments that make a step error name its step (``step[key]`` for an item), attempt, instance
+    and workflow."""
+    return {"instance_id": run.iid, "workflow_id": run.workflow_id, "step_id": step.label, "attempt": step.attempts}
 
 
 def reason(error: WorkflowError) -> str:

@@ -31,9 +31,10 @@ SUCCESS, FAILURE, SKIP, HOOK = "success", "failure", "skip", "hook"
 class RunStep(NamedTuple):
     """Run one attempt (or hook) of a step: the body, the data class and the snapshot, each sent once per worker.
 
-    The last six fields say who the step is, for its ``WorkflowContext``;
+    The next six fields say who the step is, for its ``WorkflowContext``;
     ``hook`` is None, "success" or "failure", and ``error``, for an
     on_failure hook, is ``(error, its cause)`` encoded (pickle drops ``__cause__``).
+    ``item`` (encoded) and ``item_key`` are the item of a ``for_each`` step, else None.
     """
 
     task_id: int
@@ -49,6 +50,8 @@ class RunStep(NamedTuple):
     attempt: int
     hook: str | None
     error: bytes | None
+    item: bytes | None = None
+    item_key: str | None = None
 
 
 class Stop(NamedTuple):
