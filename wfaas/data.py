@@ -23,6 +23,7 @@ from typing import Any
 
 import dill
 
+from . import lazydata
 from . import objects as large
 from .errors import SerializationError
 
@@ -183,7 +184,7 @@ def build(
     mapped at once if ``opened``); ``what`` names the run in errors about them.
     """
     refs = {n: b for n, b in fields.items() if large.is_ref(b)} if objects is not None else {}
-    kind: Any = large.lazy_class(cls, refs, objects, what, opened) if refs else cls  # type: ignore[arg-type]
+    kind: Any = lazydata.lazy_class(cls, refs, objects, what, opened) if refs else cls  # type: ignore[arg-type]
     obj = kind.__new__(kind)
     for name, blob in fields.items():
         if name not in refs and name != CONTEXT_FIELD:
@@ -215,11 +216,11 @@ def diff_fields(
     """The fields of ``obj`` (and the context values) whose encoding differs from ``before``.
 
     With ``objects``, a large field the step never read is not in ``vars(obj)``
-    (``objects.lazy_class``): unchanged at no cost; one it read is compared
+    (``lazydata.lazy_class``): unchanged at no cost; one it read is compared
     with its file, and a new large value is written there (``objects.py``).
     """
     changes: dict[str, FieldChange] = {}
-    values = {k: v for k, v in vars(obj).items() if k not in transient_fields(large.user_class(obj))}
+    values = {k: v for k, v in vars(obj).items() if k not in transient_fields(lazydata.user_class(obj))}
     if context is not None:
         values[CONTEXT_FIELD] = context
     for name, value in values.items():

@@ -5,7 +5,7 @@ Where a field goes, and who pays what (API.md §14)::
     engine (start) / worker (a step replaced the field)
         --encode_field--> encoding over the limit? --ObjectStore.put--> <root>/<sha256 hex>
                           the checkpoint holds a reference blob (a pickled ObjectRef, ~120 bytes)
-    worker --build(lazy=...)--> ctx.data: unread large fields are _Lazy descriptors on a subclass
+    worker --data.build--> ctx.data: unread large fields are descriptors on a subclass (lazydata.py)
         first read of ctx.data.frame --ObjectStore.load--> the value (out-of-band buffers memory-mapped)
     worker --diff_large--> a field read but not changed: compared with its file, not hashed, not written
 
@@ -537,69 +537,3 @@ def diff_large(value: Any, old: bytes, objects: ObjectStore, what: str) -> bytes
     if objects.same(old, parts, what):
         return None
     return encode_field(value, objects)
-
-
-# -- loading a field on first read -----------------------------------------------
-
-
-class _Lazy:
-    """Stands for an unread large field on the data's class: the first read loads it into the instance."""
-
-    def __init__(self, name: str, blob: bytes, objects: ObjectStore, what: str, mapped: Any) -> None:
-        self.name, self.blob, self.objects, self.what, self.mapped = name, blob, objects, what, mapped
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        value = self.objects.load(self.blob, f"{self.what}, field {self.name}", self.mapped)
-        self.mapped = None
-        obj.__dict__[self.name] = value  # from now on the instance's own attribute wins
-        if all(n in obj.__dict__ for n in type(obj)._wfaas_lazy):
-            object.__setattr__(obj, "__class__", type(obj).__mro__[1])  # all read: the user's class again
-        return value
-
-
-def lazy_class(cls: type, blobs: dict[str, bytes], objects: ObjectStore, what: str, opened: bool = False) -> type:
-    """A subclass of ``cls`` whose instances load the fields in ``blobs`` when first read.
-
-    ``opened``: each field's file is mapped now (a missing one raises now), so that reading it later
-    works even if the folder is gone by then (a state that outlives its engine's temporary store).
-    """
-    attrs: dict[str, Any] = {
-        name: _Lazy(name, blob, objects, what, objects.open(blob, f"{what}, field {name}") if opened else None)
-        for name, blob in blobs.items()
-    }
-    attrs.update(
-        _wfaas_lazy=tuple(blobs),
-        __reduce_ex__=_reduce_loaded,
-        __eq__=_eq_loaded,
-        __hash__=cls.__hash__,  # a class body that sets __eq__ alone would make instances unhashable
-        __module__=cls.__module__,
-        __qualname__=cls.__qualname__,
-    )
-    return type(cls.__name__, (cls,), attrs)
-
-
-def user_class(obj: Any) -> type:
-    """The data's own class, also while ``obj`` is an instance of its ``lazy_class``."""
-    cls = type(obj)
-    return cls.__mro__[1] if "_wfaas_lazy" in cls.__dict__ else cls
-
-
-def _load_all(self: Any) -> None:
-    for name in type(self)._wfaas_lazy:
-        getattr(self, name)  # the last one turns self back into the user's class
-
-
-def _reduce_loaded(self: Any, protocol: Any) -> Any:
-    # Pickling or copying the data (a step, or a caller of get_status, may): as the user's class, all loaded.
-    _load_all(self)
-    return self.__reduce_ex__(protocol)
-
-
-def _eq_loaded(self: Any, other: Any) -> Any:
-    # A dataclass's __eq__ wants both of exactly one class: compare as the user's class, all loaded.
-    _load_all(self)
-    if type(other).__dict__.get("_wfaas_lazy"):
-        _load_all(other)
-    return self == other
