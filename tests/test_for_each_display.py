@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 from wfaas import Attempt, ItemState, SqliteStore, StepState, StepStatus, WorkflowState, WorkflowStatus, events
-from wfaas._cli_logs import print_logs
+from wfaas._cli_logs import print_failed_traceback, print_logs
 from wfaas.capture import OUTPUT, AttemptLog
 from wfaas.cli_progress import Progress
 from wfaas.command_line import main
@@ -167,6 +167,17 @@ def test_status_step_of_one_item_shows_its_attempts_and_traceback(saved: Any) ->
     assert 'File "etl.py", line 9' in result.output
     as_json = json.loads(cli("status", "--store", store, "--step", "clean[part-00009.csv]", "--json").output)
     assert as_json["status"] == "FAILED" and len(as_json["history"]) == 3
+
+
+def test_a_failed_run_prints_its_first_failed_items_traceback_and_the_commands_for_it() -> None:
+    state = run_state(30, fail_every=10)
+    state.status, state.failed_step = WorkflowStatus.FAILED, "clean"
+    out = io.StringIO()
+    print_failed_traceback(state, Console(file=out, width=200), " --store s.sqlite")
+    text = out.getvalue()
+    assert text.startswith("traceback of step clean[part-00009.csv] (attempt 3):\n"), text
+    assert 'File "etl.py", line 9' in text
+    assert f"wfaas-local logs {IID} 'clean[part-00009.csv]' --store s.sqlite" in text  # quoted: brackets glob
 
 
 def test_status_step_of_an_unknown_item_is_one_line_exit_2(saved: Any) -> None:

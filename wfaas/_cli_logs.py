@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -20,7 +21,7 @@ import click
 
 from .capture import OUTPUT, AttemptLog, LogLine, cut_marker
 from .cli_text import shorten
-from .states import StepState, WorkflowState, WorkflowStatus
+from .states import StepState, StepStatus, WorkflowState, WorkflowStatus
 from .store import StateStore
 
 DEFAULT_LEVEL = logging.WARNING
@@ -160,13 +161,19 @@ def print_logs(
 
 
 def failed_traceback(state: WorkflowState[Any]) -> tuple[str, int, str] | None:
-    """(step, attempt, traceback) of the failed step's last attempt that has one."""
-    step = state.step_states.get(state.failed_step or "")
+    """(step, attempt, traceback) of the failed step's last attempt that has one.
+
+    For a ``for_each`` step: of its first failed item's, named ``step[key]``.
+    """
+    sid = state.failed_step or ""
+    step = state.step_states.get(sid)
     if step is None:
         return None
-    for attempt in reversed(step.history):
-        if attempt.traceback:
-            return state.failed_step or "", attempt.number, attempt.traceback
+    failed = [(f"{sid}[{k}]", i.history) for k, i in (step.items or {}).items() if i.status is StepStatus.FAILED]
+    for name, history in [*failed, (sid, step.history)]:
+        for attempt in reversed(history):
+            if attempt.traceback:
+                return name, attempt.number, attempt.traceback
     return None
 
 
@@ -190,6 +197,7 @@ def print_failed_traceback(state: WorkflowState[Any], console: Any, store_flag: 
         console.print(shorten(f"  {line}", console.width) if console.is_terminal else f"  {line}", markup=False)
     if ":memory:" in store_flag:
         return  # nothing outlives this process: no command could show more later
+    step = shlex.quote(step)  # an item's name has brackets, which shells glob
     console.print(f"its output: wfaas-local logs {state.instance_id} {step}{store_flag}", markup=False)
     console.print(f"every attempt: wfaas-local status {state.instance_id} --step {step}{store_flag}", markup=False)
 

@@ -56,7 +56,7 @@ def _row(sid: str, s: StepState) -> list[str]:
         counts = ItemCounts.of(s)
         rss = "" if counts.max_rss is None else f"{counts.max_rss / 2**20:.0f} MiB"
         duration = _seconds(_duration(s.started_at, s.finished_at))
-        return [sid, s.status.name, str(s.attempts + counts.attempts), duration, _seconds(counts.cpu), rss, ""]
+        return [sid, s.status.name, str(counts.attempts or s.attempts), duration, _seconds(counts.cpu), rss, ""]
     last = s.history[-1] if s.history else None
     waited = sum(a.waited + a.queued for a in s.history) if s.history else None
     return [

@@ -1,17 +1,20 @@
 """The scheduler: one thread that owns every run's state and walks the DAGs, one ``tick`` at a time.
 
-How a step travels (the function at each arrow; the functions below come in this order)::
+How a step travels (the function at each arrow; the functions below come in
+this order, those marked F in ``failures.py`` and I in ``items.py``, mixins
+of ``Scheduler``)::
 
     engine.start_workflow / resume --start_run--> Run, each step with a Gate (readiness.py)
     gate opens --_decide--> RUN | SKIP (_finish) | WAIT (a TimerKind.WAIT timer)
                             | run_if raised (_condition_raised: a failed attempt, never retried)
+    RUN, for_each: --_open_items (I)--> one StepRun per item, each as below; --_settle (I)--> the step ends
     RUN --_enqueue--> ready queue, with the data snapshot of that moment (rundata.py)
     ready queue --_dispatch / _start_task--> idle slot --wire.RunStep--> worker (pool.py, _worker.py)
     worker --wire.Done | wire.Failed--> _on_message
         Done --RunData.merge--> conflict? --_finish--> SUCCEEDED / SKIPPED --_propagate--> dependents' gates
-        Failed, conflict, or a stopped tree (supervision.py: timeout, memory, crash --> _after_kill)
-            --_attempt_failed--> verdicts.after_failure: RETRY (a TimerKind.RETRY timer)
-                                 | HOOK (_queue_hook) | FAIL (_fail_for_good: CONTINUE or stop the run)
+        Failed, conflict, or a stopped tree (supervision.py: timeout, memory, crash --> _after_kill F)
+            --_attempt_failed F--> verdicts.after_failure: RETRY (a TimerKind.RETRY timer)
+                                 | HOOK (_queue_hook) | FAIL (_fail_for_good F: CONTINUE or stop the run)
     all steps done or the run stopped, nothing in flight --_maybe_finish--> COMPLETED | FAILED | CANCELLED
     every change --_commit--> one checkpoint per turn (commits.py) --committed--> events published,
         waiters released, steps made ready by it dispatched
@@ -35,8 +38,6 @@ records and the ready queue (``runs.py``), for_each's items (``items.py``).
 
 from __future__ import annotations
 
-import concurrent.futures
-import itertools
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -46,12 +47,12 @@ from . import events as ev
 from . import verdicts, wire
 from .clock import Clock
 from .commits import Commits
-from .definition import FailureAction
 from .errors import Cancelled, InvalidStateTransition, StepFailed, WorkflowError
-from .items import ForEachSteps, ItemTable, items_of
+from .failures import Failures
+from .items import ForEachSteps, ItemTable
 from .items import key_field as _key
 from .loopio import Loop, TimerKind
-from .pool import Exit, Pool, Slot, Waitable
+from .pool import Pool, Slot, Waitable
 from .readiness import Decision, Gate, Outcome, decide
 from .runs import (
     Finished,
@@ -69,7 +70,6 @@ from .runs import (
 from .states import AttemptOutcome, StepStatus, WorkflowStatus, check_step_transition, check_workflow_transition
 from .store import StateStore
 from .supervision import Supervisor
-from .verdicts import Verdict
 from .watchdog import MemoryWatchdog
 
 log = logging.getLogger("wfaas")
@@ -81,7 +81,7 @@ ERRORS_KEPT = 1000
 Words = Callable[..., WorkflowError]
 
 
-class Scheduler(Loop, ForEachSteps):
+class Scheduler(Loop, ForEachSteps, Failures):
     """Owns every run of one engine; see the module docstring for the journey and the turn.
 
     Its thread, ``submit`` (how other threads reach it) and the wait between
@@ -389,90 +389,6 @@ class Scheduler(Loop, ForEachSteps):
                     now = self.clock.monotonic()
                 self._decide(run, nxt, now)
 
-    # -- 5. failures: retry, hook, or fail for good ------------------------------------
-
-    def _attempt_failed(
-        self, run: Run, step: StepRun, error: WorkflowError, cause: BaseException, *, may_retry: bool = True
-    ) -> None:
-        verdict, delay = verdicts.after_failure(run, step, cause, may_retry=may_retry)
-        step.error = verdicts.reason(error)
-        now = self.clock.now()
-        retry = verdict is Verdict.RETRY
-        fields = {"attempt": step.attempts, "error": str(error), "will_retry": retry, "usage": step.usage}
-        self._event(ev.StepFailed, run, now, step_id=step.sid, **fields, **_key(step))
-        if retry:
-            self._set_status(run, step, S.WAITING)
-            step.waited_from, step.wait_kind = self.clock.monotonic(), WaitKind.BACKOFF
-            step.wait_until = now + verdicts.delta(delay)
-            step.timer = self.timer(self.clock.monotonic() + delay, TimerKind.RETRY, step)
-            retrying = {"attempt": step.attempts + 1, "delay": delay}
-            self._event(ev.StepRetrying, run, now, step_id=step.sid, **retrying, **_key(step))
-            return
-        step.final_error = error
-        if verdict is Verdict.HOOK:
-            self._queue_hook(run, step, Hook.FAILURE)
-        else:
-            self._fail_for_good(run, step, error)
-
-    def _fail_for_good(self, run: Run, step: StepRun, error: WorkflowError) -> None:
-        self._set_status(run, step, S.FAILED)
-        step.finished_at = self.clock.now()
-        step.error = verdicts.reason(error)
-        if run.compiled.steps[step.index].failure_action is FailureAction.CONTINUE_NEXT_STEP:
-            self._propagate(run, step, Outcome.FAILED_CONTINUE)
-        elif run.stopping is None:
-            run.stopping = Stopping.FAIL
-            run.error, run.failed_step = error, step.sid
-            self._park_waiting(run)
-        self._maybe_finish(run)
-
-    def _park_waiting(self, run: Run) -> None:
-        """The run stops: steps (and items) not yet started go back to PENDING (a resume starts them)."""
-        run.unsettled.update(s for s in run.steps if s.items is not None)
-        for step in itertools.chain(run.steps, items_of(run)):
-            if step.hook:
-                continue  # an on_failure hook still runs; the step ends after it
-            if step.status is S.WAITING or step.queued:
-                step.queued = 0
-                step.timer = 0
-                if step.status is S.WAITING:
-                    self._set_status(run, step, S.PENDING)
-                    step.wait_until = None
-
-    # -- 6. timeouts, crashes, kills ------------------------------------------------------
-
-    def _on_worker_exit(self, slot: Slot) -> None:
-        """A worker died on its own: fail only the step it ran, replace it."""
-        while slot.task is not None and slot.conn is not None and slot.conn.poll():
-            message = self.pool.receive(slot)
-            if message is None:
-                break
-            self._on_message(slot, message)  # it finished before dying: keep its result
-        if not slot.dying:  # dying: it asked to be replaced (its reply said "retire"), and that has begun
-            self.supervisor.worker_exited(slot)
-
-    def _after_kill(self, slot: Slot, exit_: Exit) -> None:
-        """A stopped tree is dead (``supervision.py`` stopped it): the attempt ends as its kill reason says."""
-        task: Task | None = slot.task
-        self.pool.spawn(slot)
-        if task is None:
-            return  # its result arrived before the kill; nothing was lost
-        self._release(task)
-        run, step = task.run, task.step
-        outcome, error = verdicts.killed(task, exit_)
-        if task.hook:  # crashed or cancelled while a hook ran: the outcome was decided before it
-            self._hook_done(run, step)
-        elif error is not None:
-            self._end_attempt(task, outcome, exit_=exit_, error=error)
-            self._attempt_failed(run, step, error, error)
-        else:
-            self._set_status(run, step, S.CANCELLED)
-            step.finished_at = self.clock.now()
-            step.error = verdicts.CANCELLED_WHILE_RUNNING
-            self._end_attempt(task, outcome, exit_=exit_)
-            step.history[-1]["error"] = step.error
-        self._maybe_finish(run)
-
     # -- 7. the run ends ----------------------------------------------------------------
 
     def _maybe_finish(self, run: Run) -> None:
@@ -500,23 +416,6 @@ class Scheduler(Loop, ForEachSteps):
     def _busy(self, run: Run) -> bool:
         """An attempt or hook of ``run`` is in a worker slot (a slot being stopped counts)."""
         return any(s.task is not None and s.task.run is run for s in self.pool.slots)
-
-    def cancel(self, iid: str, grace: float | None) -> concurrent.futures.Future[Any]:
-        """Stop dispatching, kill running steps' trees; the future resolves once the run is CANCELLED."""
-        run = self.runs.get(iid)
-        if run is None:
-            raise verdicts.not_cancellable(iid, self.store.read_meta(iid))
-        if run.final:
-            raise InvalidStateTransition(f"instance {iid}", run.status, W.CANCELLED, "it has already finished")
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        run.waiters.append(future)
-        run.grace = grace
-        if run.stopping is not Stopping.CANCEL:
-            run.stopping = Stopping.CANCEL
-            self._park_waiting(run)
-        self.supervisor.cancel(run, grace)
-        self._maybe_finish(run)
-        return future
 
     # -- 8. commit: one checkpoint per turn, then what it allows ---------------------------
 
