@@ -279,7 +279,10 @@ def read_snapshot(blob: bytes) -> tuple[dict[str, bytes], large.ObjectStore | No
     """A snapshot's fields, and where its large values are (``objects.py``)."""
     fields = pickle.loads(blob)
     config = fields.pop(large.OBJECTS_FIELD, None)
-    return fields, large.ObjectStore.from_config(config) if config is not None else None
+    if config is None:
+        return fields, None
+    large.trust(config[1])
+    return fields, large.ObjectStore.from_config(config[0])
 
 
 def execute(

@@ -340,7 +340,7 @@ class DaskPool:
         # and Dask children work without an object store (the engine writes what they send back large).
         config: Any = fields.pop(large_values.OBJECTS_FIELD, None)
         refs = {n: b for n, b in fields.items() if large_values.is_ref(b)}
-        large = {n: self._scatter_object(b, config, f"run {head.instance_id}, field {n}") for n, b in refs.items()}
+        large = {n: self._scatter_object(b, config[0], f"run {head.instance_id}, field {n}") for n, b in refs.items()}
         fields = {n: b for n, b in fields.items() if n not in refs}
         small = {n: b for n, b in fields.items() if len(b) <= self._backend.large_field_bytes}
         large |= {n: self._scatter(b) for n, b in fields.items() if len(b) > self._backend.large_field_bytes}

@@ -66,6 +66,7 @@ _ALIGN = 64
 _CHUNK = 1 << 20
 _VERIFIED_KEPT = 256
 _PLAIN = (bytes, str, bytearray)
+_SHM_MIN = 4 << 30
 
 
 class ObjectError(StoreError):
@@ -136,7 +137,7 @@ class _Root:
             if self._path is None:
                 # Named now, made by the first put (which may be a worker's): a store that never holds a
                 # large value costs no folder. uuid4: nobody can guess the name to plant a folder there first.
-                self._path = Path(tempfile.gettempdir()) / f"wfaas-objects-{uuid.uuid4().hex}"
+                self._path = _memory_folder() / f"wfaas-objects-{uuid.uuid4().hex}"
                 self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._path), True)
             return self._path
 
@@ -147,6 +148,19 @@ class _Root:
     def remove(self) -> None:
         if self._finalizer is not None:
             self._finalizer()
+
+
+def _memory_folder() -> Path:
+    """Where an in-memory store keeps large values: /dev/shm (memory, as the rest of that store) when it
+    is large enough not to fill up at the first big array (a container's default is 64 MB), else the
+    temporary folder. Writing them to a disk made a chain passing 5 MB per step wait on writeback."""
+    try:
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize >= _SHM_MIN and os.access("/dev/shm", os.W_OK):
+            return Path("/dev/shm")
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir())
 
 
 class ObjectStore:
@@ -324,7 +338,7 @@ class ObjectStore:
         mm, identity = mapped
         view = memoryview(mm)
         sections = self._sections(ref, view, what)
-        if _verified.get(ref.digest) != identity:
+        if ref.digest not in _trusted and _verified.get(ref.digest) != identity:
             h = hashlib.sha256(view[: 8 + 8 * (len(sections) + 1)])
             for s in sections:
                 h.update(s)
@@ -424,6 +438,20 @@ def _make(root: Path) -> None:
                 f"{root} holds large values, which are pickles, but is not a private folder of this user "
                 "(a symlink, another owner, or writable by others); move it aside or fix its owner and mode"
             ) from None
+
+
+FRESH_KEPT = 32
+"""Objects a run's snapshot names as written during this engine's life (``RunData.fresh``)."""
+_trusted: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+
+def trust(digests: Any) -> None:
+    """Objects this engine's workers wrote and checked moments ago: not hashed again on their first read
+    here (a 5 MB value passed down a chain would pay its hash twice per step). A file from an earlier
+    engine (a resumed run) is always checked."""
+    for digest in digests:
+        _trusted[digest] = None
+    _trim(_trusted, _VERIFIED_KEPT)
 
 
 _by_config: dict[tuple[str, bool, int], ObjectStore] = {}
@@ -531,9 +559,14 @@ def encode_field(value: Any, objects: ObjectStore) -> bytes:
 
 def diff_large(value: Any, old: bytes, objects: ObjectStore, what: str) -> bytes | None:
     """A read large field after the step: None if unchanged, else its new encoding (written if large)."""
+    if isinstance(value, dict):
+        return encode_field(value, objects)
     if type(value) in _PLAIN and objects.same_pickle(old, value, what):
         return None
-    parts = encode_parts(value)
+    main, buffers = _pickle(value)
+    parts = [memoryview(main), *(b.raw() for b in buffers)]
     if objects.same(old, parts, what):
         return None
-    return encode_field(value, objects)
+    if sum(p.nbytes for p in parts) > objects.limit:
+        return objects.put(parts)
+    return main if not buffers else _data.encode_value(value)

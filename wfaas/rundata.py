@@ -25,7 +25,7 @@ class Snapshot:
     key: tuple[str, int]
     fields: dict[str, bytes]
     _blob: bytes | None = None
-    objects: tuple[str, bool, int] | None = None  # where large fields are (``objects.py``), for the worker
+    objects: tuple[Any, ...] | None = None  # where large fields are, and which are fresh (``objects.py``)
 
     @property
     def version(self) -> int:
@@ -71,6 +71,8 @@ class RunData:
     # each would otherwise cost O(keys) per step.
     live_dicts: dict[str, dict[Any, Any]] = field(default_factory=dict)
     stale_fields: set[str] = field(default_factory=set)
+    # Objects this engine's workers wrote for the run, latest last: a worker need not hash them again.
+    fresh: dict[str, None] = field(default_factory=dict)
     # Changed since the last checkpoint: fields written whole, and dict keys written one by one
     # (O(keys changed), not O(dict)).
     dirty_fields: set[str] = field(default_factory=set)
@@ -104,7 +106,7 @@ class RunData:
         """The fields at the current version, as steps starting now will see them."""
         self.sync()
         if self.snap is None or self.snap.version != self.version:
-            cfg = self.objects.config if self.objects is not None else None
+            cfg = (self.objects.config, tuple(self.fresh)) if self.objects is not None else None
             self.snap = Snapshot((iid, self.version), dict(self.fields), objects=cfg)
         return self.snap
 
@@ -174,6 +176,10 @@ class RunData:
                 if self.objects is not None and len(change.blob) > self.objects.limit and not _dict_pickle(change.blob):
                     # From a worker that could not write it (a Dask worker elsewhere): written here, once.
                     change.blob = self.objects.put([memoryview(change.blob)])
+                if large.is_ref(change.blob):
+                    self.fresh[large.ref_of(change.blob).digest] = None
+                    while len(self.fresh) > large.FRESH_KEPT:
+                        del self.fresh[next(iter(self.fresh))]
                 self.fields[name] = change.blob
                 self.live_dicts.pop(name, None)
                 self.stale_fields.discard(name)
