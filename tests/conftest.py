@@ -35,6 +35,22 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    _start_forkserver_with_the_test_modules()
+
+
+def _start_forkserver_with_the_test_modules() -> None:
+    """Start the forkserver every engine of the suite shares with pytest and this module already imported.
+
+    A worker imports the module of each step it runs, and steps live in test
+    modules, which import pytest (about 0.1 s of CPU): paid by each of two
+    workers of each engine, several hundred times a suite. Forked from a
+    server that imported them once, workers start with them (the engine's own
+    preload, which it sets only before the server starts, is kept).
+    """
+    from multiprocessing import forkserver
+
+    forkserver.set_forkserver_preload(["wfaas._worker", "wfaas._guard", "dill", "psutil", "pytest", "conftest"])
+    forkserver.ensure_running()
 
 
 @dataclass
