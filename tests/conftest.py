@@ -6,6 +6,7 @@ import os
 import select
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,7 +36,21 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    _cache_bytecode_of_the_programs_we_start()
     _start_forkserver_with_the_test_modules()
+
+
+def _cache_bytecode_of_the_programs_we_start() -> None:
+    """Let the hundreds of Python programs the suite starts (CLI runs, scripts, their forkservers) cache bytecode.
+
+    Where PYTHONDONTWRITEBYTECODE is set (as on this project's machines), each
+    of them compiled wfaas and the tests from source: about 0.05 s of CPU a
+    program. The cache goes to a folder of its own under the temporary
+    directory (PYTHONPYCACHEPREFIX), so the source tree stays as clean as the
+    setting meant to keep it.
+    """
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+        os.environ.setdefault("PYTHONPYCACHEPREFIX", os.path.join(tempfile.gettempdir(), "wfaas-tests-pycache"))
 
 
 def _start_forkserver_with_the_test_modules() -> None:
