@@ -31,7 +31,8 @@ from wfaas.pool import terminate_tree
 
 from conftest import Data, alive, reap, wait_for_text, wait_until, write_atomic
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftovers")]
+# Slow: what waits on real time (a real timeout, the bound after kill -9); the rest runs in the default set.
+pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 DEADLINE = 2.0  # the issue: gone within seconds of the engine's death; the orphan tests' bound
 
@@ -93,6 +94,7 @@ def started_daemon(pidfile: Path, seconds: str) -> int:
     return pid
 
 
+@pytest.mark.slow
 def test_timeout_kills_a_double_forked_daemon(tmp_path: Path) -> None:
     seconds, pidfile = unique_seconds(), tmp_path / "daemon.pid"
     wf = WorkflowDefinition("daemon", data_type=Data).add_step(
@@ -232,6 +234,7 @@ def assert_gone_after_kill_9(proc: subprocess.Popen[Any], pids: list[int], what:
         raise AssertionError(f"{what}: still running {DEADLINE} s after kill -9 of the engine") from None
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_engine_kills_a_double_forked_daemon(tmp_path: Path) -> None:
     seconds = unique_seconds()
     with engine_script(tmp_path, "daemon", seconds) as (proc, worker):
@@ -240,6 +243,7 @@ def test_kill_9_of_the_engine_kills_a_double_forked_daemon(tmp_path: Path) -> No
         assert sleepers(seconds) == []
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_engine_kills_a_daemon_left_by_a_step_that_returned(tmp_path: Path) -> None:
     """The worker is idle, so it too sees the engine go (its pipe closes): it must not leave first, alone."""
     seconds = unique_seconds()
@@ -249,6 +253,7 @@ def test_kill_9_of_the_engine_kills_a_daemon_left_by_a_step_that_returned(tmp_pa
         assert sleepers(seconds) == []
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_engine_kills_a_worker_holding_the_gil_in_c_code(tmp_path: Path) -> None:
     with engine_script(tmp_path, "regex", unique_seconds()) as (proc, worker):
         # The step wrote its PID just before the regex: once its CPU time grows, it is inside re.match.
