@@ -260,7 +260,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("name", ["quickstart", "dag", "batch_files", "flaky_service", "scheduled"])
+@pytest.mark.parametrize(
+    "name",
+    # scheduled waits two real seconds for its scheduled_at
+    ["quickstart", "dag", "batch_files", "flaky_service", pytest.param("scheduled", marks=pytest.mark.slow)],
+)
 def test_examples_run_through_the_cli(name: str, tmp_path: Path) -> None:
     result = subprocess.run(
         ["wfaas-local", "run", f"examples/{name}.py:workflow", "--store", str(tmp_path / "r.sqlite")],
