@@ -317,3 +317,42 @@ def test_recover_after_kill_9_of_a_run(tmp_path: Path, runner: CliRunner) -> Non
     assert f"recovered {iid}" in result.stdout and f"{iid}: COMPLETED" in result.stdout
     again = subprocess.run([*CLI, "recover", "--store", store], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "nothing to recover" in again.stdout
+
+
+SEES_MODULES = textwrap.dedent(
+    """
+    import sys
+    from dataclasses import dataclass, field
+    from wfaas import StepDefinition, WorkflowData, WorkflowDefinition
+
+    @dataclass
+    class D(WorkflowData):
+        seen: list = field(default_factory=list)
+
+    def look(ctx):
+        ctx.data.seen = [m for m in ("click", "wfaas.command_line") if m in sys.modules]
+
+    workflow = WorkflowDefinition("modules", data_type=D).add_step(StepDefinition("look", "look", look))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "command", [["wfaas-local"], [sys.executable, "-m", "wfaas.command_line"]], ids=["script", "-m"]
+)
+def test_the_clis_workers_do_not_import_the_cli(tmp_path: Path, command: list[str]) -> None:
+    """multiprocessing makes each process it starts import the parent's __main__: here click and the whole CLI.
+
+    A worker runs the target's steps and never the command line; the import cost
+    each worker and the guard about 0.1 s of CPU before the first step.
+    """
+    (tmp_path / "modules.py").write_text(SEES_MODULES)
+    store = str(tmp_path / "r.sqlite")
+    result = subprocess.run(
+        [*command, "run", f"{tmp_path}/modules.py:workflow", "--json", "--store", store],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["data"]["seen"] == []
