@@ -6,6 +6,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -51,6 +52,9 @@ def _cache_bytecode_of_the_programs_we_start() -> None:
     """
     if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
         os.environ.setdefault("PYTHONPYCACHEPREFIX", os.path.join(tempfile.gettempdir(), "wfaas-tests-pycache"))
+        # This process too, for the test modules it has yet to collect (pytest caches their rewritten code).
+        sys.dont_write_bytecode = False
+        sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]
 
 
 def _start_forkserver_with_the_test_modules() -> None:
