@@ -302,6 +302,7 @@ BIG_DATA = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 20 MB of data through a run, a status on a terminal and --json
 def test_data_with_brackets_and_20_mb_prints_plain_and_short(tmp_path: Path) -> None:
     (tmp_path / "big_wf.py").write_text(BIG_DATA)
     store = str(tmp_path / "s.sqlite")

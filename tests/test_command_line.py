@@ -260,7 +260,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("name", ["quickstart", "dag", "batch_files", "flaky_service", "flaky_rows", "scheduled"])
+@pytest.mark.parametrize(
+    "name",
+    # scheduled waits two real seconds for its scheduled_at
+    [
+        "quickstart",
+        "dag",
+        "batch_files",
+        "flaky_service",
+        "flaky_rows",
+        pytest.param("scheduled", marks=pytest.mark.slow),
+    ],
+)
 def test_examples_run_through_the_cli(name: str, tmp_path: Path) -> None:
     result = subprocess.run(
         ["wfaas-local", "run", f"examples/{name}.py:workflow", "--store", str(tmp_path / "r.sqlite")],
@@ -332,3 +343,42 @@ def test_batch_files_lists_the_folder_it_is_given_at_run_time(tmp_path: Path) ->
     missing = subprocess.run([*args, "--data", nowhere], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0
     assert f"no folder {tmp_path / 'nowhere'}; pass --data" in missing.stdout + missing.stderr
+
+
+SEES_MODULES = textwrap.dedent(
+    """
+    import sys
+    from dataclasses import dataclass, field
+    from wfaas import StepDefinition, WorkflowData, WorkflowDefinition
+
+    @dataclass
+    class D(WorkflowData):
+        seen: list = field(default_factory=list)
+
+    def look(ctx):
+        ctx.data.seen = [m for m in ("click", "wfaas.command_line") if m in sys.modules]
+
+    workflow = WorkflowDefinition("modules", data_type=D).add_step(StepDefinition("look", "look", look))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "command", [["wfaas-local"], [sys.executable, "-m", "wfaas.command_line"]], ids=["script", "-m"]
+)
+def test_the_clis_workers_do_not_import_the_cli(tmp_path: Path, command: list[str]) -> None:
+    """multiprocessing makes each process it starts import the parent's __main__: here click and the whole CLI.
+
+    A worker runs the target's steps and never the command line; the import cost
+    each worker and the guard about 0.1 s of CPU before the first step.
+    """
+    (tmp_path / "modules.py").write_text(SEES_MODULES)
+    store = str(tmp_path / "r.sqlite")
+    result = subprocess.run(
+        [*command, "run", f"{tmp_path}/modules.py:workflow", "--json", "--store", store],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["data"]["seen"] == []

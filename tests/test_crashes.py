@@ -185,6 +185,7 @@ def test_is_retryable_sees_worker_crashed(engine: WorkflowEngine, tmp_path: Path
     assert engine.get_status(iid).step_states["c"].attempts == 1
 
 
+@pytest.mark.slow  # waits 1.5 real seconds for the engine to sample the worker's memory
 def test_sigkill_with_high_memory_is_reported_as_probably_out_of_memory(engine: WorkflowEngine, tmp_path: Path) -> None:
     """What the kernel's OOM killer does: SIGKILL to a worker holding a lot of memory."""
 
@@ -204,6 +205,7 @@ def test_sigkill_with_high_memory_is_reported_as_probably_out_of_memory(engine: 
     assert "probably out of memory" in str(info.value)
 
 
+@pytest.mark.slow  # waits 1.5 real seconds for the engine to sample the worker's memory
 def test_sigkill_of_a_small_worker_is_not_called_out_of_memory(engine: WorkflowEngine, tmp_path: Path) -> None:
     """The OOM hint is for SIGKILL *with high RSS*; a plain worker killed by hand is just killed."""
 

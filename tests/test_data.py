@@ -579,3 +579,13 @@ def test_workflow_type_defaults_to_the_class_name() -> None:
     assert Named.workflow_type == "named"
     assert SubOfNamed.workflow_type == "named"  # an explicit type is inherited
     assert SubOfBag.workflow_type == "SubOfBag"  # a default one is not
+
+
+def test_the_idempotency_key_names_the_instance_and_the_step(engine: WorkflowEngine) -> None:
+    def key(ctx: Any) -> None:
+        ctx.data.value = ctx.idempotency_key
+
+    engine.register_workflow(WorkflowDefinition("idem", data_type=Data).add_step(StepDefinition("r", "r", key)))
+    iid = engine.start_workflow("idem", Data())
+    engine.wait_for_completion(iid, timeout=30)
+    assert engine.get_status(iid).data.value == f"{iid}:r"

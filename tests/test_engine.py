@@ -260,16 +260,18 @@ def test_wait_for_completion_raises_the_instances_error(engine: WorkflowEngine) 
         engine.wait_for_completion(iid2, timeout=30)
 
 
-@pytest.mark.slow
-def test_wait_for_completion_raises_step_timeout(engine: WorkflowEngine, tmp_path: Path) -> None:
+def test_wait_for_completion_raises_step_timeout(vengine: WorkflowEngine, clock: VirtualClock, tmp_path: Path) -> None:
+    """The timeout is on the virtual clock; the kill is real (test_timeouts times it on the real one)."""
     wf = one_step("slow", blocker(tmp_path / "never", timeout=120))
-    wf.steps[0].with_timeout(0.5)
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("slow", Data())
+    wf.steps[0].with_timeout(30)
+    vengine.register_workflow(wf)
+    iid = vengine.start_workflow("slow", Data())
+    wait_until(lambda: vengine.get_status(iid).step_states["s"].status is StepStatus.RUNNING, 30, "the step to run")
+    clock.advance(30)
     with pytest.raises(StepTimeout) as info:
-        engine.wait_for_completion(iid, timeout=30)
+        vengine.wait_for_completion(iid, timeout=30)
     assert info.value.step_id == "s" and info.value.instance_id == iid
-    assert engine.get_status(iid).status is WorkflowStatus.FAILED
+    assert vengine.get_status(iid).status is WorkflowStatus.FAILED
 
 
 def test_wait_timeout_raises_builtin_timeout_error_and_the_run_goes_on(engine: WorkflowEngine, tmp_path: Path) -> None:

@@ -27,10 +27,12 @@ from typing import Any
 import psutil
 import pytest
 from wfaas import Cancelled, StepDefinition, StepTimeout, WorkflowDefinition, WorkflowEngine
+from wfaas.pool import terminate_tree
 
 from conftest import Data, alive, reap, wait_for_text, wait_until, write_atomic
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftovers")]
+# Slow: what waits on real time (a real timeout, the bound after kill -9); the rest runs in the default set.
+pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 DEADLINE = 2.0  # the issue: gone within seconds of the engine's death; the orphan tests' bound
 
@@ -92,6 +94,7 @@ def started_daemon(pidfile: Path, seconds: str) -> int:
     return pid
 
 
+@pytest.mark.slow
 def test_timeout_kills_a_double_forked_daemon(tmp_path: Path) -> None:
     seconds, pidfile = unique_seconds(), tmp_path / "daemon.pid"
     wf = WorkflowDefinition("daemon", data_type=Data).add_step(
@@ -231,6 +234,7 @@ def assert_gone_after_kill_9(proc: subprocess.Popen[Any], pids: list[int], what:
         raise AssertionError(f"{what}: still running {DEADLINE} s after kill -9 of the engine") from None
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_engine_kills_a_double_forked_daemon(tmp_path: Path) -> None:
     seconds = unique_seconds()
     with engine_script(tmp_path, "daemon", seconds) as (proc, worker):
@@ -239,6 +243,7 @@ def test_kill_9_of_the_engine_kills_a_double_forked_daemon(tmp_path: Path) -> No
         assert sleepers(seconds) == []
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_engine_kills_a_daemon_left_by_a_step_that_returned(tmp_path: Path) -> None:
     """The worker is idle, so it too sees the engine go (its pipe closes): it must not leave first, alone."""
     seconds = unique_seconds()
@@ -248,6 +253,7 @@ def test_kill_9_of_the_engine_kills_a_daemon_left_by_a_step_that_returned(tmp_pa
         assert sleepers(seconds) == []
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_engine_kills_a_worker_holding_the_gil_in_c_code(tmp_path: Path) -> None:
     with engine_script(tmp_path, "regex", unique_seconds()) as (proc, worker):
         # The step wrote its PID just before the regex: once its CPU time grows, it is inside re.match.
@@ -281,3 +287,86 @@ def test_the_worker_reaps_the_orphans_it_inherits_and_the_step_keeps_its_exit_st
         engine.wait_for_completion(iid, timeout=30)
         assert engine.get_status(iid).data.value == 3
     assert report.read_text() == "0", "the worker left zombies of the orphans it inherited"
+
+
+# -- a kill walks the worker's own tree, never every process on the machine ----------------------
+
+TREE = textwrap.dedent(
+    """
+    import ctypes, os, signal, subprocess, sys
+
+    OUT, SECONDS = sys.argv[1], sys.argv[2]
+    os.setpgid(0, 0)
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER, as a worker is
+    grandchild = subprocess.Popen(["sleep", SECONDS])
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.execvp("sleep", ["sleep", SECONDS])
+        os._exit(0)
+    os.waitpid(middle, 0)
+    with open(OUT + ".tmp", "w") as f:
+        f.write(str(grandchild.pid))
+    os.replace(OUT + ".tmp", OUT)
+    signal.pause()
+    """
+)
+
+
+@contextlib.contextmanager
+def no_scan() -> Iterator[None]:
+    """Fail if anything inside lists every process on the machine (psutil's scans all read /proc)."""
+    listdir = os.listdir
+
+    def guarded(path: Any = ".") -> list[Any]:
+        if os.fsdecode(path).rstrip("/") == "/proc":
+            raise AssertionError("a kill listed every process on the machine")
+        return listdir(path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "listdir", guarded)
+        yield
+
+
+def worker_like_tree(tmp_path: Path, seconds: str) -> tuple[subprocess.Popen[Any], int, int]:
+    """A subreaper leading its own group, with a child (`sleep`) and a double-forked daemon (`sleep`) that left it."""
+    script = tmp_path / "tree.py"
+    script.write_text(TREE)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "tree.pid"), seconds])
+    grandchild = int(wait_for_text(tmp_path / "tree.pid"))
+    daemon = wait_until(lambda: [p.pid for p in sleepers(seconds) if p.pid != grandchild], what="the daemon's exec")[0]
+    assert os.getsid(daemon) != os.getsid(proc.pid), "the test's daemon did not leave the tree's session"
+    assert psutil.Process(daemon).ppid() == proc.pid, "the daemon was not adopted by the subreaper"
+    return proc, grandchild, daemon
+
+
+def test_a_kill_walks_the_tree_and_stops_a_grandchild_and_a_double_forked_daemon(tmp_path: Path) -> None:
+    seconds = unique_seconds()
+    proc, grandchild, daemon = worker_like_tree(tmp_path, seconds)
+    try:
+        with no_scan():
+            forced = terminate_tree(proc.pid, grace=5.0)
+        assert proc.wait(timeout=5) == -signal.SIGTERM
+        assert forced == 0, "SIGTERM should have ended all three within the grace period"
+        assert not alive(grandchild), "the kill left the worker's child running"
+        assert not alive(daemon), "the kill left the double-forked daemon running"
+    finally:
+        reap(proc)
+        kill_leftovers(seconds)
+
+
+def test_a_dead_workers_group_is_found_without_a_scan_of_every_process(tmp_path: Path) -> None:
+    """The worker died (kill -9): its child went to init or a subreaper above us, still in the worker's group."""
+    seconds = unique_seconds()
+    proc, grandchild, _ = worker_like_tree(tmp_path, seconds)
+    try:
+        proc.kill()
+        proc.wait(timeout=5)
+        wait_until(lambda: psutil.Process(grandchild).ppid() != proc.pid, what="the orphan's re-parenting")
+        with no_scan():
+            terminate_tree(proc.pid, grace=5.0, exited=True)
+        assert not alive(grandchild), "the kill of a dead worker's group left its child running"
+    finally:
+        reap(proc)
+        kill_leftovers(seconds)

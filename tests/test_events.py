@@ -22,12 +22,14 @@ from wfaas import (
     StepDefinition,
     StepFailed,
     StepResult,
+    StepStatus,
     StepTimeout,
     WorkflowDefinition,
     WorkflowEngine,
     events,
 )
 from wfaas.events import WorkflowEvent
+from wfaas.testing import VirtualClock
 
 from conftest import Data, wait_for, wait_for_text, wait_until, write_atomic
 
@@ -476,17 +478,22 @@ def test_every_event_is_delivered_by_the_time_the_context_exits() -> None:
         assert len(evs) == 10 and isinstance(evs[-1], events.WorkflowCompleted), kinds(evs)
 
 
-@pytest.mark.slow
-def test_a_timed_out_step_fails_the_workflow_with_events(engine: WorkflowEngine, tmp_path: Path) -> None:
+def test_a_timed_out_step_fails_the_workflow_with_events(
+    vengine: WorkflowEngine, clock: VirtualClock, tmp_path: Path
+) -> None:
+    """The timeout is on the virtual clock; the kill is real."""
+    engine = vengine
     rec = Recorder()
     engine.event_bus.subscribe(rec)
 
     def hang(ctx: Any) -> None:
         wait_for(tmp_path / "never", timeout=120)
 
-    wf = WorkflowDefinition("hang", data_type=Data).add_step(StepDefinition("h", "h", hang).with_timeout(0.3))
+    wf = WorkflowDefinition("hang", data_type=Data).add_step(StepDefinition("h", "h", hang).with_timeout(30))
     engine.register_workflow(wf)
     iid = engine.start_workflow("hang", Data())
+    wait_until(lambda: engine.get_status(iid).step_states["h"].status is StepStatus.RUNNING, 30, "the step to run")
+    clock.advance(30)
     with pytest.raises(StepTimeout):
         engine.wait_for_completion(iid, timeout=30)
     engine.event_bus.flush()

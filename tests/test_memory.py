@@ -84,6 +84,7 @@ def test_a_finished_run_leaves_no_scheduler_objects_behind(tmp_path: Path, kind:
         store.close()
 
 
+@pytest.mark.slow  # 230 runs through real workers and a SQLite file
 def test_memory_per_run_stays_flat_with_sqlite(tmp_path: Path) -> None:
     """The engine keeps nothing per finished run: tracemalloc growth per run is a few bytes, not ~1.6 KB."""
     store = SqliteStore(tmp_path / "runs.sqlite")

@@ -75,6 +75,7 @@ def thread_cpu(thread: threading.Thread) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
+@pytest.mark.slow  # 10,000 steps through real workers: seconds of CPU
 @pytest.mark.timeout(300)
 def test_a_chain_of_10000_steps_completes(big: tuple[WorkflowEngine, threading.Thread]) -> None:
     engine, _ = big
@@ -92,6 +93,7 @@ def test_a_chain_of_10000_steps_completes(big: tuple[WorkflowEngine, threading.T
         assert prev.finished_at <= cur.started_at, f"s{i} started before s{i - 1} finished"
 
 
+@pytest.mark.slow  # 10,000 steps through real workers: seconds of CPU
 @pytest.mark.timeout(300)
 def test_a_fan_out_of_10000_steps_and_a_join_completes(big: tuple[WorkflowEngine, threading.Thread]) -> None:
     engine, _ = big

@@ -365,6 +365,15 @@ def test_the_workflow_default_timeout_applies_to_each_step(ticker: Ticker) -> No
     assert len(ticker.pool.kills) == 1
 
 
+def test_a_steps_own_timeout_wins_over_the_workflow_default(ticker: Ticker) -> None:
+    ticker.start(wf(step("own", ok).with_timeout(30)).with_default_timeout(5))
+    ticker.advance(29)
+    assert ticker.pool.kills == []
+    ticker.advance(1)
+    [kill] = ticker.pool.kills
+    assert kill.slot.task.step.sid == "own"
+
+
 def test_a_hook_has_no_timeout(ticker: Ticker) -> None:
     ticker.start(wf(step("a", WithHooks(fail=False)).with_timeout(5)))
     ticker.run("a")  # now its on_success hook runs

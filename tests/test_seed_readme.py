@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,7 +36,6 @@ from wfaas import (
     StepFailed,
     StepResult,
     StepStatus,
-    StepTimeout,
     TypeMismatch,
     WorkflowContext,
     WorkflowData,
@@ -400,87 +398,6 @@ def test_per_step_retry_gives_up_after_max_attempts(vengine: WorkflowEngine) -> 
     vengine.event_bus.flush()
     assert vengine.get_status(iid).step_states["unreliable"].attempts == 5
     assert [e.delay for e in delays] == pytest.approx([10, 20, 30, 30])  # capped at max
-
-
-@pytest.mark.slow
-def test_per_step_timeout_is_per_attempt(engine: WorkflowEngine, tmp_path: Path) -> None:
-    def hangs_once(ctx: Any) -> None:
-        if ctx.attempt == 1:
-            wait_for(tmp_path / "never", timeout=120)
-        ctx.data.value = ctx.attempt
-
-    wf = WorkflowDefinition("timeout_step", data_type=Data).add_step(
-        StepDefinition("unreliable", "Unreliable Step", hangs_once)
-        .with_retry(RetryPolicy(max_attempts=2, backoff=Backoff.fixed(0)))
-        .with_timeout(timedelta(seconds=1))
-    )
-    failures: list[events.StepFailed] = []
-    engine.event_bus.subscribe(lambda e: failures.append(e) if isinstance(e, events.StepFailed) else None)
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("timeout_step", Data())
-    engine.wait_for_completion(iid, timeout=30)
-    engine.event_bus.flush()
-    assert engine.get_status(iid).data.value == 2
-    assert len(failures) == 1 and "timed out" in failures[0].error and failures[0].will_retry
-
-
-def test_workflow_default_retry(vengine: WorkflowEngine) -> None:
-    delays = retrying_events(vengine)
-
-    def twice(ctx: Any) -> None:
-        if ctx.attempt < 3:
-            raise RuntimeError("not yet")
-        ctx.data.items[ctx.step_id] = ctx.attempt
-
-    def always(ctx: Any) -> None:
-        raise RuntimeError("never works")
-
-    workflow = (
-        WorkflowDefinition("retry_example", "Retry Example", data_type=Data)
-        .with_default_retry(RetryPolicy(max_attempts=3, backoff=Backoff.fixed(timedelta(seconds=1))))
-        .with_default_timeout(timedelta(seconds=30))
-        .add_step(StepDefinition("uses_default", "default", twice))
-        .add_step(
-            StepDefinition("own_policy", "own", always)
-            .with_retry(RetryPolicy(max_attempts=1))
-            .with_failure_action(FailureAction.CONTINUE_NEXT_STEP)
-        )
-    )
-    vengine.register_workflow(workflow)
-    iid = vengine.start_workflow("retry_example", Data())
-    vengine.wait_for_completion(iid, timeout=30)
-    vengine.event_bus.flush()
-    state = vengine.get_status(iid)
-    assert state.data.items == {"uses_default": 3}
-    assert state.step_states["uses_default"].attempts == 3
-    assert state.step_states["own_policy"].attempts == 1  # the step's own policy wins
-    assert state.step_states["own_policy"].status is StepStatus.FAILED
-    assert [e.delay for e in delays] == pytest.approx([1.0, 1.0])
-
-
-@pytest.mark.slow
-def test_workflow_default_timeout(engine: WorkflowEngine, tmp_path: Path) -> None:
-    def hangs(ctx: Any) -> None:
-        wait_for(tmp_path / "never", timeout=120)
-
-    def slowish(ctx: Any) -> None:
-        time.sleep(1.5)  # over the default timeout, under its own
-        ctx.data.value = "slow but allowed"
-
-    workflow = (
-        WorkflowDefinition("timeout_example", data_type=Data)
-        .with_default_timeout(1)
-        .add_step(StepDefinition("own", "own", slowish).with_timeout(30))
-        .add_step(StepDefinition("hangs", "hangs", hangs).depends_on(["own"]))
-    )
-    engine.register_workflow(workflow)
-    iid = engine.start_workflow("timeout_example", Data())
-    with pytest.raises(StepTimeout) as info:
-        engine.wait_for_completion(iid, timeout=30)
-    assert info.value.step_id == "hangs"
-    state = engine.get_status(iid)
-    assert state.data.value == "slow but allowed"
-    assert state.step_states["own"].status is StepStatus.SUCCEEDED
 
 
 def test_backoff_strategies() -> None:
@@ -969,28 +886,3 @@ def test_error_types() -> None:
         assert cls is getattr(wfaas.errors, name)
         assert issubclass(cls, WorkflowError), name
     assert ContextValueNotFound is wfaas.ContextValueNotFound and TypeMismatch is wfaas.TypeMismatch
-
-
-def test_context_value_errors(engine: WorkflowEngine) -> None:
-    def writer(ctx: Any) -> None:
-        ctx.set("count", 3)
-
-    def reader(ctx: Any) -> None:
-        assert ctx.get("count", type=int) == 3
-        assert ctx.get("missing", "fallback") == "fallback"
-        try:
-            ctx.get("missing")
-        except ContextValueNotFound:
-            ctx.data.log.append("not found")
-        try:
-            ctx.get("count", type=str)
-        except TypeMismatch:
-            ctx.data.log.append("mismatch")
-
-    wf = WorkflowDefinition("ctx", data_type=Data)
-    wf.add_step(StepDefinition("w", "w", writer))
-    wf.add_step(StepDefinition("r", "r", reader).depends_on(["w"]))
-    engine.register_workflow(wf)
-    iid = engine.start_workflow("ctx", Data())
-    engine.wait_for_completion(iid, timeout=30)
-    assert engine.get_status(iid).data.log == ["not found", "mismatch"]

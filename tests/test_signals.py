@@ -174,7 +174,8 @@ def assert_tree_dead(tree: list[psutil.Process], step: dict[str, int]) -> None:
     wait_until(lambda: not any(alive(p) for p in pids), 2.0, "the engine's processes to end with it")
 
 
-@pytest.mark.parametrize("mode", ["wait", "context"])
+# One variant of each signal test runs by default, the others with the slow set (same code path, another entry).
+@pytest.mark.parametrize("mode", ["wait", pytest.param("context", marks=pytest.mark.slow)])
 def test_ctrl_c_cancels_gracefully_and_exits_with_keyboard_interrupt(tmp_path: Path, mode: str) -> None:
     proc, tree, step = start(tmp_path, mode)
     ctrl_c(proc)
@@ -245,7 +246,9 @@ def test_workers_ignore_sigint(engine: WorkflowEngine, tmp_path: Path) -> None:
 EXIT_BY = {signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGHUP"]
+)
 def test_sigterm_or_sighup_cancels_gracefully_like_ctrl_c(tmp_path: Path, sig: signal.Signals) -> None:
     """An engine in a program that handles neither signal: cancelled gracefully, checkpointed, exit 128 + N."""
     proc, tree, step = start(tmp_path, "wait")
@@ -463,7 +466,15 @@ def send(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "sig",
+    [
+        signal.SIGINT,
+        pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+        pytest.param(signal.SIGHUP, marks=pytest.mark.slow),
+    ],
+    ids=lambda s: s.name,
+)
 def test_cli_run_stops_gracefully_prints_resume_and_exits_128_plus_n(tmp_path: Path, sig: signal.Signals) -> None:
     cli = Cli(tmp_path)
     try:
@@ -483,7 +494,11 @@ def test_cli_run_stops_gracefully_prints_resume_and_exits_128_plus_n(tmp_path: P
 
 @pytest.mark.parametrize(
     ("first", "second"),
-    [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)],
+    [
+        (signal.SIGINT, signal.SIGINT),
+        pytest.param(signal.SIGTERM, signal.SIGTERM, marks=pytest.mark.slow),
+        pytest.param(signal.SIGTERM, signal.SIGINT, marks=pytest.mark.slow),
+    ],
     ids=["ctrl-c-twice", "sigterm-twice", "sigterm-then-ctrl-c"],
 )
 def test_cli_second_signal_kills_at_once_and_exits_with_the_first(
@@ -526,7 +541,9 @@ def test_cli_ctrl_c_while_it_closes_still_exits_130(tmp_path: Path) -> None:
     assert "Aborted!" not in out and "Traceback" not in out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=lambda s: s.name
+)
 def test_cli_recover_stops_on_a_signal_like_run(tmp_path: Path, sig: signal.Signals) -> None:
     first = Cli(tmp_path)
     try:
@@ -590,6 +607,7 @@ def test_cli_sighup_from_a_terminal_that_closed_exits_129(tmp_path: Path) -> Non
     assert (tmp_path / "got_sigterm").exists()
 
 
+@pytest.mark.slow  # the same stop as run's and recover's, which run by default
 def test_cli_resume_stops_on_sigterm_like_run(tmp_path: Path) -> None:
     first = Cli(tmp_path)
     try:

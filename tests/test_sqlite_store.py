@@ -773,3 +773,52 @@ def test_the_file_keeps_sqlitedicts_layout(tmp_path: Path) -> None:
         assert view["wfaas/format"] == FORMAT_VERSION
         assert view["m/i1"]["status"] == W.FAILED.value
         assert view["i/i1/s/a"]["status"] == S.SUCCEEDED.value
+
+
+# -- dict fields, key by key (from test_basics) ----------------------------------------------
+
+
+def put(key: str, value: Any) -> Any:
+    def body(ctx: Any) -> None:
+        ctx.data.items[key] = value
+
+    return body
+
+
+def drop(key: str) -> Any:
+    def body(ctx: Any) -> None:
+        del ctx.data.items[key]
+
+    return body
+
+
+def replace_items(ctx: Any) -> None:
+    ctx.data.items = ["replaced", ctx.data.items["k0"]]  # no longer a dict: a whole write
+
+
+@pytest.mark.parametrize("whole_write_at_end", [False, True])
+def test_dict_fields_are_checkpointed_key_by_key(tmp_path: Path, whole_write_at_end: bool) -> None:
+    path = tmp_path / "runs.sqlite"
+    wf = WorkflowDefinition("keys", data_type=Data)
+    for i in range(6):
+        wf.add_step(StepDefinition(f"s{i}", "s", put(f"k{i}", i)))
+    wf.add_step(StepDefinition("drop", "drop", drop("k5")).depends_on([f"s{i}" for i in range(6)]))
+    if whole_write_at_end:
+        wf.add_step(StepDefinition("replace", "replace", replace_items).depends_on(["drop"]))
+    store = SqliteStore(path)
+    with WorkflowEngine(store=store, max_workers=2) as engine:
+        engine.register_workflow(wf)
+        iid = engine.start_workflow("keys", Data(items={"k0": "old", "keep": True}))
+        engine.wait_for_completion(iid, timeout=30)
+    record = store.read(iid)
+    store.close()
+    assert record is not None
+    if whole_write_at_end:
+        assert record.deltas == {}  # a whole write supersedes the key records
+    else:
+        assert len(record.deltas["items"]) == 6  # k0..k5, k5 as a deletion: O(keys changed)
+    reader = SqliteStore(path, readonly=True)
+    items = reader.load(iid).data.items
+    reader.close()
+    expected = {"keep": True, **{f"k{i}": i for i in range(5)}}
+    assert items == (["replaced", 0] if whole_write_at_end else expected)

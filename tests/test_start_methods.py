@@ -43,7 +43,7 @@ def test_steps_load_crash_and_retry_in_a_fresh_worker(method: str) -> None:
     assert outcomes == ["crashed", "succeeded"]
 
 
-@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+@pytest.mark.parametrize("method", ["forkserver", pytest.param("spawn", marks=pytest.mark.slow)])
 def test_a_crash_is_named_whatever_started_the_worker(method: str) -> None:
     wf = WorkflowDefinition("sm2", data_type=Data).add_step(StepDefinition("d", "d", die_on_first_attempt))
     with WorkflowEngine(max_workers=1, start_method=method) as engine:

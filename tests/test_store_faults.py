@@ -234,6 +234,7 @@ CREATOR = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a crowd of Python processes racing to create one store
 def test_many_processes_creating_one_new_store_at_once_all_open_it(tmp_path: Path) -> None:
     script = tmp_path / "creator.py"
     script.write_text(CREATOR)

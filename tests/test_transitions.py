@@ -17,6 +17,7 @@ import wfaas.scheduler
 from wfaas import (
     Backoff,
     FailureAction,
+    InvalidStateTransition,
     RetryPolicy,
     StepDefinition,
     StepExecutor,
@@ -28,7 +29,7 @@ from wfaas import (
     WorkflowStatus,
     events,
 )
-from wfaas.states import STEP_TRANSITIONS, WORKFLOW_TRANSITIONS
+from wfaas.states import STEP_TRANSITIONS, WORKFLOW_TRANSITIONS, check_step_transition
 from wfaas.store import Checkpoint
 
 from conftest import Data, collect, wait_for, wait_until
@@ -240,3 +241,8 @@ def test_loaders_pass_the_loaded_status_through_the_check(recorder: Recorder) ->
             eng.wait_for_completion(iid, timeout=30)
     assert ("step", S.FAILED, S.PENDING) in recorder.seen
     assert ("run", W.FAILED, W.RUNNING) in recorder.seen
+
+
+def test_a_refused_transition_names_both_states() -> None:
+    with pytest.raises(InvalidStateTransition, match="SUCCEEDED to RUNNING"):
+        check_step_transition("iid", "s", StepStatus.SUCCEEDED, StepStatus.RUNNING)

@@ -161,6 +161,7 @@ def start_engine(store: StateStore, workers: int | None, origin: str | None, das
         except (ImportError, OSError, RuntimeError, ValueError) as exc:
             store.close()
             fail(f"--dask {dask}: {exc}")
+    _workers_skip_the_cli()
     if _stop is None:
         # print(), not click.echo: on a terminal the live panel's sys.stderr puts the line above the panel.
         _stop = _signals.StopOnSignals(lambda text: print(text, file=sys.stderr, flush=True)).__enter__()
@@ -173,6 +174,21 @@ def start_engine(store: StateStore, workers: int | None, origin: str | None, das
     engine.origin = origin
     _stop.engine = engine
     return engine
+
+
+def _workers_skip_the_cli() -> None:
+    """Start workers and the guard without importing the CLI: they run the target's steps, never a command.
+
+    multiprocessing has each process it starts import the parent's ``__main__``
+    first, for functions defined there; for ``wfaas-local`` that is the CLI with
+    click, about 0.1 s of CPU in each worker and the guard before the first
+    step. Nothing of ours lives in it (the target is imported by its own name),
+    so it is left out by hiding where it came from.
+    """
+    main = sys.modules.get("__main__")
+    if main is not None:
+        main.__spec__ = None
+        main.__dict__.pop("__file__", None)
 
 
 def close_engine(engine: Any, store: StateStore) -> None:

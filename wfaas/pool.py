@@ -232,13 +232,13 @@ class WorkerPool:
             return
         self._closed = True
         asked = set()
-        parents = {p.info["ppid"] for p in psutil.process_iter(["ppid"])}
         for slot in self.slots:
             if slot.process is None:
                 continue
             # A worker whose steps left processes running is not asked to exit: while it lives, its
             # tree holds them all (it is their subreaper); once it exited, they would be init's.
-            if slot.task is None and not slot.dying and slot.conn is not None and slot.pid not in parents:
+            idle = slot.task is None and not slot.dying and slot.pid is not None and not _children(slot.pid)
+            if idle and slot.conn is not None:
                 try:
                     slot.conn.send_bytes(wire.STOP)
                     asked.add(slot.index)
@@ -260,22 +260,75 @@ class WorkerPool:
             self._guard.close()
 
 
+def _children(pid: int) -> list[int]:
+    """PIDs of ``pid``'s children, from the kernel's own list: no scan of every process on the machine.
+
+    Each thread has its list (a subreaper's adopted orphans may hang under any
+    of them). Without those lists (not Linux, or a kernel built without
+    ``CONFIG_PROC_CHILDREN``), psutil finds them by a scan.
+    """
+    if not _CHILD_LISTS:
+        try:
+            return [c.pid for c in psutil.Process(pid).children()]
+        except psutil.Error:
+            return []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue  # the thread ended meanwhile
+    return found
+
+
+_CHILD_LISTS = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
 def _group_members(pgid: int) -> list[psutil.Process]:
-    """Processes of the group a dead worker led: what its steps started, found by a scan of every process.
+    """What a dead worker's process group left running, and what that started, found by walking trees.
 
     Only for a worker that is already dead: a live worker's tree is walked
-    instead (``_freeze``), which also finds what left the group.
+    instead (``_freeze``). The worker was a subreaper; when it died, the
+    kernel gave its children to the nearest subreaper above it, which is this
+    process or one of its ancestors (the worker's parent, this process or its
+    forkserver, is not one), else to init. So the group's survivors are
+    among those few processes' children; their own children stay theirs.
     """
     if pgid == os.getpgid(0):
         return []
-    members = []
-    for p in psutil.process_iter():
+    roots = []
+    for reaper in _ancestors():
+        for pid in _children(reaper):
+            try:
+                if os.getpgid(pid) == pgid:
+                    roots.append(pid)
+            except (ProcessLookupError, PermissionError):
+                continue
+    members: dict[int, psutil.Process] = {}
+    while roots:
+        pid = roots.pop()
+        proc = _process(pid)
+        if proc is not None and pid not in members:
+            members[pid] = proc
+            roots.extend(_children(pid))
+    return list(members.values())
+
+
+def _ancestors() -> list[int]:
+    """This process, its parent, its parent's parent, up to init: the processes an orphan can go to."""
+    chain, pid = [], os.getpid()
+    while pid > 0 and pid not in chain:
+        chain.append(pid)
         try:
-            if os.getpgid(p.pid) == pgid:
-                members.append(p)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return members
+            pid = psutil.Process(pid).ppid()
+        except psutil.Error:
+            break
+    return chain if 1 in chain else [*chain, 1]
 
 
 def _freeze(roots: list[psutil.Process]) -> list[psutil.Process]:
@@ -285,7 +338,9 @@ def _freeze(roots: list[psutil.Process]) -> list[psutil.Process]:
     stops growing: nothing escapes between listing a tree and signalling it.
     The worker is a child subreaper (``_worker.main``), so while it lives
     every process its steps started is its descendant, even a double-forked
-    daemon that left its process group and session.
+    daemon that left its process group and session. Each round lists every
+    stopped process's children again: a subreaper adopts the children of a
+    descendant that exited meanwhile.
     """
     seen: dict[int, psutil.Process] = {}
     todo = [p for p in roots if _running(p)]
@@ -293,17 +348,13 @@ def _freeze(roots: list[psutil.Process]) -> list[psutil.Process]:
         for p in todo:
             _signal(p, signal.SIGSTOP)
             seen[p.pid] = p
-        # One pass over the process table per round, however many processes the tree has.
-        children: dict[int, list[psutil.Process]] = {}
-        for p in psutil.process_iter(["ppid"]):
-            children.setdefault(p.info["ppid"], []).append(p)
         found: dict[int, psutil.Process] = {}
-        stack = list(seen)
-        while stack:
-            for c in children.get(stack.pop(), []):
-                if c.pid not in found and c.pid not in seen:
-                    found[c.pid] = c
-                    stack.append(c.pid)
+        for parent in list(seen):
+            for pid in _children(parent):
+                if pid not in seen and pid not in found:
+                    proc = _process(pid)
+                    if proc is not None:
+                        found[pid] = proc
         todo = list(found.values())
     return list(seen.values())
 
@@ -324,7 +375,7 @@ def kill_tree(root: psutil.Process) -> None:
 
 def kill_descendants(root: psutil.Process) -> None:
     """SIGKILL every descendant of ``root``, not ``root`` itself (a worker ending its own tree)."""
-    for p in _freeze(root.children()):
+    for p in _freeze([c for c in map(_process, _children(root.pid)) if c is not None]):
         _signal(p, signal.SIGKILL)
 
 
