@@ -549,7 +549,8 @@ def _succeeded(store_path: Path) -> int:
         store.close()
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+# Kills at seeded real-time moments (no timing tolerance: it checks data only); one seed runs by default.
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
 def test_large_values_round_trip_exactly_through_kill_9_of_the_cli_and_resume(
     tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
