@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +155,21 @@ def test_dict_fields_are_checkpointed_key_by_key(tmp_path: Path, whole_write_at_
     reader.close()
     expected = {"keep": True, **{f"k{i}": i for i in range(5)}}
     assert items == (["replaced", 0] if whole_write_at_end else expected)
+
+
+def test_import_wfaas_loads_each_name_on_first_use() -> None:
+    # `import wfaas` loads no submodule (issue 17: import time); every public name still
+    # resolves, to the object its module defines, and `from wfaas import *` gives them all.
+    code = (
+        "import sys, importlib, wfaas\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('wfaas.') or m in ('dill', 'psutil', 'sqlite3'))\n"
+        "print(loaded)\n"
+        "names = {}\n"
+        "exec('from wfaas import *', names)\n"
+        "missing = [n for n in wfaas.__all__ if n not in names]\n"
+        "wrong = [n for n, home in wfaas._HOME.items() if names[n] is not "
+        "getattr(importlib.import_module('wfaas.' + home), n)]\n"
+        "print(missing, wrong, wfaas.events.__name__, 'WorkflowEngine' in dir(wfaas))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.splitlines() == ["[]", "[] [] wfaas.events True"], out.stdout + out.stderr

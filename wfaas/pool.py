@@ -26,9 +26,10 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 from . import _guard, _threads, _worker, wire
 
@@ -231,6 +232,8 @@ class WorkerPool:
         if self._closed:
             return
         self._closed = True
+        import psutil  # imported when first needed: it costs `import wfaas` 8 ms
+
         asked = set()
         parents = {p.info["ppid"] for p in psutil.process_iter(["ppid"])}
         for slot in self.slots:
@@ -266,6 +269,8 @@ def _group_members(pgid: int) -> list[psutil.Process]:
     Only for a worker that is already dead: a live worker's tree is walked
     instead (``_freeze``), which also finds what left the group.
     """
+    import psutil
+
     if pgid == os.getpgid(0):
         return []
     members = []
@@ -287,6 +292,8 @@ def _freeze(roots: list[psutil.Process]) -> list[psutil.Process]:
     every process its steps started is its descendant, even a double-forked
     daemon that left its process group and session.
     """
+    import psutil
+
     seen: dict[int, psutil.Process] = {}
     todo = [p for p in roots if _running(p)]
     while todo:
@@ -309,6 +316,8 @@ def _freeze(roots: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def _process(pid: int) -> psutil.Process | None:
+    import psutil
+
     try:
         return psutil.Process(pid)
     except psutil.Error:
@@ -381,6 +390,8 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
 
 
 def _running(proc: psutil.Process) -> bool:
+    import psutil
+
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -388,6 +399,8 @@ def _running(proc: psutil.Process) -> bool:
 
 
 def _signal(proc: psutil.Process, sig: int) -> None:
+    import psutil
+
     try:
         proc.send_signal(sig)
     except psutil.Error:

@@ -16,14 +16,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import psutil
-
 from . import _threads
 from .pool import Pool, Slot
 
 
 def tree_rss(pid: int) -> int:
     """Resident bytes of a process and all its descendants (0 if it is gone)."""
+    import psutil  # imported when first needed: it costs `import wfaas` 8 ms
+
     try:
         root = psutil.Process(pid)
         total = int(root.memory_info().rss)
