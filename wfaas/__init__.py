@@ -133,9 +133,12 @@ def __getattr__(name: str) -> object:
         from importlib.metadata import PackageNotFoundError, version
 
         try:
-            return version("wfaas")
+            found = version("wfaas")
         except PackageNotFoundError:  # pragma: no cover - a source tree without install
-            return "0.0.0+unknown"
+            found = "0.0.0+unknown"
+        # Kept: a Dask worker asks for it with every step, and each look-up reads the installed metadata.
+        globals()["__version__"] = found
+        return found
     if name == "events":
         return importlib.import_module(".events", __name__)
     home = _HOME.get(name)

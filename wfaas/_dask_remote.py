@@ -46,6 +46,9 @@ from .pool import terminate_tree
 # How often a waiting task checks that Dask still wants it: the delay before a
 # cancelled step (or one whose driver died) is killed.
 POLL_SECONDS = 0.1
+# Replies up to this size are pushed to the driver as a Dask event (the scheduler keeps
+# the last 1,000 events of a topic: at most this many times that in memory).
+PUSH_BYTES = 16 * 1024
 # Stop orders for tasks that had not started on this worker are kept this long.
 _TOMBSTONE_SECONDS = 600.0
 
@@ -171,6 +174,7 @@ def run_step(
     head: wire.RunStep,
     small: dict[str, bytes],
     large: dict[str, bytes],
+    reply_topic: str | None = None,
 ) -> wire.RemoteReply | wire.RemoteExit | wire.RemoteStopped:
     """Run one step (a ``wire.RunStep`` whose snapshot is ``small`` + ``large``) in a child.
 
@@ -178,6 +182,8 @@ def run_step(
     ``RemoteExit`` when the child died (on its own, or ``stopped`` by
     ``stop``; ``forced`` processes of its tree needed SIGKILL), or
     ``RemoteStopped`` when a stop order came before the step started.
+    A reply of at most ``PUSH_BYTES`` is also pushed to the driver at once as an
+    event on ``reply_topic``; the driver takes whichever comes first.
     """
     where = _address()
     mine = _own_version()
@@ -212,7 +218,10 @@ def run_step(
         child.classes.add(head.cls_key)
         child.snapshot = head.snap_key
         child.conn.send_bytes(wire.dumps(message))
-        return _wait(run, where)
+        result = _wait(run, where)
+        if reply_topic is not None and isinstance(result, wire.RemoteReply) and len(result.reply) <= PUSH_BYTES:
+            _push(reply_topic, [token, result.reply, result.where])
+        return result
     finally:
         with _lock:
             _running.pop(token, None)
@@ -254,6 +263,16 @@ def _wait(run: _Running, where: str) -> wire.RemoteReply | wire.RemoteExit:
             run.stopping = True
             run.stop(0.0)
         last_rss = _rss(child.process.pid) or last_rss
+
+
+def _push(topic: str, message: list[Any]) -> None:
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except ValueError:  # not in a Dask worker (unit tests call this module directly)
+        return
+    worker.log_event(topic, message)
 
 
 def _retiring(reply: bytes) -> bool:

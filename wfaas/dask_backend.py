@@ -210,6 +210,10 @@ class DaskPool:
         self._outbox: queue.SimpleQueue[tuple[DaskSlot, str, bytes] | None] = queue.SimpleQueue()
         self._scattered: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
         self._closed = False
+        # Small replies come back pushed on this topic as the step ends, a hop sooner than
+        # fetching each task's result after Dask reports it done (see _dask_remote.run_step).
+        self._topic = f"wfaas-reply-{uuid.uuid4().hex}"
+        self._client.subscribe_topic(self._topic, self._on_pushed)
         self._sender = _threads.start(self._send_loop, "wfaas-dask-send")
         _listen(self._client, self)
 
@@ -302,6 +306,7 @@ class DaskPool:
         self._outbox.put(None)
         self._sender.join(timeout=5)
         try:
+            self._client.unsubscribe_topic(self._topic)
             _listen(self._client, self, stop=True)
             self._client.run(_dask_remote.close_children, on_error="ignore")
         except Exception:  # the cluster may be gone already; nothing is left to stop then
@@ -353,6 +358,7 @@ class DaskPool:
                 head,
                 small,
                 large,
+                self._topic,
                 key=token,
                 pure=False,
                 retries=0,
@@ -390,14 +396,7 @@ class DaskPool:
             self._reply_error(slot, token, exc)
             return
         if isinstance(result, wire.RemoteReply):
-            with self._lock:
-                if slot.token != token:
-                    return
-                slot.where = result.where
-                slot._writer.send_bytes(result.reply)
-                done, slot.kill_done, slot.token = slot.kill_done, None, None
-            if done is not None:  # it returned while being stopped: the result stands
-                done(slot, Exit(None, where=result.where, detail="returned"))
+            self._deliver(slot, token, result.reply, result.where)
         elif isinstance(result, wire.RemoteExit):
             exit_ = Exit(result.exitcode, result.last_rss, where=result.where, detail=result.detail)
             exit_.forced = result.forced
@@ -406,6 +405,28 @@ class DaskPool:
             self._ended(slot, token, Exit(None, where=result.where, detail="stopped before it started"))
         else:  # cancelled by someone else (its client restarted?) or by our kill of a queued task
             self._ended(slot, token, Exit(None, where=slot.where, detail="its Dask task was cancelled"))
+
+    def _on_pushed(self, event: tuple[float, Any]) -> None:
+        """A reply pushed by ``run_step`` (the client's event loop): delivered now, its result never fetched."""
+        try:
+            token, reply, where = event[1]
+        except (TypeError, ValueError):
+            return
+        for slot in self._dask():
+            if slot.token == token:
+                self._deliver(slot, token, reply, where)
+                return
+
+    def _deliver(self, slot: DaskSlot, token: str, reply: bytes, where: str) -> None:
+        """The step's reply into its slot's pipe, once: pushed or fetched, whichever comes first."""
+        with self._lock:
+            if slot.token != token:
+                return
+            slot.where = where
+            slot._writer.send_bytes(reply)
+            done, slot.kill_done, slot.token = slot.kill_done, None, None
+        if done is not None:  # it returned while being stopped: the result stands
+            done(slot, Exit(None, where=where, detail="returned"))
 
     def _ended(self, slot: DaskSlot, token: str, exit_: Exit) -> None:
         """The step's process is gone: tell the kill that waited for it, or report a crash."""
