@@ -40,6 +40,7 @@ from typing import Any
 from . import _dask_remote, _threads, wire
 from ._worker import format_traceback
 from .pool import Exit, Pool, Slot, Waitable, WorkerPool
+from .runs import memory_limit_of
 
 __all__ = ["DaskBackend"]
 
@@ -207,7 +208,7 @@ class DaskPool:
         self._version = _dask_remote._own_version()
         self.slots: list[Slot] = [DaskSlot(i) for i in range(size)]
         self._lock = threading.Lock()
-        self._outbox: queue.SimpleQueue[tuple[DaskSlot, str, bytes] | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple[DaskSlot, str, bytes, int | None] | None] = queue.SimpleQueue()
         self._scattered: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
         self._closed = False
         # Small replies come back pushed on this topic as the step ends, a hop sooner than
@@ -238,6 +239,7 @@ class DaskPool:
             slot.task, slot.dying, slot.exit, slot.kill_done = None, False, None, None
             slot.token = slot.future = slot.where = None
             slot.bodies, slot.classes, slot.snapshot, slot.eof = set(), set(), None, False
+            slot.reported_rss = 0
 
     def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:
         out: dict[Any, tuple[Waitable, Slot]] = {}
@@ -254,9 +256,10 @@ class DaskPool:
         # blob every time; the remote side keeps its own account of what each child holds.
         slot.bodies, slot.classes, slot.snapshot = set(), set(), None
         token = f"wfaas-step-{uuid.uuid4().hex}"
+        limit = memory_limit_of(slot.task) if slot.task is not None else None
         with self._lock:
-            slot.token, slot.future, slot.where = token, None, None
-        self._outbox.put((slot, token, message))
+            slot.token, slot.future, slot.where, slot.reported_rss = token, None, None, 0
+        self._outbox.put((slot, token, message, limit))
 
     def receive(self, slot: Slot) -> wire.FromWorker | None:
         return WorkerPool.receive(slot)  # the reply travels the same local pipe as a local worker's
@@ -326,14 +329,14 @@ class DaskPool:
             item = self._outbox.get()
             if item is None:
                 return
-            slot, token, message = item
+            slot, token, message, limit = item
             try:
-                self._submit(slot, token, message)
+                self._submit(slot, token, message, limit)
             except Exception as exc:  # reported as the step's error, never a hang
                 log.warning("wfaas could not send a step to Dask", exc_info=True)
                 self._reply_error(slot, token, exc)
 
-    def _submit(self, slot: DaskSlot, token: str, message: bytes) -> None:
+    def _submit(self, slot: DaskSlot, token: str, message: bytes, limit: int | None) -> None:
         head: wire.RunStep = wire.loads(message)
         slot.task_id = head.task_id
         # The scheduler always sends the snapshot to a Dask slot (see DaskSlot): it travels as fields.
@@ -359,6 +362,7 @@ class DaskPool:
                 small,
                 large,
                 self._topic,
+                limit,
                 key=token,
                 pure=False,
                 retries=0,
@@ -407,15 +411,20 @@ class DaskPool:
             self._ended(slot, token, Exit(None, where=slot.where, detail="its Dask task was cancelled"))
 
     def _on_pushed(self, event: tuple[float, Any]) -> None:
-        """A reply pushed by ``run_step`` (the client's event loop): delivered now, its result never fetched."""
+        """What ``run_step`` pushed (on the client's event loop): a reply, delivered now (its result is
+        then never fetched), or the RSS of a step over its memory limit, for the memory watchdog."""
         try:
-            token, reply, where = event[1]
+            kind, token, *rest = event[1]
         except (TypeError, ValueError):
             return
         for slot in self._dask():
-            if slot.token == token:
-                self._deliver(slot, token, reply, where)
-                return
+            if slot.token != token:
+                continue
+            if kind == _dask_remote.PUSH_REPLY:
+                self._deliver(slot, token, *rest)
+            elif kind == _dask_remote.PUSH_RSS:
+                slot.reported_rss = int(rest[0])
+            return
 
     def _deliver(self, slot: DaskSlot, token: str, reply: bytes, where: str) -> None:
         """The step's reply into its slot's pipe, once: pushed or fetched, whichever comes first."""
