@@ -122,6 +122,34 @@ def test_large_fields_reach_every_step(dengine: WorkflowEngine) -> None:
     assert items == {s: (len(big), ord("!")) for s in [*(f"fan{i}" for i in range(4)), "after"]}
 
 
+def _bump(ctx: Any) -> None:
+    ctx.data.n += 1
+
+
+def _write_64k(ctx: Any) -> None:
+    ctx.data.value = os.urandom(64 * 1024)
+
+
+def test_small_replies_are_pushed_and_a_large_one_fetched_each_delivered_once(
+    dengine: WorkflowEngine, client: Any
+) -> None:
+    # Issue 17: a reply of at most 16 KiB comes back as a Dask event as the step ends (no fetch of the
+    # task's result); a larger one is fetched. A reply delivered twice would be taken for the next step's.
+    wf = WorkflowDefinition("replies", "replies", data_type=Data)
+    sids = ["a", "big", "b", "c", "d"]
+    for i, sid in enumerate(sids):
+        step = StepDefinition(sid, sid, _write_64k if sid == "big" else _bump)
+        wf.add_step(step.depends_on([sids[i - 1]]) if i else step)
+    dengine.register_workflow(wf)
+    iid = dengine.start_workflow("replies", Data())
+    dengine.wait_for_completion(iid, timeout=60)
+    state = dengine.get_status(iid)
+    assert state.data.n == 4 and len(state.data.value) == 64 * 1024
+    assert [state.step_states[s].attempts for s in sids] == [1] * 5
+    pushed = [msg for _, msg in client.get_events(dengine._pool._topic) if msg[0] == "reply"]
+    assert len(pushed) == 4, [len(m[2]) for m in pushed]
+
+
 # -- faults --------------------------------------------------------------------------
 
 
