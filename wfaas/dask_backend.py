@@ -211,10 +211,10 @@ class DaskPool:
         self._outbox: queue.SimpleQueue[tuple[DaskSlot, str, bytes, int | None] | None] = queue.SimpleQueue()
         self._scattered: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
         self._closed = False
-        # Small replies come back pushed on this topic as the step ends, a hop sooner than
-        # fetching each task's result after Dask reports it done (see _dask_remote.run_step).
-        self._topic = f"wfaas-reply-{uuid.uuid4().hex}"
-        self._client.subscribe_topic(self._topic, self._on_pushed)
+        # Small replies come back pushed on the client's own topic as the step ends, a hop sooner
+        # than fetching each task's result after Dask reports it done (see _dask_remote.run_step).
+        # The scheduler drops that topic's events once the client has left (not so a topic of ours).
+        self._topic = str(self._client.id)
         self._sender = _threads.start(self._send_loop, "wfaas-dask-send")
         _listen(self._client, self)
 
@@ -309,7 +309,6 @@ class DaskPool:
         self._outbox.put(None)
         self._sender.join(timeout=5)
         try:
-            self._client.unsubscribe_topic(self._topic)
             _listen(self._client, self, stop=True)
             self._client.run(_dask_remote.close_children, on_error="ignore")
         except Exception:  # the cluster may be gone already; nothing is left to stop then
@@ -413,10 +412,10 @@ class DaskPool:
     def _on_pushed(self, event: tuple[float, Any]) -> None:
         """What ``run_step`` pushed (on the client's event loop): a reply, delivered now (its result is
         then never fetched), or the RSS of a step over its memory limit, for the memory watchdog."""
-        try:
-            kind, token, *rest = event[1]
-        except (TypeError, ValueError):
-            return
+        message = event[1]
+        if not isinstance(message, (list, tuple)) or len(message) < 3:
+            return  # Dask's own events on the client's topic (retry, cancel, ...)
+        kind, token, *rest = message
         for slot in self._dask():
             if slot.token != token:
                 continue
@@ -489,7 +488,8 @@ class DaskPool:
             slot.future.cancel()
 
 
-# Engines sharing one client share its one handler of the scheduler's "all" topic.
+# Engines sharing one client share its one handler of the scheduler's "all" topic, and of the
+# client's own topic, where the Dask workers push replies.
 _listeners: dict[int, list[DaskPool]] = {}
 _listeners_lock = threading.Lock()
 
@@ -503,6 +503,7 @@ def _listen(client: Any, pool: DaskPool, *, stop: bool = False) -> None:
             if not pools:
                 del _listeners[id(client)]
                 client.unsubscribe_topic("all")
+                client.unsubscribe_topic(str(client.id))
             return
         pools.append(pool)
     if first:
@@ -511,7 +512,12 @@ def _listen(client: Any, pool: DaskPool, *, stop: bool = False) -> None:
             for each in list(_listeners.get(id(client), ())):
                 each._on_cluster_event(event)
 
+        def pushed(event: tuple[float, Any]) -> None:
+            for each in list(_listeners.get(id(client), ())):
+                each._on_pushed(event)
+
         client.subscribe_topic("all", handler)
+        client.subscribe_topic(str(client.id), pushed)
 
 
 _LEFT = "died (the Dask worker left the cluster)"
