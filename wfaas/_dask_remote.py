@@ -9,7 +9,8 @@ for its reply, its death, or an order to stop it::
     client.submit(run_step, ...)  ----->  run_step: take an idle child (or start one)
                                             --pipe--> child: _worker.main runs the body
                                             <--pipe-- wire.Done | wire.Failed, as bytes
-    future result  <------------------   wire.RemoteReply(bytes, where)
+    future result  <------------------   wire.RemoteReply(bytes, where); if small, also pushed at once
+                                           as an event on the client's topic (the driver takes the first)
     client.run(stop, token, grace) ---->  stop: SIGTERM the child's tree, SIGKILL after grace
     future result  <------------------   wire.RemoteExit(exitcode, rss, where, stopped, ...)
 

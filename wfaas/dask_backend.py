@@ -7,13 +7,15 @@ where steps run::
 
     scheduler --send(slot, bytes)--> sender thread: large fields scattered once,
         client.submit(_dask_remote.run_step, key=token) --> Dask worker --> child process
+    reply <= 16 KiB: pushed as an event on the client's topic --> event loop: reply bytes --> slot pipe
     Dask future done --> callback thread: reply bytes --> slot pipe  --> scheduler (as from a local worker)
                                           child died / Dask worker died --> slot sentinel --> WorkerCrashed
     scheduler --kill(slot)--> thread: client.run(_dask_remote.stop, token) on the workers
 
 A slot is one step in flight on the cluster, not one process: ``slot.pid`` is
-None (the memory watchdog samples local processes only), and messages name the
-remote process as "pid N on Dask worker tcp://...". Dask retries a task by
+None (the Dask worker samples a step with a memory limit and pushes its RSS
+when over; the memory watchdog reads it as ``slot.reported_rss``), and
+messages name the remote process as "pid N on Dask worker tcp://...". Dask retries a task by
 itself when its worker dies; wfaas counts that death as the attempt's
 ``WorkerCrashed`` instead (it watches the scheduler's "remove-worker" events and
 cancels the task) and retries per the step's own policy.
