@@ -11,7 +11,7 @@ so that load on the machine hits both alike. The report gives medians with
 min and max, ratios of medians, the targets of issue 6 and whether each is met.
 
 ``--only`` takes case names or groups (fanout, chain, cpu, payload, durable,
-scale, fixed, big, cli, dask). ``--quick`` is CI's smoke test: one repetition of small sizes,
+scale, fixed, big, cli, dask, for_each). ``--quick`` is CI's smoke test: one repetition of small sizes,
 written to a temporary file unless ``--out`` is given; it checks that
 everything runs, never the figures.
 
@@ -87,10 +87,8 @@ CASES = [
     Case("scale_chain_20k", "big", "chain", {"n": 20_000}, {"n": 500}, False),
     Case("cli_20k", "cli", "cli", {"n": 20_000}, {"n": 500}, False),
     Case("dask", "dask", "dask", {"n": 300}, {"n": 20}, False),
-    # HOOK(for_each, issue 17): the 10,000-item for_each case goes here, e.g.
-    #   Case("for_each_10k", "for_each", "for_each", {"n": 10_000}, {"n": 200}, False)
-    # with its workload in WORKLOADS; evaluate() already compares its "per_step_us" with
-    # scale_fanout_10k's (target: at most 1.5 times) once a case of that name has results.
+    # Issue 12/17: 10,000 for_each items against scale_fanout_10k's steps (at most 1.5 times per unit).
+    Case("for_each_10k", "for_each", "for_each", {"n": 10_000}, {"n": 500}, False),
 ]
 
 # --------------------------------------------------------------------------------------
@@ -135,6 +133,14 @@ def spin_body(i: int, loops: int) -> Callable[[Any], None]:
         ctx.data.results[i] = spin(loops)
 
     return body
+
+
+def item_body(ctx: Any) -> None:
+    ctx.data.results[ctx.item] = ctx.item % 7
+
+
+def fan_items(data: Any) -> range:
+    return range(data.x)
 
 
 def join_body(ctx: Any) -> None:
@@ -378,6 +384,25 @@ def wl_fanout(system: str, n: int, store: str = "memory") -> dict[str, float]:
         close_engine(engine)
     assert data.total == expected, data.total
     return {**per_step(figures, n), "register_s": register}
+
+
+def wl_for_each(system: str, n: int) -> dict[str, float]:
+    """One for_each step over n items (i % 7 each), then the join: the same work as wl_fanout's n steps."""
+    if system == "baseline":
+        return wl_fanout(system, n)
+    m = w()
+    wf = m.wfaas.WorkflowDefinition("for_each", "for_each", data_type=m.BenchData)
+    wf.add_step(m.wfaas.StepDefinition("each", "each", item_body).for_each(fan_items))
+    wf.add_step(m.wfaas.StepDefinition("join", "join", join_body).depends_on(["each"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = new_engine("memory", tmp)
+        rss_before = own_rss_mib()
+        engine.register_workflow(wf)
+        figures, data = timed_run(engine, "for_each", m.BenchData(x=n))
+        figures.update(growth(rss_before, n))
+        close_engine(engine)
+    assert data.total == sum(i % 7 for i in range(n)), data.total
+    return per_step(figures, n)
 
 
 def wl_chain(system: str, n: int, store: str = "memory") -> dict[str, float]:
@@ -664,6 +689,7 @@ WORKLOADS: dict[str, Callable[..., dict[str, float]]] = {
     "import": wl_import,
     "cli": wl_cli,
     "dask": wl_dask,
+    "for_each": wl_for_each,
 }
 
 # --------------------------------------------------------------------------------------
@@ -837,6 +863,7 @@ HEADLINE_KEYS = {
     "import": "import_s",
     "cli": "report_s",
     "dask": "wfaas_ms_per_step",
+    "for_each": "per_step_us",
 }
 
 
@@ -968,7 +995,6 @@ def evaluate_17(results: dict[str, Any]) -> list[dict[str, Any]]:
         if a and b:
             text = label.format(n=results[large]["params"]["n"], small=results[small]["params"]["n"])
             add(tid, text, a / b, "le", 1.5)
-    # HOOK(for_each, issue 17): filled once a "for_each_10k" case exists (see CASES).
     a, b = (
         med(results, "for_each_10k", "wfaas", "per_step_us"),
         med(results, "scale_fanout_10k", "wfaas", "per_step_us"),
