@@ -30,6 +30,7 @@ from wfaas import (  # noqa: E402 - only once distributed is known to be there
     RetryPolicy,
     StepDefinition,
     StepTimeout,
+    WorkerCrashed,
     WorkflowDefinition,
     WorkflowEngine,
     WorkflowStatus,
@@ -162,6 +163,37 @@ def test_large_values_go_to_the_cluster_as_objects_and_come_back_as_objects(deng
     assert len([p for p in objects.root.iterdir() if not p.name.startswith(".")]) == 2  # before and after
 
 
+def _bump(ctx: Any) -> None:
+    ctx.data.n += 1
+
+
+def _write_64k(ctx: Any) -> None:
+    ctx.data.value = os.urandom(64 * 1024)
+
+
+def test_small_replies_are_pushed_and_a_large_one_fetched_each_delivered_once(
+    dengine: WorkflowEngine, client: Any
+) -> None:
+    # Issue 17: a reply of at most 16 KiB comes back as a Dask event as the step ends (no fetch of the
+    # task's result); a larger one is fetched. A reply delivered twice would be taken for the next step's.
+    wf = WorkflowDefinition("replies", "replies", data_type=Data)
+    sids = ["a", "big", "b", "c", "d"]
+    for i, sid in enumerate(sids):
+        step = StepDefinition(sid, sid, _write_64k if sid == "big" else _bump)
+        wf.add_step(step.depends_on([sids[i - 1]]) if i else step)
+    dengine.register_workflow(wf)
+    started = time.time()
+    iid = dengine.start_workflow("replies", Data())
+    dengine.wait_for_completion(iid, timeout=60)
+    state = dengine.get_status(iid)
+    assert state.data.n == 4 and len(state.data.value) == 64 * 1024
+    assert [state.step_states[s].attempts for s in sids] == [1] * 5
+    # The client's own topic, shared by the engines of this module's client: this run's events only.
+    events = client.get_events(str(client.id))
+    pushed = [msg for at, msg in events if at >= started and isinstance(msg, tuple | list) and msg[0] == "reply"]
+    assert len(pushed) == 4, [len(m[2]) for m in pushed]
+
+
 # -- faults --------------------------------------------------------------------------
 
 
@@ -185,6 +217,34 @@ def test_timeout_kills_the_remote_step_process(dengine: WorkflowEngine, client: 
     assert not alive(pid), "the timed-out step's remote process still runs"
     assert time.monotonic() - started < 3 + 1.0 + 5.0  # timeout + grace + Dask round trips, with room
     assert f"pid {pid} on Dask worker tcp://" in str(info.value)  # it ran remotely, and was named there
+
+
+def _hog(ctx: Any) -> None:
+    """10 MiB at a time up to 600 MiB, each chunk resident, recording how far it got; then hold it."""
+    folder = Path(ctx.data.value)
+    write_atomic(folder / "pid", str(os.getpid()))
+    held = []
+    for n in range(10, 601, 10):
+        held.append(b"\x01" * (10 * 2**20))
+        write_atomic(folder / "progress", str(n))
+        time.sleep(0.01)  # ~1 GiB/s: the limit's sampling has time to act, as in test_memory_limit
+    time.sleep(30)
+
+
+def test_memory_limit_stops_the_remote_step(dengine: WorkflowEngine, tmp_path: Path) -> None:
+    # Issue 17: with_memory_limit holds on Dask workers too (sampled there, stopped by the driver).
+    wf = WorkflowDefinition("hog", "hog", data_type=Data)
+    wf.add_step(StepDefinition("hog", "hog", _hog).with_memory_limit(100 * 2**20))
+    dengine.register_workflow(wf)
+    started = time.monotonic()
+    iid = dengine.start_workflow("hog", Data(value=str(tmp_path)))
+    with pytest.raises(WorkerCrashed) as info:
+        dengine.wait_for_completion(iid, timeout=60)
+    assert time.monotonic() - started < 25  # stopped, not left to hold its memory for 30 s
+    message = str(info.value)
+    assert "memory limit of 100 MiB" in message and "on Dask worker tcp://" in message, message
+    assert int((tmp_path / "progress").read_text()) < 600
+    assert not alive(int((tmp_path / "pid").read_text()))
 
 
 def _hang_with_escapers(ctx: Any) -> None:

@@ -686,3 +686,21 @@ def test_retry_policy_counts_attempts_in_status(engine: WorkflowEngine) -> None:
     assert state.step_states["s"].attempts == 3
     assert state.step_states["s"].error is None
     assert state.data.value == 3
+
+
+def test_import_wfaas_loads_each_name_on_first_use() -> None:
+    # `import wfaas` loads no submodule (issue 17: import time); every public name still
+    # resolves, to the object its module defines, and `from wfaas import *` gives them all.
+    code = (
+        "import sys, importlib, wfaas\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('wfaas.') or m in ('dill', 'psutil', 'sqlite3'))\n"
+        "print(loaded)\n"
+        "names = {}\n"
+        "exec('from wfaas import *', names)\n"
+        "missing = [n for n in wfaas.__all__ if n not in names]\n"
+        "wrong = [n for n, home in wfaas._HOME.items() if names[n] is not "
+        "getattr(importlib.import_module('wfaas.' + home), n)]\n"
+        "print(missing, wrong, wfaas.events.__name__, 'WorkflowEngine' in dir(wfaas))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.splitlines() == ["[]", "[] [] wfaas.events True"], out.stdout + out.stderr

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from wfaas import SqliteStore, StepDefinition, WorkflowDefinition, WorkflowEngine, commits, rundata, runs
 
-from conftest import Data, collect, wait_until
+from conftest import Data, Ticker, collect, wait_until
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -183,3 +183,16 @@ def test_a_finished_run_frees_its_data_without_waiting_for_the_cyclic_gc(tmp_pat
             gc.enable()
     store.close()
     assert kept < 5 * BIG, f"{kept / BIG:.1f} MiB still allocated after 5 runs of 3 MiB (GC off)"
+
+
+def test_a_running_chain_keeps_only_the_snapshots_of_steps_in_flight(ticker: Ticker) -> None:
+    """Issue 17 (engine peak RSS): each finished step kept the snapshot it started from (the fields
+    and their pickled blob), so a chain passing a 5 MB value held 10 MB per finished step until
+    the run ended. Mid-run, only the data of the step in flight may be alive."""
+    iid = ticker.start(chain("bumps", bump, 5))
+    for sid in ("s0", "s1", "s2", "s3"):
+        ticker.run(sid)
+    assert ticker.busy() == {"s4"}
+    gc.collect()
+    mine = [o for o in gc.get_objects() if type(o) is rundata.Snapshot and o.key[0] == iid]
+    assert len(mine) == 1, f"{len(mine)} snapshots alive with one step in flight"

@@ -8,81 +8,153 @@ every step. See ``README.md`` for the tour; this module is the whole public API.
 
 from __future__ import annotations
 
-from . import events
-from ._signals import Terminated
-from .clock import Clock, SystemClock
-from .data import WorkflowData, transient
-from .definition import (
-    Backoff,
-    Exponential,
-    FailureAction,
-    Fixed,
-    Linear,
-    RetryPolicy,
-    StepDefinition,
-    WorkflowDefinition,
-)
-from .engine import CleanupHandle, WorkflowEngine
-from .errors import (
-    Cancelled,
-    ContextValueNotFound,
-    DataConflict,
-    DefinitionNotFound,
-    InvalidDefinition,
-    InvalidStateTransition,
-    NotFound,
-    SerializationError,
-    ShuttingDown,
-    StepFailed,
-    StepTimeout,
-    StoreError,
-    TypeMismatch,
-    WorkerCrashed,
-    WorkflowError,
-)
-from .events import (
-    EventBus,
-    EventSubscriber,
-    LoggingSubscriber,
-    StepOutput,
-    StepRetrying,
-    StepSkipped,
-    StepStarted,
-    StepSucceeded,
-    WorkflowCancelled,
-    WorkflowCompleted,
-    WorkflowEvent,
-    WorkflowFailed,
-    WorkflowStarted,
-)
-from .states import Attempt, ItemState, StepState, StepStatus, WorkflowState, WorkflowStatus
-from .steps import FunctionStep, StepExecutor, StepResult, WorkflowContext
-from .store import InMemoryStore, StateStore
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import events
+    from ._signals import Terminated
+    from .clock import Clock, SystemClock
+    from .dask_backend import DaskBackend
+    from .data import WorkflowData, transient
+    from .definition import (
+        Backoff,
+        Exponential,
+        FailureAction,
+        Fixed,
+        Linear,
+        RetryPolicy,
+        StepDefinition,
+        WorkflowDefinition,
+    )
+    from .engine import CleanupHandle, WorkflowEngine
+    from .errors import (
+        Cancelled,
+        ContextValueNotFound,
+        DataConflict,
+        DefinitionNotFound,
+        InvalidDefinition,
+        InvalidStateTransition,
+        NotFound,
+        SerializationError,
+        ShuttingDown,
+        StepFailed,
+        StepTimeout,
+        StoreError,
+        TypeMismatch,
+        WorkerCrashed,
+        WorkflowError,
+    )
+    from .events import (
+        EventBus,
+        EventSubscriber,
+        LoggingSubscriber,
+        StepOutput,
+        StepRetrying,
+        StepSkipped,
+        StepStarted,
+        StepSucceeded,
+        WorkflowCancelled,
+        WorkflowCompleted,
+        WorkflowEvent,
+        WorkflowFailed,
+        WorkflowStarted,
+    )
+    from .objects import ObjectError
+    from .prune import PruneResult
+    from .sqlite_store import SqliteStore
+    from .states import Attempt, ItemState, StepState, StepStatus, WorkflowState, WorkflowStatus
+    from .steps import FunctionStep, StepExecutor, StepResult, WorkflowContext
+    from .store import InMemoryStore, StateStore
+
+# Every public name and the module that defines it, imported on first use (PEP 562), as
+# concurrent.futures does with its executors: `import wfaas` costs a few milliseconds, and a
+# worker process or a CLI command loads only the modules it uses.
+_HOME = {
+    "Terminated": "_signals",
+    "Clock": "clock",
+    "SystemClock": "clock",
+    "WorkflowData": "data",
+    "transient": "data",
+    **dict.fromkeys(
+        ("Backoff", "Exponential", "FailureAction", "Fixed", "Linear", "RetryPolicy", "StepDefinition"), "definition"
+    ),
+    "WorkflowDefinition": "definition",
+    "CleanupHandle": "engine",
+    "WorkflowEngine": "engine",
+    **dict.fromkeys(
+        (
+            "Cancelled",
+            "ContextValueNotFound",
+            "DataConflict",
+            "DefinitionNotFound",
+            "InvalidDefinition",
+            "InvalidStateTransition",
+            "NotFound",
+            "SerializationError",
+            "ShuttingDown",
+            "StepFailed",
+            "StepTimeout",
+            "StoreError",
+            "TypeMismatch",
+            "WorkerCrashed",
+            "WorkflowError",
+        ),
+        "errors",
+    ),
+    **dict.fromkeys(
+        (
+            "EventBus",
+            "EventSubscriber",
+            "LoggingSubscriber",
+            "StepOutput",
+            "StepRetrying",
+            "StepSkipped",
+            "StepStarted",
+            "StepSucceeded",
+            "WorkflowCancelled",
+            "WorkflowCompleted",
+            "WorkflowEvent",
+            "WorkflowFailed",
+            "WorkflowStarted",
+        ),
+        "events",
+    ),
+    **dict.fromkeys(("Attempt", "ItemState", "StepState", "StepStatus", "WorkflowState", "WorkflowStatus"), "states"),
+    **dict.fromkeys(("FunctionStep", "StepExecutor", "StepResult", "WorkflowContext"), "steps"),
+    "InMemoryStore": "store",
+    "StateStore": "store",
+    "SqliteStore": "sqlite_store",  # sqlite3 costs import time
+    "DaskBackend": "dask_backend",  # imports no distributed until it connects
+    "ObjectError": "objects",
+    "PruneResult": "prune",
+}
 
 
 def __getattr__(name: str) -> object:
-    # Imported only when asked for: importlib.metadata and sqlite3 cost import time.
     if name == "__version__":
+        # Imported only when asked for: importlib.metadata costs import time.
         from importlib.metadata import PackageNotFoundError, version
 
         try:
-            return version("wfaas")
+            found = version("wfaas")
         except PackageNotFoundError:  # pragma: no cover - a source tree without install
-            return "0.0.0+unknown"
-    if name == "SqliteStore":
-        from .sqlite_store import SqliteStore
+            found = "0.0.0+unknown"
+        # Kept: a Dask worker asks for it with every step, and each look-up reads the installed metadata.
+        globals()["__version__"] = found
+        return found
+    if name == "events":
+        return importlib.import_module(".events", __name__)
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'wfaas' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
 
-        return SqliteStore
-    if name == "DaskBackend":
-        # Imports no distributed until it connects.
-        from .dask_backend import DaskBackend
 
-        return DaskBackend
-    if name in ("ObjectError", "PruneResult"):  # large values (objects.py, prune.py)
-        from . import objects, prune
-
-        return getattr(objects if name == "ObjectError" else prune, name)
-    raise AttributeError(f"module 'wfaas' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [

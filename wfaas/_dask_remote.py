@@ -9,7 +9,8 @@ for its reply, its death, or an order to stop it::
     client.submit(run_step, ...)  ----->  run_step: take an idle child (or start one)
                                             --pipe--> child: _worker.main runs the body
                                             <--pipe-- wire.Done | wire.Failed, as bytes
-    future result  <------------------   wire.RemoteReply(bytes, where)
+    future result  <------------------   wire.RemoteReply(bytes, where); if small, also pushed at once
+                                           as an event on the client's topic (the driver takes the first)
     client.run(stop, token, grace) ---->  stop: SIGTERM the child's tree, SIGKILL after grace
     future result  <------------------   wire.RemoteExit(exitcode, rss, where, stopped, ...)
 
@@ -46,6 +47,12 @@ from .pool import terminate_tree
 # How often a waiting task checks that Dask still wants it: the delay before a
 # cancelled step (or one whose driver died) is killed.
 POLL_SECONDS = 0.1
+# Replies up to this size are pushed to the driver as a Dask event (the scheduler keeps
+# the last 1,000 events of a topic: at most this many times that in memory).
+PUSH_BYTES = 16 * 1024
+PUSH_REPLY, PUSH_RSS = "reply", "rss"  # what a pushed event carries
+# How often a step with a memory limit is sampled (the local watchdog's fast rate).
+FAST_POLL_SECONDS = 0.05
 # Stop orders for tasks that had not started on this worker are kept this long.
 _TOMBSTONE_SECONDS = 600.0
 
@@ -171,6 +178,8 @@ def run_step(
     head: wire.RunStep,
     small: dict[str, bytes],
     large: dict[str, bytes],
+    reply_topic: str | None = None,
+    memory_limit: int | None = None,
 ) -> wire.RemoteReply | wire.RemoteExit | wire.RemoteStopped:
     """Run one step (a ``wire.RunStep`` whose snapshot is ``small`` + ``large``) in a child.
 
@@ -178,6 +187,10 @@ def run_step(
     ``RemoteExit`` when the child died (on its own, or ``stopped`` by
     ``stop``; ``forced`` processes of its tree needed SIGKILL), or
     ``RemoteStopped`` when a stop order came before the step started.
+    A reply of at most ``PUSH_BYTES`` is also pushed to the driver at once as an
+    event on ``reply_topic``; the driver takes whichever comes first. A step
+    with a ``memory_limit`` is sampled fast, and its tree's RSS pushed on that
+    topic when over the limit: the driver's memory watchdog stops it.
     """
     where = _address()
     mine = _own_version()
@@ -212,18 +225,23 @@ def run_step(
         child.classes.add(head.cls_key)
         child.snapshot = head.snap_key
         child.conn.send_bytes(wire.dumps(message))
-        return _wait(run, where)
+        over = None if reply_topic is None or memory_limit is None else _Over(reply_topic, token, memory_limit)
+        result = _wait(run, where, over)
+        if reply_topic is not None and isinstance(result, wire.RemoteReply) and len(result.reply) <= PUSH_BYTES:
+            _push(reply_topic, [PUSH_REPLY, token, result.reply, result.where])
+        return result
     finally:
         with _lock:
             _running.pop(token, None)
 
 
-def _wait(run: _Running, where: str) -> wire.RemoteReply | wire.RemoteExit:
+def _wait(run: _Running, where: str, over: _Over | None) -> wire.RemoteReply | wire.RemoteExit:
     child = run.child
     sentinel = child.process.sentinel
     last_rss = 0
+    poll = POLL_SECONDS if over is None else FAST_POLL_SECONDS
     while True:
-        ready = multiprocessing.connection.wait([child.conn, sentinel], POLL_SECONDS)
+        ready = multiprocessing.connection.wait([child.conn, sentinel], poll)
         if child.conn in ready:
             try:
                 reply = child.conn.recv_bytes()
@@ -254,6 +272,33 @@ def _wait(run: _Running, where: str) -> wire.RemoteReply | wire.RemoteExit:
             run.stopping = True
             run.stop(0.0)
         last_rss = _rss(child.process.pid) or last_rss
+        if over is not None:
+            over.check(last_rss)
+
+
+@dataclass
+class _Over:
+    """Tells the driver, once, that a step's tree went over its memory limit."""
+
+    topic: str
+    token: str
+    limit: int
+    told: bool = False
+
+    def check(self, rss: int) -> None:
+        if rss > self.limit and not self.told:
+            self.told = True
+            _push(self.topic, [PUSH_RSS, self.token, rss])
+
+
+def _push(topic: str, message: list[Any]) -> None:
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except ValueError:  # not in a Dask worker (unit tests call this module directly)
+        return
+    worker.log_event(topic, message)
 
 
 def _retiring(reply: bytes) -> bool:

@@ -7,13 +7,15 @@ where steps run::
 
     scheduler --send(slot, bytes)--> sender thread: large fields scattered once,
         client.submit(_dask_remote.run_step, key=token) --> Dask worker --> child process
+    reply <= 16 KiB: pushed as an event on the client's topic --> event loop: reply bytes --> slot pipe
     Dask future done --> callback thread: reply bytes --> slot pipe  --> scheduler (as from a local worker)
                                           child died / Dask worker died --> slot sentinel --> WorkerCrashed
     scheduler --kill(slot)--> thread: client.run(_dask_remote.stop, token) on the workers
 
 A slot is one step in flight on the cluster, not one process: ``slot.pid`` is
-None (the memory watchdog samples local processes only), and messages name the
-remote process as "pid N on Dask worker tcp://...". Dask retries a task by
+None (the Dask worker samples a step with a memory limit and pushes its RSS
+when over; the memory watchdog reads it as ``slot.reported_rss``), and
+messages name the remote process as "pid N on Dask worker tcp://...". Dask retries a task by
 itself when its worker dies; wfaas counts that death as the attempt's
 ``WorkerCrashed`` instead (it watches the scheduler's "remove-worker" events and
 cancels the task) and retries per the step's own policy.
@@ -42,6 +44,7 @@ from . import data as data_codec
 from . import objects as large_values
 from ._worker import format_traceback
 from .pool import Exit, Pool, Slot, Waitable, WorkerPool
+from .runs import memory_limit_of
 
 __all__ = ["DaskBackend"]
 
@@ -209,9 +212,13 @@ class DaskPool:
         self._version = _dask_remote._own_version()
         self.slots: list[Slot] = [DaskSlot(i) for i in range(size)]
         self._lock = threading.Lock()
-        self._outbox: queue.SimpleQueue[tuple[DaskSlot, str, bytes] | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple[DaskSlot, str, bytes, int | None] | None] = queue.SimpleQueue()
         self._scattered: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
         self._closed = False
+        # Small replies come back pushed on the client's own topic as the step ends, a hop sooner
+        # than fetching each task's result after Dask reports it done (see _dask_remote.run_step).
+        # The scheduler drops that topic's events once the client has left (not so a topic of ours).
+        self._topic = str(self._client.id)
         self._sender = _threads.start(self._send_loop, "wfaas-dask-send")
         _listen(self._client, self)
 
@@ -236,6 +243,7 @@ class DaskPool:
             slot.task, slot.dying, slot.exit, slot.kill_done = None, False, None, None
             slot.token = slot.future = slot.where = None
             slot.bodies, slot.classes, slot.snapshot, slot.eof = set(), set(), None, False
+            slot.reported_rss = 0
 
     def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:
         out: dict[Any, tuple[Waitable, Slot]] = {}
@@ -252,9 +260,10 @@ class DaskPool:
         # blob every time; the remote side keeps its own account of what each child holds.
         slot.bodies, slot.classes, slot.snapshot = set(), set(), None
         token = f"wfaas-step-{uuid.uuid4().hex}"
+        limit = memory_limit_of(slot.task) if slot.task is not None else None
         with self._lock:
-            slot.token, slot.future, slot.where = token, None, None
-        self._outbox.put((slot, token, message))
+            slot.token, slot.future, slot.where, slot.reported_rss = token, None, None, 0
+        self._outbox.put((slot, token, message, limit))
 
     def receive(self, slot: Slot) -> wire.FromWorker | None:
         return WorkerPool.receive(slot)  # the reply travels the same local pipe as a local worker's
@@ -323,14 +332,14 @@ class DaskPool:
             item = self._outbox.get()
             if item is None:
                 return
-            slot, token, message = item
+            slot, token, message, limit = item
             try:
-                self._submit(slot, token, message)
+                self._submit(slot, token, message, limit)
             except Exception as exc:  # reported as the step's error, never a hang
                 log.warning("wfaas could not send a step to Dask", exc_info=True)
                 self._reply_error(slot, token, exc)
 
-    def _submit(self, slot: DaskSlot, token: str, message: bytes) -> None:
+    def _submit(self, slot: DaskSlot, token: str, message: bytes, limit: int | None) -> None:
         head: wire.RunStep = wire.loads(message)
         slot.task_id = head.task_id
         # The scheduler always sends the snapshot to a Dask slot (see DaskSlot): it travels as fields.
@@ -361,6 +370,8 @@ class DaskPool:
                 head,
                 small,
                 large,
+                self._topic,
+                limit,
                 key=token,
                 pure=False,
                 retries=0,
@@ -408,14 +419,7 @@ class DaskPool:
             self._reply_error(slot, token, exc)
             return
         if isinstance(result, wire.RemoteReply):
-            with self._lock:
-                if slot.token != token:
-                    return
-                slot.where = result.where
-                slot._writer.send_bytes(result.reply)
-                done, slot.kill_done, slot.token = slot.kill_done, None, None
-            if done is not None:  # it returned while being stopped: the result stands
-                done(slot, Exit(None, where=result.where, detail="returned"))
+            self._deliver(slot, token, result.reply, result.where)
         elif isinstance(result, wire.RemoteExit):
             exit_ = Exit(result.exitcode, result.last_rss, where=result.where, detail=result.detail)
             exit_.forced = result.forced
@@ -424,6 +428,33 @@ class DaskPool:
             self._ended(slot, token, Exit(None, where=result.where, detail="stopped before it started"))
         else:  # cancelled by someone else (its client restarted?) or by our kill of a queued task
             self._ended(slot, token, Exit(None, where=slot.where, detail="its Dask task was cancelled"))
+
+    def _on_pushed(self, event: tuple[float, Any]) -> None:
+        """What ``run_step`` pushed (on the client's event loop): a reply, delivered now (its result is
+        then never fetched), or the RSS of a step over its memory limit, for the memory watchdog."""
+        message = event[1]
+        if not isinstance(message, (list, tuple)) or len(message) < 3:
+            return  # Dask's own events on the client's topic (retry, cancel, ...)
+        kind, token, *rest = message
+        for slot in self._dask():
+            if slot.token != token:
+                continue
+            if kind == _dask_remote.PUSH_REPLY:
+                self._deliver(slot, token, *rest)
+            elif kind == _dask_remote.PUSH_RSS:
+                slot.reported_rss = int(rest[0])
+            return
+
+    def _deliver(self, slot: DaskSlot, token: str, reply: bytes, where: str) -> None:
+        """The step's reply into its slot's pipe, once: pushed or fetched, whichever comes first."""
+        with self._lock:
+            if slot.token != token:
+                return
+            slot.where = where
+            slot._writer.send_bytes(reply)
+            done, slot.kill_done, slot.token = slot.kill_done, None, None
+        if done is not None:  # it returned while being stopped: the result stands
+            done(slot, Exit(None, where=where, detail="returned"))
 
     def _ended(self, slot: DaskSlot, token: str, exit_: Exit) -> None:
         """The step's process is gone: tell the kill that waited for it, or report a crash."""
@@ -477,7 +508,8 @@ class DaskPool:
             slot.future.cancel()
 
 
-# Engines sharing one client share its one handler of the scheduler's "all" topic.
+# Engines sharing one client share its one handler of the scheduler's "all" topic, and of the
+# client's own topic, where the Dask workers push replies.
 _listeners: dict[int, list[DaskPool]] = {}
 _listeners_lock = threading.Lock()
 
@@ -491,6 +523,7 @@ def _listen(client: Any, pool: DaskPool, *, stop: bool = False) -> None:
             if not pools:
                 del _listeners[id(client)]
                 client.unsubscribe_topic("all")
+                client.unsubscribe_topic(str(client.id))
             return
         pools.append(pool)
     if first:
@@ -499,7 +532,12 @@ def _listen(client: Any, pool: DaskPool, *, stop: bool = False) -> None:
             for each in list(_listeners.get(id(client), ())):
                 each._on_cluster_event(event)
 
+        def pushed(event: tuple[float, Any]) -> None:
+            for each in list(_listeners.get(id(client), ())):
+                each._on_pushed(event)
+
         client.subscribe_topic("all", handler)
+        client.subscribe_topic(str(client.id), pushed)
 
 
 _LEFT = "died (the Dask worker left the cluster)"

@@ -21,8 +21,6 @@ import pickle
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import dill
-
 from . import lazydata
 from . import objects as large
 from .errors import SerializationError
@@ -104,6 +102,8 @@ def dill_dumps(value: Any) -> bytes:
     """dill by value, with the fix below applied to the classes involved."""
     for cls in type(value).__mro__ if not isinstance(value, type) else value.__mro__:
         _own_orig_bases(cls)
+    import dill  # imported when first needed: it costs `import wfaas` 11 ms
+
     return bytes(dill.dumps(value, protocol=5, recurse=True))
 
 

@@ -18,8 +18,6 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-import psutil
-
 from . import _malloc, _signals, _threads
 from . import data as data_codec
 from . import errors as errors_module
@@ -139,6 +137,8 @@ class WorkflowEngine:
         self._shutting_down = False
         self._closed = False
         self._cleanups: weakref.WeakSet[CleanupHandle] = weakref.WeakSet()
+        import psutil  # imported when first needed: it costs `import wfaas` 8 ms
+
         me = psutil.Process()
         # Recorded with every run this engine owns; `cancel_signal` tells another
         # process (wfaas-local cancel) which signal asks this one to cancel its runs.
@@ -548,6 +548,8 @@ def owner_alive(owner: dict[str, Any]) -> bool:
     pid = owner.get("pid")
     if not pid:
         return False
+    import psutil
+
     try:
         process = psutil.Process(pid)
         # A killed owner stays a zombie until its parent reaps it: it runs nothing any more.

@@ -11,9 +11,10 @@ from ``vars(obj)``, so the step's diff (``data.diff_fields``) sees it unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .objects import ObjectStore
+if TYPE_CHECKING:  # objects.py imports data.py, which imports this module
+    from .objects import ObjectStore
 
 __all__ = ["lazy_class", "user_class"]
 

@@ -31,19 +31,14 @@ first use, so a damaged file is one clear :class:`ObjectError`.
 from __future__ import annotations
 
 import collections
-import ctypes
 import errno
 import fcntl
 import functools
-import hashlib
 import mmap
 import os
 import pickle
-import shutil
 import struct
-import tempfile
 import threading
-import uuid
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -136,9 +131,9 @@ class _Root:
         with self._lock:
             if self._path is None:
                 # Named now, made by the first put (which may be a worker's): a store that never holds a
-                # large value costs no folder. uuid4: nobody can guess the name to plant a folder there first.
-                self._path = _memory_folder() / f"wfaas-objects-{uuid.uuid4().hex}"
-                self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._path), True)
+                # large value costs no folder. 16 random bytes: nobody can guess the name to plant a folder first.
+                self._path = _memory_folder() / f"wfaas-objects-{os.urandom(16).hex()}"
+                self._finalizer = weakref.finalize(self, _rmtree, str(self._path))
             return self._path
 
     @property
@@ -148,6 +143,12 @@ class _Root:
     def remove(self) -> None:
         if self._finalizer is not None:
             self._finalizer()
+
+
+def _rmtree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _memory_folder() -> Path:
@@ -160,6 +161,8 @@ def _memory_folder() -> Path:
             return Path("/dev/shm")
     except OSError:
         pass
+    import tempfile
+
     return Path(tempfile.gettempdir())
 
 
@@ -216,6 +219,8 @@ class ObjectStore:
 
     def put(self, sections: list[memoryview]) -> bytes:
         """Write the sections as one object (once per content); its reference blob."""
+        import hashlib  # here and in _check: OpenSSL's import is not a cost of ``import wfaas``
+
         header = MAGIC + struct.pack(f"<{len(sections) + 1}Q", len(sections), *(s.nbytes for s in sections))
         h = hashlib.sha256(header)
         for s in sections:
@@ -335,6 +340,8 @@ class ObjectStore:
 
     def _check(self, ref: ObjectRef, mapped: tuple[mmap.mmap, tuple[int, ...]], what: str) -> list[memoryview]:
         """The sections of a mapped object, its hash verified unless this process verified that file already."""
+        import hashlib
+
         mm, identity = mapped
         view = memoryview(mm)
         sections = self._sections(ref, view, what)
@@ -471,6 +478,8 @@ def _trim(cache: collections.OrderedDict[Any, Any], kept: int) -> None:
 
 @functools.cache
 def _memcmp() -> Any:
+    import ctypes
+
     memcmp = ctypes.CDLL(None).memcmp  # looked up at first use: not a cost of ``import wfaas``
     memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
     memcmp.restype = ctypes.c_int
@@ -479,6 +488,8 @@ def _memcmp() -> Any:
 
 def _address(view: memoryview) -> tuple[Any, int] | None:
     """A C pointer to a contiguous buffer's bytes (and what keeps it alive), without copying them."""
+    import ctypes
+
     if view.readonly:
         if isinstance(view.obj, bytes) and view.nbytes == len(view.obj):
             pointer = ctypes.c_char_p(view.obj)

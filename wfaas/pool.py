@@ -90,6 +90,7 @@ class Slot:
         self.classes: set[str] = set()
         self.snapshot: object = None
         self.last_rss = 0
+        self.reported_rss = 0  # a remote step's (no local pid): the RSS its worker reported over its limit
         self.eof = False  # its pipe is closed: nothing more will come (the process died)
 
     @property

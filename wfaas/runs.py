@@ -190,6 +190,7 @@ class Task:
         """The attempt (or hook) ``step`` starts in ``slot`` at monotonic ``now``, with how long it waited."""
         assert step.snapshot is not None
         task = cls(run, step, slot, step.attempts, step.snapshot, now, hook=step.hook, pid=slot.pid)
+        step.snapshot = None  # the task holds it now; kept on the step, every finished step's data stayed alive
         if step.wait_kind is not None:
             task.waited, task.wait_kind = step.enqueued - step.waited_from, step.wait_kind
         task.queued = now - step.enqueued

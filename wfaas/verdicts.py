@@ -132,7 +132,8 @@ def killed(task: Task, exit_: Exit) -> tuple[AttemptOutcome, WorkflowError | Non
     if task.kill_reason is KillReason.MEMORY:
         error = WorkerCrashed(
             f"stopped: its worker used {mib(exit_.last_rss)} MiB, over the step's memory limit of "
-            f"{mib(run.compiled.memory_limit[step.index] or 0)} MiB; raise it with with_memory_limit() "
+            f"{mib(run.compiled.memory_limit[step.index] or 0)} MiB{f' ({exit_.where})' if exit_.where else ''}; "
+            "raise it with with_memory_limit() "
             "or make the step use less",
             **where(run, step),
         )

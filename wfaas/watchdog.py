@@ -16,14 +16,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import psutil
-
 from . import _threads
 from .pool import Pool, Slot
 
 
 def tree_rss(pid: int) -> int:
     """Resident bytes of a process and all its descendants (0 if it is gone)."""
+    import psutil  # imported when first needed: it costs `import wfaas` 8 ms
+
     try:
         root = psutil.Process(pid)
         total = int(root.memory_info().rss)
@@ -75,10 +75,11 @@ class MemoryWatchdog:
         interval = self._slow
         for slot in list(self._pool.slots):
             task, pid = slot.task, slot.pid
-            if task is None or pid is None or slot.dying:
+            if task is None or slot.dying:
                 continue
             limit = self._limit_of(task)
-            rss = tree_rss(pid)
+            # A remote step (Dask) is sampled where it runs, which reports only going over the limit.
+            rss = tree_rss(pid) if pid is not None else slot.reported_rss
             if rss:
                 slot.last_rss = rss
             if limit is not None:
