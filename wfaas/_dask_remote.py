@@ -171,6 +171,18 @@ def _wanted() -> bool:
     return ts is not None and ts.state == "executing"
 
 
+def _other_version(version: str, where: str, task_id: int) -> wire.RemoteReply | None:
+    """The step's failure when the driver's wfaas is not this worker's: results could not be trusted."""
+    mine = _own_version()
+    if version == mine:
+        return None
+    error = RuntimeError(
+        f"driver has wfaas {version}, Dask worker {where} has {mine}: "
+        f"pip install the same version on every worker (pip install 'wfaas[dask]=={version}')"
+    )
+    return wire.RemoteReply(wire.dumps(wire.failed(task_id, error)), where)
+
+
 def run_step(
     token: str,
     version: str,
@@ -193,13 +205,8 @@ def run_step(
     topic when over the limit: the driver's memory watchdog stops it.
     """
     where = _address()
-    mine = _own_version()
-    if version != mine:
-        error = RuntimeError(
-            f"driver has wfaas {version}, Dask worker {where} has {mine}: "
-            f"pip install the same version on every worker (pip install 'wfaas[dask]=={version}')"
-        )
-        return wire.RemoteReply(wire.dumps(wire.failed(head.task_id, error)), where)
+    if (refused := _other_version(version, where, head.task_id)) is not None:
+        return refused
     with _lock:
         child = _idle.pop() if _idle else None
     if child is not None and not child.paths.issuperset(paths):

@@ -430,6 +430,29 @@ def fingerprint(definition: WorkflowDefinition) -> dict[str, Any]:
     return {"workflow_id": definition.id, "steps": steps}
 
 
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(structural differences, steps whose code changed) between two definition fingerprints."""
+    structural: list[str] = []
+    old_steps, new_steps = old.get("steps", {}), new.get("steps", {})
+    for sid in old_steps.keys() - new_steps.keys():
+        structural.append(f"step {sid!r} was removed")
+    for sid in new_steps.keys() - old_steps.keys():
+        structural.append(f"step {sid!r} was added")
+    bodies = []
+    for sid in old_steps.keys() & new_steps.keys():
+        a, b = old_steps[sid], new_steps[sid]
+        for kind in ("depends_on", "depends_on_any"):
+            if a[kind] != b[kind]:
+                structural.append(f"step {sid!r}: {kind} was {a[kind]}, is now {b[kind]}")
+        if ("for_each" in a) != ("for_each" in b):
+            structural.append(
+                f"step {sid!r}: " + ("is no longer" if "for_each" in a else "is now") + " a for_each step"
+            )
+        if a["code"] != b["code"]:
+            bodies.append(sid)
+    return sorted(structural), sorted(bodies)
+
+
 def body_hash(body: Any) -> str:
     """A short hash of a step body's code (bytecode and constants), or its type name."""
     fn = body.fn if hasattr(body, "fn") else body

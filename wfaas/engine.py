@@ -22,7 +22,7 @@ from . import _malloc, _signals, _threads
 from . import data as data_codec
 from . import errors as errors_module
 from .clock import Clock, SystemClock
-from .definition import WorkflowDefinition, fingerprint
+from .definition import WorkflowDefinition, fingerprint, fingerprint_changes
 from .errors import (
     DefinitionNotFound,
     InvalidDefinition,
@@ -563,29 +563,6 @@ def owner_alive(owner: dict[str, Any]) -> bool:
 def orphaned(meta: dict[str, Any]) -> bool:
     """Whether a run was left running (or about to start) by a process that is gone: what recover resumes."""
     return meta.get("status") in (W.RUNNING.value, W.PENDING.value) and not owner_alive(meta.get("owner") or {})
-
-
-def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(structural differences, steps whose code changed) between two definition fingerprints."""
-    structural: list[str] = []
-    old_steps, new_steps = old.get("steps", {}), new.get("steps", {})
-    for sid in old_steps.keys() - new_steps.keys():
-        structural.append(f"step {sid!r} was removed")
-    for sid in new_steps.keys() - old_steps.keys():
-        structural.append(f"step {sid!r} was added")
-    bodies = []
-    for sid in old_steps.keys() & new_steps.keys():
-        a, b = old_steps[sid], new_steps[sid]
-        for kind in ("depends_on", "depends_on_any"):
-            if a[kind] != b[kind]:
-                structural.append(f"step {sid!r}: {kind} was {a[kind]}, is now {b[kind]}")
-        if ("for_each" in a) != ("for_each" in b):
-            structural.append(
-                f"step {sid!r}: " + ("is no longer" if "for_each" in a else "is now") + " a for_each step"
-            )
-        if a["code"] != b["code"]:
-            bodies.append(sid)
-    return sorted(structural), sorted(bodies)
 
 
 def error_from_meta(instance_id: str, meta: dict[str, Any]) -> WorkflowError:
