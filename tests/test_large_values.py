@@ -372,17 +372,20 @@ def test_prune_removes_finished_runs_objects_and_leaves_a_live_runs(sqlite: Sqli
         assert engine.get_status(live).data.n == 3 * LIMIT
 
     # Through the CLI: every finished run goes, and its objects with it (once past the grace).
+    cli = CliRunner()
+    young = cli.invoke(main, ["prune", "--store", str(tmp_path / "runs.sqlite"), "--older-than", "7d"])
+    assert young.exit_code == 0 and "removed 0 finished runs and 0 large value files" in young.output
+    assert "kept 1 unreferenced large value file written in the last 60 s" in young.output  # pending's, just written
     for p in object_files(sqlite):
         os.utime(p, (1, 1))
-    cli = CliRunner()
     refused = cli.invoke(main, ["prune", "--store", str(tmp_path / "runs.sqlite"), "--older-than", "7x"])
     assert refused.exit_code == 2 and "--older-than" in refused.output
     kept = cli.invoke(main, ["prune", "--store", str(tmp_path / "runs.sqlite"), "--older-than", "7d"])
     # No run is old enough, but the object nothing references any more (``pending``) goes.
-    assert kept.exit_code == 0 and "removed 0 finished run(s) and 1 large value file(s)" in kept.output
+    assert kept.exit_code == 0 and "removed 0 finished runs and 1 large value file (" in kept.output
     done = cli.invoke(main, ["prune", "--store", str(tmp_path / "runs.sqlite"), "--status", "COMPLETED"])
     assert done.exit_code == 0, done.output
-    assert "removed 1 finished run(s) and 1 large value file(s)" in done.output
+    assert "removed 1 finished run and 1 large value file (" in done.output and "kept" not in done.output
     assert object_files(sqlite) == []
 
 

@@ -6,7 +6,8 @@ import click
 
 from .cli_errors import fail
 from .cli_store import DEFAULT_STORE, open_store
-from .prune import parse_duration
+from .cli_text import plural
+from .prune import GRACE, parse_duration
 from .states import WorkflowStatus
 
 _FINISHED = [s.name for s in WorkflowStatus if s.is_terminal]
@@ -49,7 +50,10 @@ def prune(store: str, older_than: str | None, statuses: tuple[str, ...]) -> None
     finally:
         state_store.close()
     freed = result.object_bytes / 1e6
-    click.echo(
-        f"removed {len(result.runs)} finished run(s) and {result.objects} large value file(s) ({freed:.1f} MB); "
-        f"{store} compacted"
-    )
+    runs, files = plural(len(result.runs), "finished run"), plural(result.objects, "large value file")
+    click.echo(f"removed {runs} and {files} ({freed:.1f} MB); {store} compacted")
+    if result.recent:
+        click.echo(
+            f"kept {plural(result.recent, 'unreferenced large value file')} written in the last {GRACE:.0f} s "
+            "(a run may be about to use it); prune again later to remove it"
+        )

@@ -392,25 +392,30 @@ class ObjectStore:
                 if entry.name != ".lock" and entry.is_file(follow_symlinks=False):
                     yield entry
 
-    def sweep(self, keep: set[str], before: float) -> tuple[int, int]:
-        """Delete files not in ``keep`` last touched before ``before`` (a time.time()); (files, bytes) freed."""
+    def sweep(self, keep: set[str], before: float) -> tuple[int, int, int]:
+        """Delete files not in ``keep`` last touched before ``before`` (a time.time()).
+
+        Returns (files, bytes) freed, and how many files not in ``keep`` were
+        kept because they are newer (a run may be about to reference them).
+        """
         root = self._root.made if self._root.temporary else self.root
         if root is None or not root.is_dir():
-            return 0, 0
-        removed = freed = 0
+            return 0, 0, 0
+        removed = freed = recent = 0
         with self._locked(fcntl.LOCK_EX):
             for entry in list(self.files()):
                 if entry.name in keep:
                     continue
                 st = entry.stat(follow_symlinks=False)
                 if st.st_mtime >= before:
+                    recent += 1
                     continue
                 try:
                     os.unlink(entry.path)
                 except FileNotFoundError:
                     continue
                 removed, freed = removed + 1, freed + st.st_size
-        return removed, freed
+        return removed, freed, recent
 
     def __repr__(self) -> str:
         return f"ObjectStore({str(self._root.made)!r})"

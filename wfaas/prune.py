@@ -44,11 +44,16 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 @dataclass
 class PruneResult:
-    """What a prune removed: the runs' ids, object files and the bytes they held."""
+    """What a prune removed: the runs' ids, object files and the bytes they held.
+
+    ``recent``: unreferenced object files kept because they were written
+    within the grace period (a run may be about to reference them).
+    """
 
     runs: list[str] = field(default_factory=list)
     objects: int = 0
     object_bytes: int = 0
+    recent: int = 0
 
 
 def parse_duration(text: str) -> timedelta:
@@ -84,7 +89,7 @@ def prune(
             continue
         if store.remove(iid):
             result.runs.append(iid)
-    result.objects, result.object_bytes = sweep_objects(store, started - grace)
+    result.objects, result.object_bytes, result.recent = sweep_objects(store, started - grace)
     from .sqlite_store import SqliteStore  # imports sqlite3: not at ``import wfaas``
 
     if isinstance(store, SqliteStore):
@@ -92,11 +97,11 @@ def prune(
     return result
 
 
-def sweep_objects(store: StateStore, before: float | None = None) -> tuple[int, int]:
-    """Delete the objects no run of ``store`` references (see the module docstring); (files, bytes)."""
+def sweep_objects(store: StateStore, before: float | None = None) -> tuple[int, int, int]:
+    """Delete the objects no run of ``store`` references (see the module docstring); see ``ObjectStore.sweep``."""
     objects = store.objects
     if objects is None:
-        return 0, 0
+        return 0, 0, 0
     if before is None:
         before = time.time() - GRACE
     keep: set[str] = set()
@@ -106,7 +111,7 @@ def sweep_objects(store: StateStore, before: float | None = None) -> tuple[int, 
         except StoreError as exc:
             # Its references cannot be read: deleting anything now could delete what it needs.
             log.warning("not deleting unreferenced large values: run %s cannot be read (%s)", iid, exc)
-            return 0, 0
+            return 0, 0, 0
         if record is None:
             continue
         keep |= digests_in(record.fields.values())
