@@ -68,6 +68,11 @@ class AttemptLog:
 # Signals whose Python-level disposition a step may change; SIGKILL and SIGSTOP cannot be caught.
 _SIGNALS = [int(s) for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)]
 
+# Bound once: ``restore`` runs after every attempt, on a cold cache (the worker slept in between).
+_dup2, _getcwd, _umask = os.dup2, os.getcwd, os.umask
+_getsignal, _pthread_sigmask, _setitimer = _signal.getsignal, _signal.pthread_sigmask, _signal.setitimer
+_SIG_SETMASK, _ITIMER_REAL = int(signal.SIG_SETMASK), int(signal.ITIMER_REAL)
+
 
 class ProcessState:
     """The worker's process-wide state when it started, and :meth:`restore` to go back to it."""
@@ -89,51 +94,70 @@ class ProcessState:
         # Copies of the standard descriptors, above the range a step is likely to close.
         self.fds = {fd: _dup_high(fd) for fd in (0, 1, 2)}
         self.stdio = (sys.stdin, sys.stdout, sys.stderr)
-        root = logging.getLogger()
-        self.root_handlers = list(root.handlers)
-        self.root_level = root.level
+        self.root = logging.getLogger()
+        self.root_handlers = list(self.root.handlers)
+        self.root_level = self.root.level
+        self._fd_copies = tuple(self.fds.items())
+        self._environ = os.environ
+        self._environ_live = _environ_data()
 
     def restore(self) -> str | None:
-        """Put back what a step changed; ``None``, or what could not be put back (replace the worker)."""
+        """Put back what a step changed; ``None``, or what could not be put back (replace the worker).
+
+        This runs after every attempt, so the common case (nothing changed)
+        is a straight line: compare what can be read without a system call,
+        and set unconditionally what can only be read with one (descriptors,
+        signal mask, timer, umask: reading costs as much as setting).
+        """
         problem = None
-        for fd, copy in self.fds.items():
+        for fd, copy in self._fd_copies:
             try:
-                os.dup2(copy, fd)
+                _dup2(copy, fd)
             except OSError as exc:
                 problem = f"its standard file descriptor {fd} cannot be restored ({exc})"
-        stdio = self.stdio
-        if (sys.stdin, sys.stdout, sys.stderr) != stdio or any(s is None or s.closed for s in stdio):
+        stdin, stdout, stderr = self.stdio
+        try:
+            changed = sys.stdout is not stdout or sys.stderr is not stderr or sys.stdin is not stdin
+            changed = changed or stdout.closed or stderr.closed or stdin.closed
+        except AttributeError:  # a stream was None at start
+            changed = True
+        if changed:
             self._restore_stdio()
         if self.cwd is not None:
             try:
-                if os.getcwd() != self.cwd:
+                if _getcwd() != self.cwd:
                     os.chdir(self.cwd)
             except OSError:
                 try:
                     os.chdir(self.cwd)
                 except OSError as exc:
                     problem = f"its working directory {self.cwd} cannot be restored ({exc.strerror})"
-        if _environ_data() != self._environ_data:
-            os.environ.clear()
-            os.environ.update(self.environ)
+        if os.environ is not self._environ or self._environ_live != self._environ_data:
+            self._restore_environ()
         if sys.path != self.path:
             sys.path[:] = self.path
         # One comparison in C for the common case: no handler changed.
-        if list(map(_signal.getsignal, self.signals)) != self.handlers:
+        if list(map(_getsignal, self.signals)) != self.handlers:
             for sig, handler in zip(self.signals, self.handlers, strict=True):
-                if _signal.getsignal(sig) is not handler:
+                if _getsignal(sig) is not handler:
                     signal.signal(sig, handler)
-        _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
-        signal.setitimer(signal.ITIMER_REAL, 0)  # an alarm a step set must not fire in the next one
-        os.umask(self.umask)
-        root = logging.getLogger()
+        _pthread_sigmask(_SIG_SETMASK, self.mask)
+        _setitimer(_ITIMER_REAL, 0)  # an alarm a step set must not fire in the next one
+        _umask(self.umask)
+        root = self.root
         if root.handlers != self.root_handlers:
             root.handlers[:] = self.root_handlers
         if root.level != self.root_level:
             root.setLevel(self.root_level)
-        if logging.root.manager.disable:
+        if root.manager.disable:
             logging.disable(logging.NOTSET)
         return problem
+
+    def _restore_environ(self) -> None:
+        os.environ = self._environ  # noqa: B003 - a step may have put another mapping in its place
+        os.environ.clear()
+        os.environ.update(self.environ)
+        self._environ_live = _environ_data()
 
     def _restore_stdio(self) -> None:
         streams = []
@@ -181,34 +205,41 @@ class Capture:
     def __init__(self, forward: Callable[[list[LogLine]], None] | None = None) -> None:
         self._forward = forward
         self._active = False
-        self._total = 0  # lines added this attempt
-        self._sent = 0  # of which handed to forward
-        self._due = 0.0
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._r, False)
+        # Whether the pipe holds anything, without a read that raises when it does not.
+        # Used under the lock only: a poll object refuses concurrent calls.
+        self._peek = select.poll()
+        self._peek.register(self._r, select.POLLIN)
         self._lock = threading.Lock()
+        self._reset()
+        self._reading = True
+        self._reader = threading.Thread(target=self._read_forever, name="wfaas-capture", daemon=True)
+        self._reader.start()
+
+    def _reset(self) -> None:
+        """Forget the lines kept (lock held, or before the reader starts)."""
         self._lines: collections.deque[LogLine] = collections.deque()
         self._size = 0
         self._cut = 0
         self._partial = b""
         self._partial_at = 0.0
         self._last = 0.0
-        self._reader = threading.Thread(target=self._read_forever, name="wfaas-capture", daemon=True)
-        self._reader.start()
+        self._total = 0  # lines added this attempt
+        self._sent = 0  # of which handed to forward
+        self._due = 0.0
 
     def start(self) -> None:
         """From now on fds 1 and 2 write into this attempt's capture."""
         _flush_stdio()
         with self._lock:
-            self._lines = collections.deque()
-            self._size = self._cut = 0
-            self._partial = b""
-            self._last = 0.0
-            self._total = self._sent = 0
-            self._due = 0.0
+            # ``stop`` left everything reset; only what arrived since (from a step's leftover
+            # thread or child) has to go. Nothing added means nothing to reset.
+            if self._total or self._partial:
+                self._reset()
             self._active = True
-        os.dup2(self._w, 1)
-        os.dup2(self._w, 2)
+        _dup2(self._w, 1)
+        _dup2(self._w, 2)
 
     def stop(self, state: ProcessState) -> tuple[list[LogLine], int, int, str | None]:
         """End the attempt's capture.
@@ -218,23 +249,32 @@ class Capture:
         """
         _flush_stdio()
         problem = state.restore()
-        if not self._reader.is_alive():
-            problem = "a step closed the pipe that captures its output"
         with self._lock:
             self._active = False
-            self._drain()
+            closed = not self._reading
+            ready = self._peek.poll(0)
+            if ready:
+                if ready[0][1] & select.POLLNVAL:
+                    closed = True
+                else:
+                    self._drain()
+            if closed:
+                problem = "a step closed the pipe that captures its output"
+            if not self._total and not self._partial:
+                return [], 0, 0, problem  # the common case: the attempt printed and logged nothing
             if self._partial:
                 self._add(self._partial_at, OUTPUT, self._partial.decode(errors="replace"))
                 self._partial = b""
             lines, cut = list(self._lines), self._cut
             fresh = max(0, len(lines) - (self._total - self._sent))
-            self._lines = collections.deque()
+            self._reset()
         return lines, cut, fresh, problem
 
     def record(self, when: float, level: int, text: str) -> None:
         """Add a log record's text (any thread), after what was printed before it."""
         with self._lock:
-            self._drain()
+            if self._peek.poll(0):
+                self._drain()
             self._add(when, level, text)
             self._maybe_forward()
 
@@ -242,13 +282,16 @@ class Capture:
         poller = select.poll()
         poller.register(self._r, select.POLLIN)
         timeout: float | None = None
-        while True:
-            events = poller.poll(None if timeout is None else timeout * 1000)
-            if any(mask & select.POLLNVAL for _, mask in events):
-                return  # a step closed the pipe; the worker is replaced (see ``stop``)
-            with self._lock:
-                self._drain()
-                timeout = self._maybe_forward()
+        try:
+            while True:
+                events = poller.poll(None if timeout is None else timeout * 1000)
+                if any(mask & select.POLLNVAL for _, mask in events):
+                    return  # a step closed the pipe; the worker is replaced (see ``stop``)
+                with self._lock:
+                    self._drain()
+                    timeout = self._maybe_forward()
+        finally:
+            self._reading = False
 
     def _maybe_forward(self) -> float | None:
         """Hand new lines over if it is time (lock held); else how long until it is, or None (nothing to do)."""
