@@ -2,18 +2,21 @@
 
 A worker is warm: it runs step after step. Two things wrap every attempt:
 
-    ProcessState (taken once, at worker start)        Capture (one pipe + one reader thread per worker)
-    attempt starts ------------------------------>    fds 1 and 2 -> the pipe's write end
+    Capture (made first: fds 1 and 2 -> its pipe,     ProcessState (taken next, so fds 1 and 2
+    for the worker's life; one reader thread)         are the pipe in the state it keeps)
+    attempt starts: its lines from now on
     step runs: prints, logs, C code, subprocesses      reader thread: chunks -> timestamped lines
-    attempt ends ------------------------------->     flush; fds 1 and 2 back; drain what is left
-    restore(): fds, stdio objects, cwd, environment,
-    signal handlers/mask/timer, sys.path, umask, root logging
-    -> None, or why it could not (the engine then replaces the worker)
+    attempt ends: flush -------------------------->   restore(): fds, stdio objects, cwd, environment,
+                                                       signal handlers/mask/timer, sys.path, umask,
+                                                       root logging -> None, or why it could not
+    drain what is left; the attempt's lines            (the engine then replaces the worker)
+    between attempts and at exit: what arrives goes to the worker's own stderr
 
 Capturing at the file-descriptor level catches what C extensions and child
 processes write too. A pipe read by a thread (rather than a file per attempt)
-gives each line the time it was written, and an attempt that prints nothing
-costs four ``dup2`` calls and one non-blocking read: no thread wakes.
+gives each line the time it was written. This runs around every attempt, so
+an attempt that prints nothing costs no thread wake-up and no descriptor
+juggling beyond putting fds 0-2 back: three ``dup2`` and one ``poll``.
 
 What a step leaves behind that is not listed above (threads it started,
 modules it imported or patched, ``putenv`` from C) is not undone.
@@ -75,7 +78,10 @@ _SIG_SETMASK, _ITIMER_REAL = int(signal.SIG_SETMASK), int(signal.ITIMER_REAL)
 
 
 class ProcessState:
-    """The worker's process-wide state when it started, and :meth:`restore` to go back to it."""
+    """The worker's process-wide state when it started, and :meth:`restore` to go back to it.
+
+    Taken after the worker's :class:`Capture`: the descriptors it puts back are the capture's.
+    """
 
     def __init__(self) -> None:
         try:
@@ -110,17 +116,22 @@ class ProcessState:
         signal mask, timer, umask: reading costs as much as setting).
         """
         problem = None
+        stdin, stdout, stderr = self.stdio
+        try:
+            # What the streams hold goes where fds 1 and 2 point before they are put back
+            # (into the attempt's capture); flushing a stream the step closed raises.
+            stdout.flush()
+            stderr.flush()
+            changed = sys.stdout is not stdout or sys.stderr is not stderr or sys.stdin is not stdin or stdin.closed
+        except (AttributeError, ValueError, OSError):  # None at start, closed, or its descriptor was
+            changed = True
+        if changed:
+            _flush_stdio()  # the streams the step put in their place
         for fd, copy in self._fd_copies:
             try:
                 _dup2(copy, fd)
             except OSError as exc:
                 problem = f"its standard file descriptor {fd} cannot be restored ({exc})"
-        stdin, stdout, stderr = self.stdio
-        try:
-            changed = sys.stdout is not stdout or sys.stderr is not stderr or sys.stdin is not stdin
-            changed = changed or stdout.closed or stderr.closed or stdin.closed
-        except AttributeError:  # a stream was None at start
-            changed = True
         if changed:
             self._restore_stdio()
         if self.cwd is not None:
@@ -193,8 +204,13 @@ FORWARD_INTERVAL = 0.1
 
 
 class Capture:
-    """Sends fds 1 and 2 to a pipe during each attempt; a thread turns what arrives into timestamped lines.
+    """Holds fds 1 and 2 on a pipe for the worker's life; a thread turns what an attempt writes into timestamped lines.
 
+    Make it before the worker's :class:`ProcessState`, so that the state put
+    back after every attempt has fds 1 and 2 on the pipe. What arrives while no
+    attempt runs (a child a step left running, the worker's own warnings) is
+    passed on to the worker's own stderr, as is what is left at :meth:`close`
+    (called at exit, before a worker's last traceback is printed).
     Log records are added by :meth:`record` (a logging handler calls it).
     Everything is bounded to the last :data:`LIMIT` characters per attempt.
     With ``forward``, lines are also handed over while the attempt runs
@@ -203,6 +219,8 @@ class Capture:
     """
 
     def __init__(self, forward: Callable[[list[LogLine]], None] | None = None) -> None:
+        from multiprocessing import util
+
         self._forward = forward
         self._active = False
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
@@ -213,6 +231,13 @@ class Capture:
         self._peek.register(self._r, select.POLLIN)
         self._lock = threading.Lock()
         self._reset()
+        self._own = (_dup_high(1), _dup_high(2))  # the worker's own stdout and stderr
+        _flush_stdio()
+        _dup2(self._w, 1)
+        _dup2(self._w, 2)
+        # A worker process ends through multiprocessing's exit function (no atexit there);
+        # it runs finalizers before printing the traceback of a worker that failed.
+        util.Finalize(None, self.close, exitpriority=100)
         self._reading = True
         self._reader = threading.Thread(target=self._read_forever, name="wfaas-capture", daemon=True)
         self._reader.start()
@@ -230,16 +255,9 @@ class Capture:
         self._due = 0.0
 
     def start(self) -> None:
-        """From now on fds 1 and 2 write into this attempt's capture."""
-        _flush_stdio()
-        with self._lock:
-            # ``stop`` left everything reset; only what arrived since (from a step's leftover
-            # thread or child) has to go. Nothing added means nothing to reset.
-            if self._total or self._partial:
-                self._reset()
-            self._active = True
-        _dup2(self._w, 1)
-        _dup2(self._w, 2)
+        """What fds 1 and 2 receive from now on, and the records logged, are this attempt's."""
+        # No lock: one store, and a chunk the reader thread is reading right now arrived before the attempt.
+        self._active = True
 
     def stop(self, state: ProcessState) -> tuple[list[LogLine], int, int, str | None]:
         """End the attempt's capture.
@@ -247,10 +265,8 @@ class Capture:
         Returns (lines, characters cut, index of the first line not yet
         forwarded, what could not be restored or None).
         """
-        _flush_stdio()
-        problem = state.restore()
+        problem = state.restore()  # flushes the streams into the pipe first
         with self._lock:
-            self._active = False
             closed = not self._reading
             ready = self._peek.poll(0)
             if ready:
@@ -258,25 +274,40 @@ class Capture:
                     closed = True
                 else:
                     self._drain()
+            self._active = False
             if closed:
                 problem = "a step closed the pipe that captures its output"
             if not self._total and not self._partial:
                 return [], 0, 0, problem  # the common case: the attempt printed and logged nothing
             if self._partial:
                 self._add(self._partial_at, OUTPUT, self._partial.decode(errors="replace"))
-                self._partial = b""
             lines, cut = list(self._lines), self._cut
             fresh = max(0, len(lines) - (self._total - self._sent))
             self._reset()
         return lines, cut, fresh, problem
 
     def record(self, when: float, level: int, text: str) -> None:
-        """Add a log record's text (any thread), after what was printed before it."""
+        """Add a log record's text (any thread), after what was printed before it; none between attempts."""
         with self._lock:
+            if not self._active:
+                return
             if self._peek.poll(0):
                 self._drain()
             self._add(when, level, text)
             self._maybe_forward()
+
+    def close(self) -> None:
+        """Give fds 1 and 2 back to the worker's own stdout and stderr, passing on what the pipe still holds."""
+        _flush_stdio()
+        with self._lock:
+            self._active = False
+            passed = self._drain() if self._peek.poll(0) else []
+        self._pass_on(passed)
+        for fd, own in enumerate(self._own, 1):
+            try:
+                _dup2(own, fd)
+            except OSError:
+                pass  # a step closed the copy: nothing to give back
 
     def _read_forever(self) -> None:
         poller = select.poll()
@@ -288,8 +319,9 @@ class Capture:
                 if any(mask & select.POLLNVAL for _, mask in events):
                     return  # a step closed the pipe; the worker is replaced (see ``stop``)
                 with self._lock:
-                    self._drain()
+                    passed = self._drain()
                     timeout = self._maybe_forward()
+                self._pass_on(passed)
         finally:
             self._reading = False
 
@@ -306,20 +338,38 @@ class Capture:
             self._forward(new)
         return None
 
-    def _drain(self) -> None:
-        """Read what the pipe holds (the caller holds the lock, so the reader thread is not mid-read)."""
+    def _drain(self) -> list[bytes]:
+        """Read what the pipe holds (lock held, so the reader thread is not mid-read).
+
+        An attempt's chunks become its lines; what arrived while none runs is
+        returned, to be passed on (``_pass_on``) once the lock is released.
+        """
+        passed: list[bytes] = []
         while True:
             try:
                 chunk = os.read(self._r, 65536)
             except BlockingIOError:
-                return
+                return passed
             except OSError as exc:
                 if exc.errno == errno.EINTR:
                     continue
-                return
+                return passed
             if not chunk:
-                return
-            self._split(chunk)
+                return passed
+            if self._active:
+                self._split(chunk)
+            else:
+                passed.append(chunk)
+
+    def _pass_on(self, chunks: list[bytes]) -> None:
+        """Write what arrived between attempts to the worker's own stderr (lock not held: it may block)."""
+        for chunk in chunks:
+            rest = memoryview(chunk)
+            try:
+                while rest:
+                    rest = rest[os.write(self._own[1], rest) :]
+            except OSError:
+                return  # nowhere to go: dropped, as it would be on a closed stderr
 
     def _split(self, chunk: bytes) -> None:
         now = time.time()
