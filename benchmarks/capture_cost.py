@@ -1,14 +1,28 @@
-"""What wrapping an attempt costs in the worker: output capture plus the process-state reset.
+"""What wrapping an attempt costs in the worker: output capture and the process-state reset, each on its own.
 
-Times, in a fresh process, what ``_worker.main`` adds around each attempt
-(``Capture.start`` + ``Capture.stop``, which restores the process state):
-for an attempt that prints nothing, one that prints one line, and one that
-logs one record. Prints one JSON line of CPU microseconds per attempt (the
-thread's CPU clock, so that load from other programs does not count; median
-of ``--reps`` rounds of ``--n`` attempts; a printed line also costs the reader
-thread's time, not counted here).
+    python benchmarks/capture_cost.py [--n 20000] [--reps 5]      # in a loop, thread CPU
+    python benchmarks/capture_cost.py --in-worker [--steps 2000]  # in the workers of a real engine
 
-    python benchmarks/capture_cost.py --n 20000 --reps 5
+In a loop (the default), in this process: ``Capture.start`` + ``Capture.stop``
+with a reset that does nothing ("capture"), ``ProcessState.restore`` alone
+("reset"), and both as ``_worker`` runs them ("both"), around an attempt that
+prints nothing, one that prints one line and one that logs one record. CPU
+microseconds per attempt from this thread's CPU clock (load from other
+programs does not count), median of ``--reps`` rounds of ``--n`` attempts,
+minus the bare body; a printed line also costs the reader thread's time, not
+counted here.
+
+``--in-worker`` times the same calls inside the two workers of a
+``WorkflowEngine(max_workers=2)`` running a fan-out of ``--steps`` trivial
+steps (the workload of ``run.py``): wall microseconds per attempt
+(``perf_counter``; the median over every attempt, so a preemption does not
+count), and the whole attempt (``_worker._attempt``) for scale. This is the
+figure that matters: between two steps a worker sleeps while the engine runs,
+so this code meets a cold cache and costs two to three times what the loop
+says.
+
+Both print one JSON line. They run on older commits too (PYTHONPATH=a
+worktree), for A/B figures.
 """
 
 from __future__ import annotations
@@ -18,18 +32,28 @@ import json
 import logging
 import os
 import statistics
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+_OUT_ENV = "WFAAS_CAPTURE_COST_DIR"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=20000, help="attempts per round")
-    parser.add_argument("--reps", type=int, default=5, help="rounds; the median is reported")
-    args = parser.parse_args()
+class _NoReset:
+    """Stands in for ProcessState: the capture alone."""
 
+    def restore(self) -> None:
+        return None
+
+
+def in_a_loop(n: int, reps: int) -> dict[str, dict[str, float]]:
     from wfaas.capture import Capture, ProcessState, format_record
 
-    capture = Capture()
+    capture = Capture()  # before the state, as in a worker: fds 1 and 2 on its pipe (since the cost work)
 
     class Handler(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -40,7 +64,6 @@ def main() -> None:
     root.setLevel(logging.DEBUG)
     state = ProcessState()
     log = logging.getLogger("bench")
-
     devnull = os.open(os.devnull, os.O_WRONLY)
 
     def silent(fd: int) -> None:
@@ -52,24 +75,129 @@ def main() -> None:
     def one_record(fd: int) -> None:
         log.info("one record")
 
-    out = {}
+    def rounds(run: Callable[[], None]) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.thread_time()
+            for _ in range(n):
+                run()
+            times.append((time.thread_time() - t0) / n * 1e6)
+        return statistics.median(times)
+
+    out: dict[str, dict[str, float]] = {}
     for name, body in (("silent", silent), ("one_line", one_line), ("one_record", one_record)):
-        rounds = []
-        for _ in range(args.reps):
-            t0 = time.thread_time()
-            for _ in range(args.n):
-                capture.start()
-                body(1)
-                capture.stop(state)
-            rounds.append((time.thread_time() - t0) / args.n * 1e6)
-        bare = []
-        for _ in range(args.reps):
-            t0 = time.thread_time()
-            for _ in range(args.n):
-                body(devnull)
-            bare.append((time.thread_time() - t0) / args.n * 1e6)
-        out[name] = round(statistics.median(rounds) - statistics.median(bare), 2)
-    print(json.dumps({"us_per_attempt": out, "n": args.n, "reps": args.reps}))
+
+        def capture_only(body: Callable[[int], None] = body) -> None:
+            capture.start()
+            body(1)
+            capture.stop(_NoReset())  # type: ignore[arg-type]
+
+        def both(body: Callable[[int], None] = body) -> None:
+            capture.start()
+            body(1)
+            capture.stop(state)
+
+        bare = rounds(lambda body=body: body(devnull))  # type: ignore[misc]
+        out[name] = {
+            "capture": round(rounds(capture_only) - bare, 2),
+            "reset": round(rounds(state.restore), 2),
+            "both": round(rounds(both) - bare, 2),
+        }
+    close = getattr(capture, "close", None)  # fds 1 and 2 back, so that the result reaches stdout
+    if close is not None:
+        close()
+    return out
+
+
+def worker_main(conn: Any, *args: Any) -> None:
+    """``wfaas._worker.main`` with its capture, reset and attempt timed; medians land in $WFAAS_CAPTURE_COST_DIR.
+
+    Runs in a worker process: it reaches there by name (this module is on the
+    engine's ``sys.path``, which forkserver hands to its children).
+    """
+    from wfaas import _worker, capture
+
+    clock = time.perf_counter_ns
+    spent: dict[str, list[int]] = {"capture": [], "reset": [], "attempt": []}
+    start, stop, restore, attempt = (
+        capture.Capture.start,
+        capture.Capture.stop,
+        capture.ProcessState.restore,
+        _worker._attempt,
+    )
+    pending = [0]
+
+    def timed_start(self: Any) -> None:
+        t0 = clock()
+        start(self)
+        pending[0] = clock() - t0
+
+    def timed_stop(self: Any, state: Any) -> Any:
+        t0 = clock()
+        out = stop(self, state)
+        spent["capture"].append(pending[0] + clock() - t0 - spent["reset"][-1])
+        return out
+
+    def timed_restore(self: Any) -> Any:
+        t0 = clock()
+        out = restore(self)
+        spent["reset"].append(clock() - t0)
+        return out
+
+    def timed_attempt(*a: Any) -> Any:
+        t0 = clock()
+        out = attempt(*a)
+        spent["attempt"].append(clock() - t0)
+        return out
+
+    capture.Capture.start, capture.Capture.stop = timed_start, timed_stop  # type: ignore[method-assign]
+    capture.ProcessState.restore = timed_restore  # type: ignore[method-assign]
+    _worker._attempt = timed_attempt
+    try:
+        _worker.main(conn, *args)
+    finally:
+        out = os.environ.get(_OUT_ENV)
+        if out:
+            Path(out, f"worker-{os.getpid()}.json").write_text(json.dumps(spent))
+
+
+def in_workers(steps: int) -> dict[str, Any]:
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from wfaas import _worker
+
+    import capture_cost  # this file as an importable module, so workers find worker_main by name
+    import run as bench  # the fan-out workload of run.py
+
+    with tempfile.TemporaryDirectory() as out:
+        os.environ[_OUT_ENV] = out
+        _worker.main = capture_cost.worker_main  # type: ignore[assignment]
+        with tempfile.TemporaryDirectory() as tmp:
+            engine = bench.new_engine("memory", tmp)
+            m = bench.w()
+            engine.register_workflow(bench.fanout_def("fanout", [bench.fan_body(i) for i in range(steps)]))
+            iid = engine.start_workflow("fanout", m.BenchData())
+            engine.wait_for_completion(iid, timeout=600)
+            bench.close_engine(engine)
+        spent: dict[str, list[int]] = {"capture": [], "reset": [], "attempt": []}
+        for f in Path(out).glob("worker-*.json"):
+            for key, values in json.loads(f.read_text()).items():
+                spent[key] += values
+    medians = {key: round(statistics.median(values) / 1000, 2) for key, values in spent.items() if values}
+    return {"in_worker_us": medians, "attempts": len(spent["attempt"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20000, help="attempts per round (in a loop)")
+    parser.add_argument("--reps", type=int, default=5, help="rounds; the median is reported (in a loop)")
+    parser.add_argument("--in-worker", action="store_true", help="time them in the workers of a real engine")
+    parser.add_argument("--steps", type=int, default=2000, help="fan-out steps (--in-worker)")
+    args = parser.parse_args()
+    if args.in_worker:
+        print(json.dumps(in_workers(args.steps)))
+    else:
+        print(json.dumps({"us_per_attempt": in_a_loop(args.n, args.reps), "n": args.n, "reps": args.reps}))
 
 
 if __name__ == "__main__":

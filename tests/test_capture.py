@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,3 +200,68 @@ def test_logs_are_kept_for_the_attempts_the_history_keeps(store: StateStore, mon
         assert [(log.attempt, log.lines[0][2]) for log in store.read_logs(iid)] == [(4, "attempt 4"), (5, "attempt 5")]
     finally:
         engine.close()
+
+
+LEFTOVER = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    from dataclasses import dataclass
+    from wfaas import StepDefinition, WorkflowData, WorkflowDefinition, WorkflowEngine
+
+    @dataclass
+    class D(WorkflowData):
+        folder: str = ""
+
+    def leave_a_child(ctx):
+        go, done = os.path.join(ctx.data.folder, "go"), os.path.join(ctx.data.folder, "done")
+        script = f"while [ ! -e {go} ]; do sleep 0.01; done; echo late from a child; touch {done}"
+        subprocess.Popen(["sh", "-c", script])
+
+    if __name__ == "__main__":
+        folder = sys.argv[1]
+        with WorkflowEngine(max_workers=1) as engine:
+            engine.register_workflow(WorkflowDefinition("leftover", data_type=D).add_step(
+                StepDefinition("leave", "Leave a child", leave_a_child)))
+            iid = engine.start_workflow("leftover", D(folder=folder))
+            engine.wait_for_completion(iid, timeout=60)
+            open(os.path.join(folder, "go"), "w").close()  # the attempt is over: the child prints now
+            deadline = time.monotonic() + 60
+            while not os.path.exists(os.path.join(folder, "done")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            print(engine.store.read_logs(iid))
+    """
+)
+
+
+def test_what_a_leftover_child_prints_between_attempts_reaches_the_workers_stderr(tmp_path: Path) -> None:
+    # Before: the line went into the capture pipe while no attempt ran, and was dropped.
+    (tmp_path / "leftover.py").write_text(LEFTOVER)
+    result = subprocess.run(
+        [sys.executable, "leftover.py", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "late from a child" in result.stderr
+    assert "late from a child" not in result.stdout  # nor in the attempt's log, printed there
+
+
+CRASH = textwrap.dedent(
+    """
+    import multiprocessing
+    from wfaas.capture import Capture
+
+    def worker():
+        Capture()
+        raise RuntimeError("the worker's own failure")
+
+    if __name__ == "__main__":
+        process = multiprocessing.get_context("forkserver").Process(target=worker)
+        process.start()
+        process.join()
+    """
+)
+
+
+def test_a_worker_traceback_outside_any_attempt_reaches_its_stderr(tmp_path: Path) -> None:
+    (tmp_path / "crash.py").write_text(CRASH)
+    result = subprocess.run([sys.executable, "crash.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "RuntimeError: the worker's own failure" in result.stderr

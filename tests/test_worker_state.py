@@ -36,6 +36,10 @@ def _environment(ctx: WorkflowContext[Data]) -> None:
     os.environ.pop("PATH", None)
 
 
+def _replace_environ(ctx: WorkflowContext[Data]) -> None:
+    os.environ = {"WFAAS_POISON": "1"}  # type: ignore[assignment]  # noqa: B003 - the poison: a plain dict in its place
+
+
 def _signals(ctx: WorkflowContext[Data]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, lambda *a: None)
@@ -56,6 +60,7 @@ def _look(ctx: WorkflowContext[Data]) -> None:
         "pid": os.getpid(),
         "cwd": os.getcwd(),
         "poison_env": os.environ.get("WFAAS_POISON"),
+        "environ_type": type(os.environ).__name__,
         "path_env": os.environ.get("PATH"),
         "sigterm": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
         "sigusr2": signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL,
@@ -92,7 +97,7 @@ def _run(engine: WorkflowEngine, poison: Callable[[WorkflowContext[Data]], None]
     return state.data
 
 
-@pytest.mark.parametrize("poison", [_close_std_fds, _chdir, _environment, _signals, _sys_path])
+@pytest.mark.parametrize("poison", [_close_std_fds, _chdir, _environment, _replace_environ, _signals, _sys_path])
 def test_the_next_step_on_the_worker_sees_the_state_it_started_with(
     one_worker: WorkflowEngine, poison: Callable[[WorkflowContext[Data]], None]
 ) -> None:
@@ -101,6 +106,7 @@ def test_the_next_step_on_the_worker_sees_the_state_it_started_with(
     assert seen["pid"] == data.value, "the steps ran on one warm worker"
     assert seen["cwd"] == data.log[0]
     assert seen["poison_env"] is None and seen["path_env"] == data.log[1]
+    assert seen["environ_type"] == "_Environ"
     assert seen["sigterm"] and seen["sigusr2"]
     assert int(signal.SIGHUP) not in seen["blocked"]
     assert seen["itimer"] == 0
@@ -129,3 +135,36 @@ def test_a_worker_whose_state_cannot_be_restored_is_replaced(tmp_path: Path, mon
         engine.wait_for_completion(iid, timeout=60)
         data = engine.get_status(iid).data
     assert data.items["pid"] != data.value, "the worker was replaced before its next step"
+
+
+def _close_capture_pipe(ctx: WorkflowContext[Data]) -> None:
+    # During an attempt fds 1 and 2 are the capture pipe's write end; close every other
+    # descriptor of that pipe (its read end and the capture's own copy of the write end),
+    # as a step closing "all inherited descriptors" would.
+    pipe = os.readlink("/proc/self/fd/1")
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") == pipe:
+                    os.close(fd)
+            except OSError:
+                continue  # the listing's own descriptor, gone by now
+    ctx.data.n = 1
+
+
+def test_a_step_that_closes_the_capture_pipe_gets_its_worker_replaced() -> None:
+    with WorkflowEngine(max_workers=1, grace_period=1.0) as engine:
+        wf = (
+            WorkflowDefinition("poison_capture_pipe", data_type=Data)
+            .add_step(StepDefinition("first", "First", _pid))
+            .add_step(StepDefinition("poison", "Poison", _close_capture_pipe).depends_on("first"))
+            .add_step(StepDefinition("look", "Look", _look).depends_on("poison"))
+        )
+        engine.register_workflow(wf)
+        iid = engine.start_workflow(wf.id, Data())
+        engine.wait_for_completion(iid, timeout=60)
+        state = engine.get_status(iid)
+    assert state.status is WorkflowStatus.COMPLETED, state.step_states["look"].error
+    assert state.data.n == 1
+    assert state.data.items["pid"] != state.data.value, "the worker was replaced before its next step"

@@ -194,7 +194,7 @@ def main(conn: Connection, live_output: bool = True) -> None:
     collector = _Collector(capture)
     root.addHandler(collector)
     root.setLevel(logging.DEBUG)
-    state = ProcessState()  # what every attempt starts from
+    state = ProcessState()  # what every attempt starts from (after the capture: fds 1 and 2 on its pipe)
     meter = _Meter()
     held = _Held()
     while True:

@@ -2,18 +2,21 @@
 
 A worker is warm: it runs step after step. Two things wrap every attempt:
 
-    ProcessState (taken once, at worker start)        Capture (one pipe + one reader thread per worker)
-    attempt starts ------------------------------>    fds 1 and 2 -> the pipe's write end
+    Capture (made first: fds 1 and 2 -> its pipe,     ProcessState (taken next, so fds 1 and 2
+    for the worker's life; one reader thread)         are the pipe in the state it keeps)
+    attempt starts: its lines from now on
     step runs: prints, logs, C code, subprocesses      reader thread: chunks -> timestamped lines
-    attempt ends ------------------------------->     flush; fds 1 and 2 back; drain what is left
-    restore(): fds, stdio objects, cwd, environment,
-    signal handlers/mask/timer, sys.path, umask, root logging
-    -> None, or why it could not (the engine then replaces the worker)
+    attempt ends: flush -------------------------->   restore(): fds, stdio objects, cwd, environment,
+                                                       signal handlers/mask/timer, sys.path, umask,
+                                                       root logging -> None, or why it could not
+    drain what is left; the attempt's lines            (the engine then replaces the worker)
+    between attempts and at exit: what arrives goes to the worker's own stderr
 
 Capturing at the file-descriptor level catches what C extensions and child
 processes write too. A pipe read by a thread (rather than a file per attempt)
-gives each line the time it was written, and an attempt that prints nothing
-costs four ``dup2`` calls and one non-blocking read: no thread wakes.
+gives each line the time it was written. This runs around every attempt, so
+an attempt that prints nothing costs no thread wake-up and no descriptor
+juggling beyond putting fds 0-2 back: three ``dup2`` and one ``poll``.
 
 What a step leaves behind that is not listed above (threads it started,
 modules it imported or patched, ``putenv`` from C) is not undone.
@@ -70,9 +73,17 @@ class AttemptLog:
 # Signals whose Python-level disposition a step may change; SIGKILL and SIGSTOP cannot be caught.
 _SIGNALS = [int(s) for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)]
 
+# Bound once: ``restore`` runs after every attempt, on a cold cache (the worker slept in between).
+_dup2, _getcwd, _umask = os.dup2, os.getcwd, os.umask
+_getsignal, _pthread_sigmask, _setitimer = _signal.getsignal, _signal.pthread_sigmask, _signal.setitimer
+_SIG_SETMASK, _ITIMER_REAL = int(signal.SIG_SETMASK), int(signal.ITIMER_REAL)
+
 
 class ProcessState:
-    """The worker's process-wide state when it started, and :meth:`restore` to go back to it."""
+    """The worker's process-wide state when it started, and :meth:`restore` to go back to it.
+
+    Taken after the worker's :class:`Capture`: the descriptors it puts back are the capture's.
+    """
 
     def __init__(self) -> None:
         try:
@@ -91,51 +102,75 @@ class ProcessState:
         # Copies of the standard descriptors, above the range a step is likely to close.
         self.fds = {fd: _dup_high(fd) for fd in (0, 1, 2)}
         self.stdio = (sys.stdin, sys.stdout, sys.stderr)
-        root = logging.getLogger()
-        self.root_handlers = list(root.handlers)
-        self.root_level = root.level
+        self.root = logging.getLogger()
+        self.root_handlers = list(self.root.handlers)
+        self.root_level = self.root.level
+        self._fd_copies = tuple(self.fds.items())
+        self._environ = os.environ
+        self._environ_live = _environ_data()
 
     def restore(self) -> str | None:
-        """Put back what a step changed; ``None``, or what could not be put back (replace the worker)."""
+        """Put back what a step changed; ``None``, or what could not be put back (replace the worker).
+
+        This runs after every attempt, so the common case (nothing changed)
+        is a straight line: compare what can be read without a system call,
+        and set unconditionally what can only be read with one (descriptors,
+        signal mask, timer, umask: reading costs as much as setting).
+        """
         problem = None
-        for fd, copy in self.fds.items():
+        stdin, stdout, stderr = self.stdio
+        try:
+            # What the streams hold goes where fds 1 and 2 point before they are put back
+            # (into the attempt's capture); flushing a stream the step closed raises.
+            stdout.flush()
+            stderr.flush()
+            changed = sys.stdout is not stdout or sys.stderr is not stderr or sys.stdin is not stdin or stdin.closed
+        except (AttributeError, ValueError, OSError):  # None at start, closed, or its descriptor was
+            changed = True
+        if changed:
+            _flush_stdio()  # the streams the step put in their place
+        for fd, copy in self._fd_copies:
             try:
-                os.dup2(copy, fd)
+                _dup2(copy, fd)
             except OSError as exc:
                 problem = f"its standard file descriptor {fd} cannot be restored ({exc})"
-        stdio = self.stdio
-        if (sys.stdin, sys.stdout, sys.stderr) != stdio or any(s is None or s.closed for s in stdio):
+        if changed:
             self._restore_stdio()
         if self.cwd is not None:
             try:
-                if os.getcwd() != self.cwd:
+                if _getcwd() != self.cwd:
                     os.chdir(self.cwd)
             except OSError:
                 try:
                     os.chdir(self.cwd)
                 except OSError as exc:
                     problem = f"its working directory {self.cwd} cannot be restored ({exc.strerror})"
-        if _environ_data() != self._environ_data:
-            os.environ.clear()
-            os.environ.update(self.environ)
+        if os.environ is not self._environ or self._environ_live != self._environ_data:
+            self._restore_environ()
         if sys.path != self.path:
             sys.path[:] = self.path
         # One comparison in C for the common case: no handler changed.
-        if list(map(_signal.getsignal, self.signals)) != self.handlers:
+        if list(map(_getsignal, self.signals)) != self.handlers:
             for sig, handler in zip(self.signals, self.handlers, strict=True):
-                if _signal.getsignal(sig) is not handler:
+                if _getsignal(sig) is not handler:
                     signal.signal(sig, handler)
-        _signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
-        signal.setitimer(signal.ITIMER_REAL, 0)  # an alarm a step set must not fire in the next one
-        os.umask(self.umask)
-        root = logging.getLogger()
+        _pthread_sigmask(_SIG_SETMASK, self.mask)
+        _setitimer(_ITIMER_REAL, 0)  # an alarm a step set must not fire in the next one
+        _umask(self.umask)
+        root = self.root
         if root.handlers != self.root_handlers:
             root.handlers[:] = self.root_handlers
         if root.level != self.root_level:
             root.setLevel(self.root_level)
-        if logging.root.manager.disable:
+        if root.manager.disable:
             logging.disable(logging.NOTSET)
         return problem
+
+    def _restore_environ(self) -> None:
+        os.environ = self._environ  # noqa: B003 - a step may have put another mapping in its place
+        os.environ.clear()
+        os.environ.update(self.environ)
+        self._environ_live = _environ_data()
 
     def _restore_stdio(self) -> None:
         streams = []
@@ -171,8 +206,13 @@ FORWARD_INTERVAL = 0.1
 
 
 class Capture:
-    """Sends fds 1 and 2 to a pipe during each attempt; a thread turns what arrives into timestamped lines.
+    """Holds fds 1 and 2 on a pipe for the worker's life; a thread turns what an attempt writes into timestamped lines.
 
+    Make it before the worker's :class:`ProcessState`, so that the state put
+    back after every attempt has fds 1 and 2 on the pipe. What arrives while no
+    attempt runs (a child a step left running, the worker's own warnings) is
+    passed on to the worker's own stderr, as is what is left at :meth:`close`
+    (called at exit, before a worker's last traceback is printed).
     Log records are added by :meth:`record` (a logging handler calls it).
     Everything is bounded to the last :data:`LIMIT` characters per attempt.
     With ``forward``, lines are also handed over while the attempt runs
@@ -181,36 +221,45 @@ class Capture:
     """
 
     def __init__(self, forward: Callable[[list[LogLine]], None] | None = None) -> None:
+        from multiprocessing import util
+
         self._forward = forward
         self._active = False
-        self._total = 0  # lines added this attempt
-        self._sent = 0  # of which handed to forward
-        self._due = 0.0
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._r, False)
+        # Whether the pipe holds anything, without a read that raises when it does not.
+        # Used under the lock only: a poll object refuses concurrent calls.
+        self._peek = select.poll()
+        self._peek.register(self._r, select.POLLIN)
         self._lock = threading.Lock()
+        self._reset()
+        self._own = (_dup_high(1), _dup_high(2))  # the worker's own stdout and stderr
+        _flush_stdio()
+        _dup2(self._w, 1)
+        _dup2(self._w, 2)
+        # A worker process ends through multiprocessing's exit function (no atexit there);
+        # it runs finalizers before printing the traceback of a worker that failed.
+        util.Finalize(None, self.close, exitpriority=100)
+        self._reading = True
+        self._reader = threading.Thread(target=self._read_forever, name="wfaas-capture", daemon=True)
+        self._reader.start()
+
+    def _reset(self) -> None:
+        """Forget the lines kept (lock held, or before the reader starts)."""
         self._lines: collections.deque[LogLine] = collections.deque()
         self._size = 0
         self._cut = 0
         self._partial = b""
         self._partial_at = 0.0
         self._last = 0.0
-        self._reader = threading.Thread(target=self._read_forever, name="wfaas-capture", daemon=True)
-        self._reader.start()
+        self._total = 0  # lines added this attempt
+        self._sent = 0  # of which handed to forward
+        self._due = 0.0
 
     def start(self) -> None:
-        """From now on fds 1 and 2 write into this attempt's capture."""
-        _flush_stdio()
-        with self._lock:
-            self._lines = collections.deque()
-            self._size = self._cut = 0
-            self._partial = b""
-            self._last = 0.0
-            self._total = self._sent = 0
-            self._due = 0.0
-            self._active = True
-        os.dup2(self._w, 1)
-        os.dup2(self._w, 2)
+        """What fds 1 and 2 receive from now on, and the records logged, are this attempt's."""
+        # No lock: one store, and a chunk the reader thread is reading right now arrived before the attempt.
+        self._active = True
 
     def stop(self, state: ProcessState) -> tuple[list[LogLine], int, int, str | None]:
         """End the attempt's capture.
@@ -218,39 +267,65 @@ class Capture:
         Returns (lines, characters cut, index of the first line not yet
         forwarded, what could not be restored or None).
         """
-        _flush_stdio()
-        problem = state.restore()
-        if not self._reader.is_alive():
-            problem = "a step closed the pipe that captures its output"
+        problem = state.restore()  # flushes the streams into the pipe first
         with self._lock:
+            closed = not self._reading
+            ready = self._peek.poll(0)
+            if ready:
+                if ready[0][1] & select.POLLNVAL:
+                    closed = True
+                else:
+                    self._drain()
             self._active = False
-            self._drain()
+            if closed:
+                problem = "a step closed the pipe that captures its output"
+            if not self._total and not self._partial:
+                return [], 0, 0, problem  # the common case: the attempt printed and logged nothing
             if self._partial:
                 self._add(self._partial_at, OUTPUT, self._partial.decode(errors="replace"))
-                self._partial = b""
             lines, cut = list(self._lines), self._cut
             fresh = max(0, len(lines) - (self._total - self._sent))
-            self._lines = collections.deque()
+            self._reset()
         return lines, cut, fresh, problem
 
     def record(self, when: float, level: int, text: str) -> None:
-        """Add a log record's text (any thread), after what was printed before it."""
+        """Add a log record's text (any thread), after what was printed before it; none between attempts."""
         with self._lock:
-            self._drain()
+            if not self._active:
+                return
+            if self._peek.poll(0):
+                self._drain()
             self._add(when, level, text)
             self._maybe_forward()
+
+    def close(self) -> None:
+        """Give fds 1 and 2 back to the worker's own stdout and stderr, passing on what the pipe still holds."""
+        _flush_stdio()
+        with self._lock:
+            self._active = False
+            passed = self._drain() if self._peek.poll(0) else []
+        self._pass_on(passed)
+        for fd, own in enumerate(self._own, 1):
+            try:
+                _dup2(own, fd)
+            except OSError:
+                pass  # a step closed the copy: nothing to give back
 
     def _read_forever(self) -> None:
         poller = select.poll()
         poller.register(self._r, select.POLLIN)
         timeout: float | None = None
-        while True:
-            events = poller.poll(None if timeout is None else timeout * 1000)
-            if any(mask & select.POLLNVAL for _, mask in events):
-                return  # a step closed the pipe; the worker is replaced (see ``stop``)
-            with self._lock:
-                self._drain()
-                timeout = self._maybe_forward()
+        try:
+            while True:
+                events = poller.poll(None if timeout is None else timeout * 1000)
+                if any(mask & select.POLLNVAL for _, mask in events):
+                    return  # a step closed the pipe; the worker is replaced (see ``stop``)
+                with self._lock:
+                    passed = self._drain()
+                    timeout = self._maybe_forward()
+                self._pass_on(passed)
+        finally:
+            self._reading = False
 
     def _maybe_forward(self) -> float | None:
         """Hand new lines over if it is time (lock held); else how long until it is, or None (nothing to do)."""
@@ -265,20 +340,38 @@ class Capture:
             self._forward(new)
         return None
 
-    def _drain(self) -> None:
-        """Read what the pipe holds (the caller holds the lock, so the reader thread is not mid-read)."""
+    def _drain(self) -> list[bytes]:
+        """Read what the pipe holds (lock held, so the reader thread is not mid-read).
+
+        An attempt's chunks become its lines; what arrived while none runs is
+        returned, to be passed on (``_pass_on``) once the lock is released.
+        """
+        passed: list[bytes] = []
         while True:
             try:
                 chunk = os.read(self._r, 65536)
             except BlockingIOError:
-                return
+                return passed
             except OSError as exc:
                 if exc.errno == errno.EINTR:
                     continue
-                return
+                return passed
             if not chunk:
-                return
-            self._split(chunk)
+                return passed
+            if self._active:
+                self._split(chunk)
+            else:
+                passed.append(chunk)
+
+    def _pass_on(self, chunks: list[bytes]) -> None:
+        """Write what arrived between attempts to the worker's own stderr (lock not held: it may block)."""
+        for chunk in chunks:
+            rest = memoryview(chunk)
+            try:
+                while rest:
+                    rest = rest[os.write(self._own[1], rest) :]
+            except OSError:
+                return  # nowhere to go: dropped, as it would be on a closed stderr
 
     def _split(self, chunk: bytes) -> None:
         now = time.time()
