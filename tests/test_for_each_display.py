@@ -28,7 +28,7 @@ from wfaas._cli_logs import print_failed_traceback, print_logs
 from wfaas.capture import OUTPUT, AttemptLog
 from wfaas.cli_progress import Progress
 from wfaas.command_line import main
-from wfaas.report import COLOURS, render_report
+from wfaas.report import COLOURS, _secs, render_report, summary
 from wfaas.report_items import LANE_LIMIT, SINGLE_LIMIT, _pack, _Span
 
 from conftest import Data
@@ -344,6 +344,19 @@ def test_the_report_packs_50_items_into_lanes_one_bar_per_attempt() -> None:
     assert "for each: 46/50 items" in row
     assert "<dt>for each</dt><dd>clean: 46/50 items</dd>" in html  # the summary
     assert 'class="failed-items"' in html and "part-00039.csv: step &#39;clean&#39;" in html
+
+
+def test_the_reports_slowest_steps_and_critical_path_count_a_for_each_step_by_its_span_not_its_items_sum() -> None:
+    state = run_state(50)
+    clean = state.step_states["clean"]
+    assert clean.started_at is not None and clean.finished_at is not None
+    span = (clean.finished_at - clean.started_at).total_seconds()
+    work = sum(a.wall or 0.0 for i in (clean.items or {}).values() for a in i.history)
+    assert work > 2 * span  # 4 workers: the items' sum is work, not time
+    bounds = (state.created_at or T0, state.updated_at or T0)
+    figures = summary(state, DEPS, bounds)
+    assert dict(figures["slowest"])["clean"] == _secs(span)
+    assert dict(figures["critical_path"])["clean"] == _secs(span)
 
 
 def test_the_report_at_10000_items_stays_small_and_fast() -> None:

@@ -357,7 +357,7 @@ def dag_layout(state: WorkflowState[Any], deps: Dependencies) -> tuple[list[Node
 def summary(state: WorkflowState[Any], deps: Dependencies, bounds: tuple[datetime, datetime]) -> dict[str, Any]:
     """Status, duration (``bounds``: the run's first and last moment), attempts, slowest steps, critical path."""
     t0, t1 = bounds
-    busy = {sid: sum(a.wall or 0.0 for a in attempts_of(s)) for sid, s in state.step_states.items()}
+    busy = {sid: _busy(s) for sid, s in state.step_states.items()}
     slowest = sorted((item for item in busy.items() if item[1] > 0), key=lambda item: -item[1])[:5]
     # A for_each step's unit of work is the item: its attempts and retries are the items'.
     units = [(s.attempts, len(s.history)) for s in state.step_states.values() if s.items is None]
@@ -371,6 +371,14 @@ def summary(state: WorkflowState[Any], deps: Dependencies, bounds: tuple[datetim
         "slowest": [(sid, _secs(seconds)) for sid, seconds in slowest],
         "critical_path": [(sid, _secs(busy[sid])) for sid in critical_path(state, deps)],
     }
+
+
+def _busy(step: StepState) -> float:
+    """How long a step kept the run busy: its attempts' wall time; a for_each step's span, first item to last
+    (its items overlap: their sum is work, not time)."""
+    if step.items is not None and step.started_at is not None and step.finished_at is not None:
+        return (step.finished_at - step.started_at).total_seconds()
+    return sum(a.wall or 0.0 for a in attempts_of(step))
 
 
 def _counts(state: WorkflowState[Any]) -> list[tuple[str, int]]:
