@@ -505,6 +505,28 @@ def test_a_failed_commit_fails_the_run_with_a_store_error() -> None:
         t.close()
 
 
+def test_a_commit_nothing_else_can_move_on_is_written_now_the_others_in_the_background() -> None:
+    # With no step in a worker nothing can arrive meanwhile: the store may write in the scheduler's
+    # thread (SqliteStore.write_now), saving two thread hand-offs and a turn on a chain's critical path.
+    store = HeldStore()
+    t = Ticker(store=store)
+    try:
+        t.start(wf(step("a"), step("b", after=["a"])))
+        assert store.kinds == ["now"]  # the run's start: nothing in a worker
+        store.commit()
+        t.turn()
+        assert t.busy() == {"a"} and store.kinds == ["now", "async"]  # a's RUNNING status, a in its worker
+        t.run("a")
+        store.commit()
+        t.turn(1)
+        assert store.kinds == ["now", "async", "now"]  # a's result: b waits on it, no worker busy
+        store.commit()
+        t.turn(1)
+        assert t.busy() == {"b"}
+    finally:
+        t.close()
+
+
 def test_the_run_message_is_a_named_wire_message(ticker: Ticker) -> None:
     ticker.start(wf(step("a")))
     slot = ticker.pool.busy()["a"]

@@ -61,15 +61,18 @@ class Commits:
         self.pending: collections.deque[Batch] = collections.deque()
         self.committed_mark = 0  # ready-queue entries up to this sequence number are committed
 
-    def write_turn(self, mark: int, owner: dict[str, Any], now: datetime) -> None:
-        """This turn's changes as one batch; while a write is in flight they wait and go out with the next."""
+    def write_turn(self, mark: int, owner: dict[str, Any], now: datetime, *, waited_on: bool = False) -> None:
+        """This turn's changes as one batch; while a write is in flight they wait and go out with the next.
+
+        ``waited_on``: nothing else can progress until it is committed (the store may write it in this thread).
+        """
         if self.writing:
             return  # group commit
         batch = Batch(mark, list(self.dirty.values()), self.events, self.finished, self.resolve)
         self.events, self.finished, self.resolve = [], [], []
         checkpoints = [checkpoint(run, owner, now) for run in self.dirty.values()]
         self.dirty.clear()
-        self.write(batch, checkpoints)
+        self.write(batch, checkpoints, waited_on)
 
     def release(self, ended: Callable[[Run], None], failed: Callable[[list[Run], Exception], None]) -> None:
         """Release, in order, what waited for commits that are done: dependents, events, waiters.
@@ -100,14 +103,14 @@ class Commits:
         """A batch is being written: the next one waits (group commit)."""
         return bool(self.pending) and not self.pending[-1].committed
 
-    def write(self, batch: Batch, checkpoints: list[Checkpoint]) -> None:
+    def write(self, batch: Batch, checkpoints: list[Checkpoint], waited_on: bool = False) -> None:
         """Hand one batch to the store; a store that raises fails the batch, never hangs it."""
         self.pending.append(batch)
         if not checkpoints:
             batch.committed = True
             return
         try:
-            self.store.write_async(checkpoints, batch.acknowledge(self.wake))
+            (self.store.write_now if waited_on else self.store.write_async)(checkpoints, batch.acknowledge(self.wake))
         except Exception as exc:  # noqa: BLE001 - turned into a failed run, never a hung one
             batch.acknowledge(self.wake)(exc)
 

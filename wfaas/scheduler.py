@@ -422,7 +422,9 @@ class Scheduler(Loop, ForEachSteps, Failures):
     def _commit(self) -> None:
         """Release what earlier commits allow; write this turn's changes (unless a write is in flight)."""
         self._commits.release(self._ended, self._store_failed)
-        self._commits.write_turn(next(self._seq), self.owner, self.clock.now())
+        # No step in a worker: nothing can arrive while this checkpoint is written, so write it in this thread.
+        idle = not any(s.task is not None for s in self.pool.slots)
+        self._commits.write_turn(next(self._seq), self.owner, self.clock.now(), waited_on=idle)
         self._commits.release(self._ended, self._store_failed)
 
     def _ended(self, run: Run) -> None:
