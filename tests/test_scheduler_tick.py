@@ -505,6 +505,28 @@ def test_a_failed_commit_fails_the_run_with_a_store_error() -> None:
         t.close()
 
 
+def test_the_loop_does_not_turn_again_while_it_waits_for_a_write_in_flight() -> None:
+    # Issue 17: it woke itself each turn while this turn's changes waited for the write in flight,
+    # 5.6 turns a step in a SqliteStore chain, spinning against the thread that writes.
+    store = HeldStore()
+    t = Ticker(store=store)
+    try:
+        t.start(wf(step("a"), step("b", after=["a"])))
+        store.commit()
+        t.turn()
+        t.run("a")  # a's RUNNING status is being written; a's result waits for that write
+        assert store.held and not t.turn_due()
+        store.commit()  # the acknowledgement (on another thread in the engine, which wakes the loop)
+        t.turn(1)
+        assert not t.turn_due()  # a's result is being written now
+        store.commit()
+        t.turn(1)
+        assert t.busy() == {"b"}
+        assert t.turn_due()  # b's RUNNING status is checkpointed next turn, nothing in flight
+    finally:
+        t.close()
+
+
 def test_a_commit_nothing_else_can_move_on_is_written_now_the_others_in_the_background() -> None:
     # With no step in a worker nothing can arrive meanwhile: the store may write in the scheduler's
     # thread (SqliteStore.write_now), saving two thread hand-offs and a turn on a chain's critical path.

@@ -80,9 +80,11 @@ class Commits:
         ``ended(run)`` for each run whose end is committed, before its waiters
         wake; ``failed(runs, error)`` for a batch the store could not write.
         """
+        failures = False
         for batch in self.completed():
             if batch.error is not None:
                 failed(batch.runs, batch.error)
+                failures = True
             if batch.events:
                 self.bus.publish(batch.events)
             for run in batch.finished:
@@ -95,8 +97,10 @@ class Commits:
             # The store may hold on to the acknowledgement (and so this batch) until its next commit:
             # let go of the runs now, or the last finished run stays in memory with all its data.
             batch.runs, batch.events, batch.finished, batch.resolve = [], [], [], []
-        if self.dirty or self.events or self.finished or self.resolve:
-            self.wake()  # a failed commit changed state: another turn checkpoints it
+        if failures and (self.dirty or self.events or self.finished or self.resolve):
+            # A failed commit changed state: another turn checkpoints it. Only then: changes that wait for
+            # a write in flight go out when its acknowledgement wakes the loop, which must not spin meanwhile.
+            self.wake()
 
     @property
     def writing(self) -> bool:
