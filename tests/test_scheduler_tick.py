@@ -527,6 +527,16 @@ def test_the_loop_does_not_turn_again_while_it_waits_for_a_write_in_flight() -> 
         t.close()
 
 
+def test_after_a_turn_that_wrote_a_checkpoint_the_loop_looks_again_before_it_blocks(ticker: Ticker) -> None:
+    # Results come in bursts (a fan-out's workers finish together): one more look without blocking is
+    # cheaper than being woken by the next pipe (issue 17: 10 % on the in-memory fan-out's wall time).
+    ticker.start(wf(step("a")))
+    ticker.run("a", turns=1)  # a's result (and the run's end) written: no step left to dispatch
+    assert not ticker.busy() and ticker.turn_due()
+    ticker.turn(1)  # nothing changed in that turn: the next one blocks
+    assert not ticker.turn_due()
+
+
 def test_a_commit_nothing_else_can_move_on_is_written_now_the_others_in_the_background() -> None:
     # With no step in a worker nothing can arrive meanwhile: the store may write in the scheduler's
     # thread (SqliteStore.write_now), saving two thread hand-offs and a turn on a chain's critical path.

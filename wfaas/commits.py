@@ -60,18 +60,21 @@ class Commits:
         self.resolve: list[tuple[concurrent.futures.Future[Any], Any]] = []
         self.pending: collections.deque[Batch] = collections.deque()
         self.committed_mark = 0  # ready-queue entries up to this sequence number are committed
+        self.wrote = False  # the last write_turn wrote a checkpoint (it did not wait for a write in flight)
 
     def write_turn(self, mark: int, owner: dict[str, Any], now: datetime, *, waited_on: bool = False) -> None:
         """This turn's changes as one batch; while a write is in flight they wait and go out with the next.
 
         ``waited_on``: nothing else can progress until it is committed (the store may write it in this thread).
         """
+        self.wrote = False
         if self.writing:
             return  # group commit
         batch = Batch(mark, list(self.dirty.values()), self.events, self.finished, self.resolve)
         self.events, self.finished, self.resolve = [], [], []
         checkpoints = [checkpoint(run, owner, now) for run in self.dirty.values()]
         self.dirty.clear()
+        self.wrote = bool(checkpoints)
         self.write(batch, checkpoints, waited_on)
 
     def release(self, ended: Callable[[Run], None], failed: Callable[[list[Run], Exception], None]) -> None:

@@ -131,8 +131,9 @@ class Scheduler(Loop, ForEachSteps, Failures):
             self._on_timer(timer, target)
         self._commit()
         self._send(self._dispatch(up_to=self._commits.committed_mark))
-        if self._out.dirty and not self._commits.writing:
-            self._again = True  # what the last dispatch changed (steps now RUNNING) is checkpointed next turn
+        if (self._out.dirty or self._commits.wrote) and not self._commits.writing:
+            # Checkpoint what the last dispatch changed (steps now RUNNING); and results follow results: look again.
+            self._again = True
 
     def _on_timer(self, kind: TimerKind, target: Any) -> None:
         if kind is TimerKind.TIMEOUT:
