@@ -38,29 +38,28 @@ class Writer:
         self._describe = describe
         self._check = check
         self._jobs: queue.SimpleQueue[tuple[Statements, Done] | None] = queue.SimpleQueue()
-        # One transaction at a time on the connection, whichever thread runs it; queued counts jobs
-        # submitted and not yet run (changed under _running), so write_now never overtakes one.
+        # One transaction at a time on the connection, whichever thread runs it (_running); _queued counts
+        # jobs submitted and not yet run (under _count, never held for long), so write_now never overtakes one.
         self._running = threading.Lock()
+        self._count = threading.Lock()
         self._queued = 0
         self._thread = _threads.start(self._run, "wfaas-sqlite-writer")
 
     def submit(self, statements: Statements, done: Done) -> None:
-        with self._running:
+        with self._count:
             self._queued += 1
         self._jobs.put((statements, done))
 
     def write_now(self, statements: Statements, done: Done) -> None:
         """Run one transaction in this thread (``done`` called here) if nothing is queued, else queue it."""
-        with self._running:
-            if not self._queued:
-                error = self._transaction(statements)
-                ran = True
-            else:
-                ran = False
-        if ran:
-            done(error)
-        else:
+        with self._count:
+            queued = self._queued
+        if queued:
             self.submit(statements, done)
+            return
+        with self._running:
+            error = self._transaction(statements)
+        done(error)
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -75,6 +74,7 @@ class Writer:
             statements, done = job
             with self._running:
                 error = self._transaction(statements)
+            with self._count:
                 self._queued -= 1
             try:
                 done(error)
