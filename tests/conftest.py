@@ -213,10 +213,16 @@ class HeldStore(InMemoryStore):
         super().__init__()
         self.held: list[tuple[list[Checkpoint], Callable[[Exception | None], None]]] = []
         self.writes = 0
+        self.kinds: list[str] = []  # "async" or "now" (write_now: something waits on it), per write
 
     def write_async(self, checkpoints: list[Checkpoint], done: Callable[[Exception | None], None]) -> None:
         self.writes += 1
+        self.kinds.append("async")
         self.held.append((checkpoints, done))
+
+    def write_now(self, checkpoints: list[Checkpoint], done: Callable[[Exception | None], None]) -> None:
+        self.write_async(checkpoints, done)
+        self.kinds[-1] = "now"
 
     def commit(self) -> None:
         """Commit every held write, in order (on the test's thread, as a store thread would, later)."""
@@ -292,6 +298,11 @@ class Ticker:
 
     def busy(self) -> set[str]:
         return set(self.pool.busy())
+
+    def turn_due(self) -> bool:
+        """The scheduler's next wait would return at once: it asked itself for another turn, or was woken."""
+        woken = select.select([self.scheduler.wake.fd], [], [], 0)[0]
+        return bool(self.scheduler._again or woken or self.scheduler._commands)
 
     def status(self, iid: str) -> WorkflowStatus:
         """Running or not completed: the scheduler's handle says; completed: the store does (as for the engine)."""

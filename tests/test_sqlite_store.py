@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,6 +44,7 @@ from wfaas import (
     WorkflowStatus,
 )
 from wfaas.sqlite_store import FORMAT_VERSION
+from wfaas.store import Checkpoint
 
 from conftest import Data, reap, wait_until
 
@@ -264,6 +266,39 @@ def test_synchronous_must_be_a_crash_safe_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="synchronous"):
         SqliteStore(tmp_path / "runs.sqlite", synchronous="OFF")
     assert not (tmp_path / "runs.sqlite").exists()
+
+
+def test_write_now_commits_in_the_callers_thread_yet_never_before_a_queued_write(tmp_path: Path) -> None:
+    # Issue 17: the scheduler's commit that the next step waits on skips the hand-off to the writer
+    # thread, but a transaction queued before it must still commit first (the file keeps the order).
+    st = SqliteStore(tmp_path / "runs.sqlite")
+    writer = st._writer
+    assert writer is not None
+    answers: list[tuple[int, Exception | None]] = []
+
+    def meta(n: int) -> list[Checkpoint]:
+        return [Checkpoint("i1", meta={"workflow_id": "wf", "status": "running", "n": n})]
+
+    def done(error: Exception | None) -> None:
+        answers.append((threading.get_ident(), error))
+
+    try:
+        st.write_now(meta(1), done)
+        assert answers == [(threading.get_ident(), None)]  # committed, and answered, right here
+        assert (st.read_meta("i1") or {})["n"] == 1
+        gate, check = threading.Event(), writer._check
+        writer._check = lambda: (gate.wait(5), check())[1]  # the writer thread holds its first job here
+        st.write_async(meta(2), done)
+        st.write_async(meta(3), done)  # queued behind it
+        st.write_now(meta(4), done)  # queued too: it returns without an answer, and blocks nothing
+        assert len(answers) == 1
+        gate.set()
+        wait_until(lambda: len(answers) == 4, 30)
+        assert [error for _, error in answers] == [None] * 4
+        assert threading.get_ident() not in {ident for ident, _ in answers[1:]}
+        assert (st.read_meta("i1") or {})["n"] == 4  # the last one asked for is the last one committed
+    finally:
+        st.close()
 
 
 def test_integrity_check_of_a_sound_store(tmp_path: Path) -> None:

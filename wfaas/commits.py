@@ -60,16 +60,22 @@ class Commits:
         self.resolve: list[tuple[concurrent.futures.Future[Any], Any]] = []
         self.pending: collections.deque[Batch] = collections.deque()
         self.committed_mark = 0  # ready-queue entries up to this sequence number are committed
+        self.wrote = False  # the last write_turn wrote a checkpoint (it did not wait for a write in flight)
 
-    def write_turn(self, mark: int, owner: dict[str, Any], now: datetime) -> None:
-        """This turn's changes as one batch; while a write is in flight they wait and go out with the next."""
+    def write_turn(self, mark: int, owner: dict[str, Any], now: datetime, *, waited_on: bool = False) -> None:
+        """This turn's changes as one batch; while a write is in flight they wait and go out with the next.
+
+        ``waited_on``: nothing else can progress until it is committed (the store may write it in this thread).
+        """
+        self.wrote = False
         if self.writing:
             return  # group commit
         batch = Batch(mark, list(self.dirty.values()), self.events, self.finished, self.resolve)
         self.events, self.finished, self.resolve = [], [], []
         checkpoints = [checkpoint(run, owner, now) for run in self.dirty.values()]
         self.dirty.clear()
-        self.write(batch, checkpoints)
+        self.wrote = bool(checkpoints)
+        self.write(batch, checkpoints, waited_on)
 
     def release(self, ended: Callable[[Run], None], failed: Callable[[list[Run], Exception], None]) -> None:
         """Release, in order, what waited for commits that are done: dependents, events, waiters.
@@ -77,9 +83,11 @@ class Commits:
         ``ended(run)`` for each run whose end is committed, before its waiters
         wake; ``failed(runs, error)`` for a batch the store could not write.
         """
+        failures = False
         for batch in self.completed():
             if batch.error is not None:
                 failed(batch.runs, batch.error)
+                failures = True
             if batch.events:
                 self.bus.publish(batch.events)
             for run in batch.finished:
@@ -92,22 +100,24 @@ class Commits:
             # The store may hold on to the acknowledgement (and so this batch) until its next commit:
             # let go of the runs now, or the last finished run stays in memory with all its data.
             batch.runs, batch.events, batch.finished, batch.resolve = [], [], [], []
-        if self.dirty or self.events or self.finished or self.resolve:
-            self.wake()  # a failed commit changed state: another turn checkpoints it
+        if failures and (self.dirty or self.events or self.finished or self.resolve):
+            # A failed commit changed state: another turn checkpoints it. Only then: changes that wait for
+            # a write in flight go out when its acknowledgement wakes the loop, which must not spin meanwhile.
+            self.wake()
 
     @property
     def writing(self) -> bool:
         """A batch is being written: the next one waits (group commit)."""
         return bool(self.pending) and not self.pending[-1].committed
 
-    def write(self, batch: Batch, checkpoints: list[Checkpoint]) -> None:
+    def write(self, batch: Batch, checkpoints: list[Checkpoint], waited_on: bool = False) -> None:
         """Hand one batch to the store; a store that raises fails the batch, never hangs it."""
         self.pending.append(batch)
         if not checkpoints:
             batch.committed = True
             return
         try:
-            self.store.write_async(checkpoints, batch.acknowledge(self.wake))
+            (self.store.write_now if waited_on else self.store.write_async)(checkpoints, batch.acknowledge(self.wake))
         except Exception as exc:  # noqa: BLE001 - turned into a failed run, never a hung one
             batch.acknowledge(self.wake)(exc)
 

@@ -131,8 +131,9 @@ class Scheduler(Loop, ForEachSteps, Failures):
             self._on_timer(timer, target)
         self._commit()
         self._send(self._dispatch(up_to=self._commits.committed_mark))
-        if self._out.dirty:
-            self._again = True  # what the last dispatch changed (steps now RUNNING) is checkpointed next turn
+        if (self._out.dirty or self._commits.wrote) and not self._commits.writing:
+            # Checkpoint what the last dispatch changed (steps now RUNNING); and results follow results: look again.
+            self._again = True
 
     def _on_timer(self, kind: TimerKind, target: Any) -> None:
         if kind is TimerKind.TIMEOUT:
@@ -422,7 +423,9 @@ class Scheduler(Loop, ForEachSteps, Failures):
     def _commit(self) -> None:
         """Release what earlier commits allow; write this turn's changes (unless a write is in flight)."""
         self._commits.release(self._ended, self._store_failed)
-        self._commits.write_turn(next(self._seq), self.owner, self.clock.now())
+        # No step in a worker: nothing can arrive while this checkpoint is written, so write it in this thread.
+        idle = not any(s.task is not None for s in self.pool.slots)
+        self._commits.write_turn(next(self._seq), self.owner, self.clock.now(), waited_on=idle)
         self._commits.release(self._ended, self._store_failed)
 
     def _ended(self, run: Run) -> None:

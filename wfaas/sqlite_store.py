@@ -24,6 +24,8 @@ caller ever waits for an answer that cannot come. (sqlitedict, which wfaas
 used before, runs ``commit()`` outside its writer thread's error handling: on
 a full disk the thread dies and every later call waits forever, and it has no
 public "commit, then tell me" call; see README "Durability".)
+``write_now`` runs the transaction in the caller's thread instead when none is
+queued (``_sqlite_writer.py``): the scheduler's commit that the next step waits on.
 
 Reading: a second connection, read-only, beside the writer; in WAL mode it sees
 every committed turn and is never blocked by the writer.
@@ -43,10 +45,10 @@ from __future__ import annotations
 
 import atexit
 import errno
+import functools
 import logging
 import os
 import pickle
-import queue
 import sqlite3
 import threading
 import time
@@ -55,8 +57,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import _threads
 from . import data as data_codec
+from ._sqlite_writer import Done, Statements, Writer
 from ._store_files import create_file, trust
 from .capture import AttemptLog
 from .errors import StoreError
@@ -71,8 +73,6 @@ log = logging.getLogger("wfaas")
 _TABLE = "wfaas"
 _HEADER = b"SQLite format 3\x00"
 _BUSY_SECONDS = 10.0  # another process holding the write lock (a concurrent creator, a reader's checkpoint)
-_Statements = list[tuple[str, Any]]  # (sql, parameters); a list of rows for executemany
-_Done = Callable[[StoreError | None], None]
 
 
 def _log_key(instance_id: str, step_id: str, attempt: int, part: str) -> str:
@@ -118,7 +118,7 @@ class SqliteStore(StateStore):
         self._closed = True  # until fully open: close() and atexit have nothing to do
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._writer: _Writer | None = None
+        self._writer: Writer | None = None
         self._empty = False  # a read-only open of a store another process is creating right now
         self.objects = ObjectStore(Path(f"{self.path}.objects"), fsync=synchronous.upper() != "NORMAL")  # as commits
         try:
@@ -216,7 +216,7 @@ class SqliteStore(StateStore):
             except BaseException:
                 conn.close()
                 raise
-            self._writer = _Writer(conn, self._write_failed, self._check_identity)
+            self._writer = Writer(conn, functools.partial(_write_failed, self.path), self._check_identity)
         self._reader = sqlite3.connect(self._ro_uri(), uri=True, check_same_thread=False, timeout=_BUSY_SECONDS)
         tables = self._tables(self._reader)
         if tables and _TABLE not in tables:
@@ -294,18 +294,6 @@ class SqliteStore(StateStore):
                 "file from a backup if you have one, or run the workflow again"
             )
 
-    def _write_failed(self, exc: BaseException) -> StoreError:
-        if isinstance(exc, StoreError):
-            return exc
-        name = getattr(exc, "sqlite_errorname", "")
-        if name == "SQLITE_FULL" or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
-            advice = "the disk is full; everything committed before is kept: free space on its filesystem, then resume"
-        else:
-            advice = "everything committed before is kept: fix the cause, then resume"
-        return StoreError(
-            f"cannot write to the wfaas store {self.path} ({type(exc).__name__}: {exc}); {advice}", resumable=True
-        )
-
     def write(self, checkpoints: list[Checkpoint]) -> None:
         self._write_statements(self._statements(checkpoints))
 
@@ -317,13 +305,17 @@ class SqliteStore(StateStore):
         """
         self._submit(self._statements(checkpoints), done)
 
-    def _submit(self, statements: _Statements, done: _Done) -> None:
+    def write_now(self, checkpoints: list[Checkpoint], done: Callable[[Exception | None], None]) -> None:
+        """Commit in this thread when no write is queued (no hand-off to the writer thread), else queue it."""
+        self._submit(self._statements(checkpoints), done, now=True)
+
+    def _submit(self, statements: Statements, done: Done, now: bool = False) -> None:
         with self._lock:
             if self._writer is None or self._closed:
                 raise StoreError(f"the wfaas store {self.path} is closed; open it again to write")
-            self._writer.submit(statements, done)
+            (self._writer.write_now if now else self._writer.submit)(statements, done)
 
-    def _statements(self, checkpoints: list[Checkpoint]) -> _Statements:
+    def _statements(self, checkpoints: list[Checkpoint]) -> Statements:
         """One turn's statements, encoded in the caller's thread."""
         if self.readonly:
             raise StoreError(f"the wfaas store {self.path} was opened read-only")
@@ -353,7 +345,7 @@ class SqliteStore(StateStore):
                     keys.append((_log_key(cp.instance_id, sid, number, part),))
                 else:
                     rows.append((_log_key(cp.instance_id, sid, number, part), _encode(log)))
-        statements: _Statements = []
+        statements: Statements = []
         if ranges:
             statements.append((f'DELETE FROM "{_TABLE}" WHERE key >= ? AND key < ?', ranges))
         if keys:
@@ -442,7 +434,7 @@ class SqliteStore(StateStore):
         self._write_statements([(delete, [(prefix, prefix[:-1] + "0", f"m/{instance_id}", logs, _after(logs))])])
         return True
 
-    def _write_statements(self, statements: _Statements) -> None:
+    def _write_statements(self, statements: Statements) -> None:
         """Run statements as one transaction; returns once committed, raises StoreError if not."""
         if self.readonly:
             raise StoreError(f"the wfaas store {self.path} was opened read-only")
@@ -453,7 +445,7 @@ class SqliteStore(StateStore):
             errors.append(error)
             answered.set()
 
-        self._submit(statements, done)
+        self._submit(statements, done, now=True)
         answered.wait()  # the writer thread answers every job, also when the commit fails
         if errors[0] is not None:
             raise errors[0]
@@ -489,59 +481,16 @@ class SqliteStore(StateStore):
         return f"SqliteStore({str(self.path)!r})"
 
 
-class _Writer:
-    """The one thread that writes: transactions in the order queued; each one answered, never fatal."""
-
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        describe: Callable[[BaseException], StoreError],
-        check: Callable[[], None],
-    ) -> None:
-        self._conn = conn
-        self._describe = describe
-        self._check = check
-        self._jobs: queue.SimpleQueue[tuple[_Statements, _Done] | None] = queue.SimpleQueue()
-        self._thread = _threads.start(self._run, "wfaas-sqlite-writer")
-
-    def submit(self, statements: _Statements, done: _Done) -> None:
-        self._jobs.put((statements, done))
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=60)
-
-    def _run(self) -> None:
-        conn = self._conn
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                break
-            statements, done = job
-            error: StoreError | None = None
-            try:
-                self._check()
-                conn.execute("BEGIN IMMEDIATE")
-                for sql, args in statements:
-                    conn.executemany(sql, args)
-                conn.execute("COMMIT")
-            except BaseException as exc:  # noqa: BLE001 - reported to the job's caller; the thread goes on
-                error = self._describe(exc)
-                error.__cause__ = exc
-                try:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # SQLite rolled it back itself (as after SQLITE_FULL)
-            try:
-                done(error)
-            except Exception:  # a callback's own failure must not stop the commits of others
-                log.exception("wfaas: a store write's completion callback failed")
-        try:
-            conn.close()  # the last connection checkpoints the log into the file and removes it
-        except sqlite3.Error:
-            pass  # nothing committed is lost: the log stays beside the file and is read on next open
+def _write_failed(path: Path, exc: BaseException) -> StoreError:
+    """A failed write as the StoreError its caller gets: what, which store, and what to do."""
+    if isinstance(exc, StoreError):
+        return exc
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_FULL" or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        advice = "the disk is full; everything committed before is kept: free space on its filesystem, then resume"
+    else:
+        advice = "everything committed before is kept: fix the cause, then resume"
+    return StoreError(f"cannot write to the wfaas store {path} ({type(exc).__name__}: {exc}); {advice}", resumable=True)
 
 
 def _wal(conn: sqlite3.Connection) -> None:

@@ -146,6 +146,11 @@ class StateStore(abc.ABC):
         else:
             done(None)
 
+    def write_now(self, checkpoints: list[Checkpoint], done: Callable[[Exception | None], None]) -> None:
+        """As ``write_async``, for a commit that something waits on: a store may write it in the caller's thread
+        (no hand-off) when nothing else is queued. The default is ``write_async``."""
+        self.write_async(checkpoints, done)
+
     def read_logs(self, instance_id: str, step_id: str | None = None) -> list[AttemptLog]:
         """What the instance's attempts printed and logged (of one step, with ``step_id``), by step and attempt.
 
