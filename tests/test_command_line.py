@@ -414,3 +414,28 @@ def test_status_json_text_is_exactly_what_json_dumps_indents() -> None:
     for _ in range(40):  # deeper than the cached indents
         deep = {"d": [deep, 2]}
     assert indented(deep) == json.dumps(deep, indent=2)
+
+
+def test_status_and_report_decode_with_the_garbage_collector_paused_then_restore_it(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from wfaas import cli_store
+
+    store = str(tmp_path / "runs.sqlite")
+    iid = invoke(runner, "run", f"{EXAMPLES}/quickstart.py:workflow", "--store", store, "--quiet").output.split()[1]  # type: ignore[attr-defined]
+    seen: list[bool] = []
+    load_run = cli_store.load_run
+
+    def spy(*args: Any) -> Any:
+        seen.append(gc.isenabled())
+        return load_run(*args)
+
+    monkeypatch.setattr("wfaas.command_line.load_run", spy)
+    assert gc.isenabled()
+    assert invoke(runner, "status", iid, "--store", store, "--json").exit_code == 0  # type: ignore[attr-defined]
+    assert gc.isenabled()
+    assert invoke(runner, "report", iid, "--store", store, "-o", str(tmp_path / "r.html")).exit_code == 0  # type: ignore[attr-defined]
+    assert gc.isenabled()
+    assert seen == [False, False]

@@ -347,15 +347,12 @@ def _wrap(flat: str, depth: int) -> str:
 
 
 def _key(key: Any) -> str:
-    text = _KEYS.get(key) if isinstance(key, str) else None
-    if text is None:
-        text = _flat(0)({key: 0})[1:-4]
-        if isinstance(key, str) and len(_KEYS) < 1000:
-            _KEYS[key] = text
-    return text
+    if type(key) is str:
+        return _STRING(key)
+    return _flat(0)({key: 0})[1:-4]  # json's own conversion of a non-string key
 
 
 _CONTAINERS = (dict, list, tuple)
 _PLAIN = frozenset({str, int, float, bool, type(None)})  # subclasses take the longer way, as containers
 _PADS = ["\n" + "  " * (depth + 1) for depth in range(16)]
-_KEYS: dict[str, str] = {}
+_STRING = json.encoder.encode_basestring_ascii

@@ -72,10 +72,10 @@ def _row(sid: str, s: StepState) -> list[str]:
 
 def owner_note(meta: dict[str, Any], iid: str, store_path: str | None) -> str | None:
     """For a run recorded RUNNING whose owning process is gone: what happened and what to do."""
-    from .engine import owner_alive
-
     if meta.get("status") not in ("running", "pending"):
         return None
+    from .engine import owner_alive  # not before: importing the engine costs a finished run's status 50 ms
+
     owner = meta.get("owner") or {}
     if owner_alive(owner):
         return None
