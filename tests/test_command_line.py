@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -382,3 +383,59 @@ def test_the_clis_workers_do_not_import_the_cli(tmp_path: Path, command: list[st
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["data"]["seen"] == []
+
+
+def test_status_json_text_is_exactly_what_json_dumps_indents() -> None:
+    # status --json indents with json's C encoder (issue 17): the text must stay json.dumps(indent=2)'s.
+    import random
+
+    from wfaas.cli_items import indented
+
+    class Key(str):
+        pass
+
+    plain = [None, True, False, 0, -3, 10**30, 1.5, 1e-7, float("nan"), float("inf"), "", 'é\n"]}{,', Key("k")]
+    keys = ["a", "b", "ü", 1, 2.5, None, True, "x\ny", Key("sub")]
+    rng = random.Random(17)
+
+    def value(depth: int) -> Any:
+        roll = rng.random()
+        if depth > 18 or roll < 0.45:
+            return rng.choice(plain)
+        n = rng.randint(0, 5)
+        if roll < 0.75:
+            return {rng.choice(keys): value(depth + 1) for _ in range(n)}
+        return [value(depth + 1) for _ in range(n)] if roll < 0.9 else tuple(value(depth + 1) for _ in range(n))
+
+    for _ in range(5000):
+        obj = value(0)
+        assert indented(obj) == json.dumps(obj, indent=2), obj
+    deep: Any = 1
+    for _ in range(40):  # deeper than the cached indents
+        deep = {"d": [deep, 2]}
+    assert indented(deep) == json.dumps(deep, indent=2)
+
+
+def test_status_and_report_decode_with_the_garbage_collector_paused_then_restore_it(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from wfaas import cli_store
+
+    store = str(tmp_path / "runs.sqlite")
+    iid = invoke(runner, "run", f"{EXAMPLES}/quickstart.py:workflow", "--store", store, "--quiet").output.split()[1]  # type: ignore[attr-defined]
+    seen: list[bool] = []
+    load_run = cli_store.load_run
+
+    def spy(*args: Any) -> Any:
+        seen.append(gc.isenabled())
+        return load_run(*args)
+
+    monkeypatch.setattr("wfaas.command_line.load_run", spy)
+    assert gc.isenabled()
+    assert invoke(runner, "status", iid, "--store", store, "--json").exit_code == 0  # type: ignore[attr-defined]
+    assert gc.isenabled()
+    assert invoke(runner, "report", iid, "--store", store, "-o", str(tmp_path / "r.html")).exit_code == 0  # type: ignore[attr-defined]
+    assert gc.isenabled()
+    assert seen == [False, False]

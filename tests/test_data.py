@@ -377,6 +377,42 @@ def test_lambdas_and_closures_are_step_bodies(engine: WorkflowEngine) -> None:
     assert data.items == {"n": 42}
 
 
+def test_closures_of_one_family_are_encoded_by_dill_once_and_each_runs_with_its_own_cells(
+    engine: WorkflowEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wfaas import bodies
+
+    dilled: list[Any] = []
+    dill_dumps = bodies.dill_dumps
+    monkeypatch.setattr(bodies, "dill_dumps", lambda body: dilled.append(body) or dill_dumps(body))
+    scale = 3
+
+    def make_step(i: int, tag: str, raw: bytes, ratio: float, nothing: None) -> Callable[[Any], None]:
+        def step(ctx: Any) -> None:
+            ctx.data.items[tag] = (i * scale, raw, ratio, nothing)
+
+        return step
+
+    def make_listed(tags: list[str]) -> Callable[[Any], None]:  # a list in its cell: dill, each by itself
+        def listed(ctx: Any) -> None:
+            ctx.data.log.extend(tags)
+
+        return listed
+
+    wf = WorkflowDefinition("family", data_type=Data)
+    for i in range(6):
+        wf.add_step(StepDefinition(f"s{i}", "step", make_step(i, f"t{i}", bytes([i]), i / 4, None)))
+    wf.add_step(StepDefinition("a", "listed", make_listed(["a"])))
+    wf.add_step(StepDefinition("b", "listed", make_listed(["b"])).depends_on(["a"]))
+    engine.register_workflow(wf)
+    assert [getattr(body, "__name__", "") for body in dilled] == ["step", "listed", "listed"]
+    iid = engine.start_workflow("family", Data())
+    engine.wait_for_completion(iid, timeout=30)
+    data = engine.get_status(iid).data
+    assert data.items == {f"t{i}": (i * scale, bytes([i]), i / 4, None) for i in range(6)}
+    assert data.log == ["a", "b"]
+
+
 def test_a_data_class_defined_in_a_function_travels(engine: WorkflowEngine) -> None:
     @dataclass
     class Local(WorkflowData):

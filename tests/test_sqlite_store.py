@@ -9,6 +9,7 @@ and the file left exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from typing import Any
 
 import pytest
 from wfaas import (
+    Attempt,
     FailureAction,
     InMemoryStore,
     NotFound,
@@ -101,6 +103,21 @@ def test_save_then_load_gives_back_the_whole_instance(store: StateStore) -> None
     assert loaded.updated_at is not None
     assert loaded.context == {"token": "abc", "count": 3}
     assert loaded.step_states == original.step_states
+
+
+def test_attempts_read_back_whole_from_this_versions_records_and_older_or_newer_ones(store: StateStore) -> None:
+    started = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    attempt = Attempt(2, "failed", started, started, 0.5, 0.25, 1 << 20, 1.5, "retry", 0.1, 1, "SIGKILL", "e", "tb")
+    original = state("i1", W.FAILED)
+    original.step_states["b"] = StepState(S.FAILED, 2, started, started, "e", history=[attempt])
+    store.save(original)
+    (loaded,) = store.load("i1").step_states["b"].history
+    assert loaded == attempt and repr(loaded) == repr(attempt) and loaded.to_record() == attempt.to_record()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        loaded.wall = 1.0  # type: ignore[misc]
+    older = Attempt.from_record({"number": 1, "outcome": "succeeded"})  # fields added since default
+    assert older.to_record() == Attempt(1, "succeeded").to_record()
+    assert Attempt.from_record({**attempt.to_record(), "added_later": 1}) == attempt
 
 
 def test_save_replaces_what_was_there(store: StateStore) -> None:

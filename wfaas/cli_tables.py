@@ -72,10 +72,10 @@ def _row(sid: str, s: StepState) -> list[str]:
 
 def owner_note(meta: dict[str, Any], iid: str, store_path: str | None) -> str | None:
     """For a run recorded RUNNING whose owning process is gone: what happened and what to do."""
-    from .engine import owner_alive
-
     if meta.get("status") not in ("running", "pending"):
         return None
+    from .engine import owner_alive  # not before: importing the engine costs a finished run's status 50 ms
+
     owner = meta.get("owner") or {}
     if owner_alive(owner):
         return None
@@ -241,12 +241,15 @@ def state_json(state: WorkflowState[Any]) -> dict[str, Any]:
                 "duration": _duration(s.started_at, s.finished_at),
                 "error": s.error,
                 "history": [attempt_json(a) for a in s.history],
-                **items_json(s),
+                **(_NO_ITEMS if s.items is None else items_json(s)),
             }
             for sid, s in state.step_states.items()
         },
         "data": json.loads(json.dumps(data, default=repr)),
     }
+
+
+_NO_ITEMS = {"items": None}  # an ordinary step's, as items_json gives it (20,000 calls fewer)
 
 
 def attempt_json(attempt: Attempt) -> dict[str, Any]:

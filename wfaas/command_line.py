@@ -29,7 +29,7 @@ from . import _cli_logs, cli_items
 from .cli_engine import close_engine, follow, interrupt_code, start_engine, stopped_by
 from .cli_errors import EXIT_FAILED, EXIT_INTERRUPTED, INTERRUPT_CODES, DamagedRuns, UsageProblem, fail
 from .cli_items import show_step
-from .cli_store import DEFAULT_STORE, load_run, open_store, orphans_by_target, read_metas, resolve_id
+from .cli_store import DEFAULT_STORE, bulk, load_run, open_store, orphans_by_target, read_metas, resolve_id
 from .cli_tables import runs_json, state_json
 from .cli_target import absolute_target, build_data, load_target
 from .cli_text import console, plural
@@ -255,6 +255,7 @@ def recover(store: str, workers: int | None, quiet: bool, dask: str | None) -> N
     metavar="STEP",
     help="Show this step's attempts, with errors and tracebacks (a for_each step: its items; 'STEP[KEY]': one item).",
 )
+@bulk
 def status(instance_id: str | None, store: str, as_json: bool, step: str | None) -> None:
     """Show a run's steps (no ID: the newest run). Safe while the run is in progress.
 
@@ -295,6 +296,7 @@ def status(instance_id: str | None, store: str, as_json: bool, step: str | None)
     type=click.Path(dir_okay=False, writable=True),
     help="The HTML file to write (default: wfaas-report-ID.html here).",
 )
+@bulk
 def report(instance_id: str | None, store: str, output: str | None) -> None:
     """Write a run's report (no ID: the newest run): one HTML file, no server or network needed.
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import data as data_codec
 from . import wire
+from .bodies import BodyEncoder
 from .capture import AttemptLog
 from .definition import NO_RETRY, RetryPolicy, StepDefinition, WorkflowDefinition, fingerprint
 from .errors import WorkflowError
@@ -98,11 +99,12 @@ def encode_bodies(definition: WorkflowDefinition) -> tuple[dict[int, bytes], lis
     """Each distinct step body encoded once; and a problem, naming the step, for each that cannot travel."""
     blobs: dict[int, bytes] = {}
     problems = []
+    encoder = BodyEncoder()
     for s in definition.steps:
         if not isinstance(s, StepDefinition) or id(s.body) in blobs:
             continue  # validate() reports what is not a StepDefinition
         try:
-            blobs[id(s.body)] = data_codec.dill_dumps(s.body)
+            blobs[id(s.body)] = encoder.encode(s.body)
         except Exception as exc:  # noqa: BLE001 - every failure is listed with its step
             problems.append(
                 f"step {s.id!r}: its body cannot be sent to a worker process ({type(exc).__name__}: {exc}); "
