@@ -33,7 +33,7 @@ from wfaas import data as data_codec
 from wfaas.command_line import main
 from wfaas.objects import ObjectError, ObjectStore, is_ref
 
-from conftest import Data, wait_for, wait_until
+from conftest import Data, reap, wait_for, wait_until
 
 MB = 1 << 20
 LIMIT = 4096
@@ -427,9 +427,7 @@ def test_a_writer_killed_in_the_middle_of_an_object_leaves_no_file_by_that_name(
         proc.kill()
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+        reap(proc)
     names = [p.name for p in root.iterdir() if p.name != ".lock"]
     assert names and all(n.startswith(".tmp-") for n in names), names  # no file named by a digest
     store = InMemoryStore()

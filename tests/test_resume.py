@@ -39,7 +39,7 @@ from wfaas import (
     WorkflowStatus,
 )
 
-from conftest import alive, wait_until
+from conftest import alive, reap, wait_until
 
 S, W = StepStatus, WorkflowStatus
 TESTS = Path(__file__).resolve().parent
@@ -573,9 +573,7 @@ def test_large_values_round_trip_exactly_through_kill_9_of_the_cli_and_resume(
         proc.kill()
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+        reap(proc)
     store = SqliteStore(store_path)
     [iid] = store.ids()
     interrupted = store.load(iid).data  # raises if a reference names a missing or partial file
