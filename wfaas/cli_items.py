@@ -24,7 +24,7 @@ from typing import Any
 
 from .cli_text import plural, shorten
 from .report_items import no_items
-from .states import ItemState, StepState, StepStatus, WorkflowState
+from .states import ITEM_DONE, ItemState, StepState, StepStatus, WorkflowState
 
 __all__ = [
     "FAILED_SHOWN",
@@ -39,7 +39,6 @@ __all__ = [
 
 # Failed items listed under a for_each step's line in `status`; the rest are counted.
 FAILED_SHOWN = 10
-_DONE = (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
 _FAILED = (StepStatus.FAILED, StepStatus.CANCELLED)
 _ITEM = re.compile(r"^(?P<step>[^\[]+)\[(?P<key>.*)\]$")
 
@@ -61,7 +60,7 @@ class ItemCounts:
         counts = cls()
         for item in (step.items or {}).values():
             counts.total += 1
-            counts.done += item.status in _DONE
+            counts.done += item.status in ITEM_DONE
             counts.failed += item.status in _FAILED
             counts.running += item.status is StepStatus.RUNNING
             counts.attempts += item.attempts

@@ -31,7 +31,7 @@ from . import verdicts
 from .errors import StepFailed, WorkflowError
 from .readiness import Gate
 from .runs import Run, StepRun, Stopping
-from .states import StepStatus
+from .states import ITEM_DONE, StepStatus
 
 if TYPE_CHECKING:
     import itertools
@@ -153,7 +153,7 @@ class ItemTable:
                 item.attempts = item.budget_start = rec.get("attempts", 0)
                 item.started_at, item.finished_at = rec.get("started_at"), rec.get("finished_at")
                 item.history = list(rec.get("history") or ())
-                if S(rec["status"]) in _DONE:
+                if S(rec["status"]) in ITEM_DONE:
                     item.status, item.error = S(rec["status"]), rec.get("error")
                 else:
                     table.dirty.add(n)  # recorded as it was; checkpointed as PENDING
@@ -200,9 +200,6 @@ class ItemTable:
         records = {n: record(self.items[n]) for n in self.dirty}
         self.dirty = set()
         return listed, records
-
-
-_DONE = frozenset({S.SUCCEEDED, S.SKIPPED})
 
 
 def _item(step: StepRun, position: int, key: str, blob: bytes) -> StepRun:

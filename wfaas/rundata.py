@@ -186,11 +186,6 @@ class RunData:
                 self.field_writes[name] = mark
                 self.dirty_fields.add(name)
 
-    @property
-    def changed(self) -> bool:
-        """Something is left for the next checkpoint."""
-        return bool(self.dirty_fields or self.deltas)
-
     def take_changes(self) -> tuple[dict[str, bytes | None], dict[str, dict[bytes, bytes]]]:
         """For the checkpoint: fields written whole, and dict keys written one by one, since the last call."""
         if self.dirty_fields:

@@ -115,7 +115,7 @@ def encode_bodies(definition: WorkflowDefinition) -> tuple[dict[int, bytes], lis
 
 _TERMINAL = frozenset(s for s in WorkflowStatus if s.is_terminal)
 # A step whose status is one of these no longer holds its run open.
-_DONE = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED, StepStatus.FAILED})
+DONE = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED, StepStatus.FAILED})
 
 
 @dataclass(eq=False)
@@ -166,7 +166,7 @@ class StepRun:
     @property
     def done(self) -> bool:
         """Succeeded, skipped or failed (a failure that stops the run stops it anyway)."""
-        return self.status in _DONE
+        return self.status in DONE
 
 
 @dataclass(eq=False)

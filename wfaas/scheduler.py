@@ -55,6 +55,7 @@ from .loopio import Loop, TimerKind
 from .pool import Pool, Slot, Waitable
 from .readiness import Decision, Gate, Outcome, decide
 from .runs import (
+    DONE,
     Finished,
     Hook,
     Outcomes,
@@ -74,7 +75,6 @@ from .watchdog import MemoryWatchdog
 
 log = logging.getLogger("wfaas")
 S, W, A = StepStatus, WorkflowStatus, AttemptOutcome
-_DONE = (S.SUCCEEDED, S.SKIPPED, S.FAILED)
 # Errors of finished runs kept in memory, so that wait_for_completion raises the very exception (with its
 # cause); beyond that a long-lived engine would grow with every failed run, and the store answers instead.
 ERRORS_KEPT = 1000
@@ -96,7 +96,7 @@ class Scheduler(Loop, ForEachSteps, Failures):
         self.runs: dict[str, Run] = {}
         self.outcomes = Outcomes(ERRORS_KEPT)
         self._ready = ReadyQueue()
-        self._out = self._commits = Commits(store, bus, self.wake)  # _out: what this turn changed
+        self._commits = Commits(store, bus, self.wake)  # what this turn changed, and the commits in flight
         self.supervisor = Supervisor(pool, grace, self.submit, self._after_kill)
         self._watchdog = MemoryWatchdog(pool, memory_limit_of, self.supervisor.over_memory)
 
@@ -123,7 +123,7 @@ class Scheduler(Loop, ForEachSteps, Failures):
             elif kind is Waitable.EXIT and not slot.dying:
                 self._on_worker_exit(slot)
         if self._commands:
-            self._out.resolve.extend(self._commands.run())
+            self._commits.resolve.extend(self._commands.run())
         # Steps ready before this turn depend on nothing uncommitted: they go before the timers
         # and the commit, so workers are busy while this turn's checkpoint is written.
         self._send(self._dispatch(up_to=self._commits.committed_mark))
@@ -131,7 +131,7 @@ class Scheduler(Loop, ForEachSteps, Failures):
             self._on_timer(timer, target)
         self._commit()
         self._send(self._dispatch(up_to=self._commits.committed_mark))
-        if (self._out.dirty or self._commits.wrote) and not self._commits.writing:
+        if (self._commits.dirty or self._commits.wrote) and not self._commits.writing:
             # Checkpoint what the last dispatch changed (steps now RUNNING); and results follow results: look again.
             self._again = True
 
@@ -177,7 +177,7 @@ class Scheduler(Loop, ForEachSteps, Failures):
         run.dirty_steps.update(range(len(run.steps)))
         self.runs[run.iid] = run
         self.outcomes.started(run)
-        self._out.dirty[run.iid] = run
+        self._commits.dirty[run.iid] = run
         self._event(ev.WorkflowStarted, run, self.clock.now())
         mono = self.clock.monotonic()
         for step in done:
@@ -235,7 +235,7 @@ class Scheduler(Loop, ForEachSteps, Failures):
         error = words(run, step, exc)
         waited = self.clock.monotonic() - step.waited_from if step.wait_kind else 0.0
         step.usage, record = verdicts.run_if_record(step, error, now, waited)
-        step.history.append(record)
+        verdicts.keep_attempt(step.history, record)
         self._set_status(run, step, step.status)  # checkpoint the attempt even while on_failure runs
         self._attempt_failed(run, step, error, exc, may_retry=False)
 
@@ -288,7 +288,7 @@ class Scheduler(Loop, ForEachSteps, Failures):
             self.pool.hurry(slot)
         self._release(task)
         if message.logs:
-            self._out.events.extend(message.logs)
+            self._commits.events.extend(message.logs)
         if message.output is not None:
             self._keep_output(task, *message.output)
         if message.usage.get("retire") and not slot.dying:
@@ -311,7 +311,7 @@ class Scheduler(Loop, ForEachSteps, Failures):
         else:
             conflict = run.data.merge(step.label, task.snapshot.version, message.changes)
             if conflict is None:
-                self._out.dirty[run.iid] = run
+                self._commits.dirty[run.iid] = run
                 success = message.outcome == wire.SUCCESS
                 self._end_attempt(task, A.SUCCEEDED if success else A.SKIPPED, usage)
                 if success and (hook := verdicts.hook_after_success(run, step)):
@@ -342,15 +342,13 @@ class Scheduler(Loop, ForEachSteps, Failures):
         step.usage, record = verdicts.attempt_record(
             task, outcome, now=self.clock.now(), elapsed=elapsed, usage=usage, **how
         )
-        step.history.append(record)
-        if len(step.history) > verdicts.HISTORY_KEPT:
-            del step.history[0]
+        verdicts.keep_attempt(step.history, record)
 
     def _keep_output(self, task: Task, lines: list[Any], cut: int, fresh: int = 0) -> None:
         """What an attempt (or hook) printed and logged: checkpointed with it; what was not sent live, published."""
         run, step = task.run, task.step
         run.keep_log(task, lines, cut, verdicts.HISTORY_KEPT)
-        self._out.dirty[run.iid] = run
+        self._commits.dirty[run.iid] = run
         if fresh < len(lines):
             new = tuple(lines[fresh:])
             fields = {"step_id": step.sid, "attempt": task.attempt, "lines": new, **_key(step)}
@@ -411,8 +409,8 @@ class Scheduler(Loop, ForEachSteps, Failures):
             self._event(ev.WorkflowCompleted, run, now, duration=self.clock.monotonic() - run.started_mono)
         check_workflow_transition(run.iid, run.status, new)
         run.status = new
-        self._out.dirty[run.iid] = run
-        self._out.finished.append(run)
+        self._commits.dirty[run.iid] = run
+        self._commits.finished.append(run)
 
     def _busy(self, run: Run) -> bool:
         """An attempt or hook of ``run`` is in a worker slot (a slot being stopped counts)."""
@@ -444,7 +442,7 @@ class Scheduler(Loop, ForEachSteps, Failures):
                 run.stopping = Stopping.FAIL
                 run.error = verdicts.store_failed(run, exc)
                 self._park_waiting(run)
-                self.supervisor.stop_run(run)
+                self.supervisor.cancel(run, None)  # its attempts cannot be checkpointed
                 self._maybe_finish(run)
 
     # -- helpers ---------------------------------------------------------------------
@@ -453,17 +451,18 @@ class Scheduler(Loop, ForEachSteps, Failures):
         old = step.status
         if old is not new:
             check_step_transition(run.iid, step.label, old, new)
-            run.done_steps += (new in _DONE) - (old in _DONE) if step.parent is None else 0
+            run.done_steps += (new in DONE) - (old in DONE) if step.parent is None else 0
             step.status = new
         if step.parent is not None:
             step.table.moved(step, old)
             run.unsettled.add(step.parent)
         run.dirty_steps.add(step.index)
-        self._out.dirty[run.iid] = run
+        self._commits.dirty[run.iid] = run
 
     def _event(self, kind: type, run: Run, when: datetime, **fields: Any) -> None:
         if self.bus.has_subscribers:
-            self._out.events.append(kind(instance_id=run.iid, workflow_id=run.workflow_id, timestamp=when, **fields))
+            where = {"instance_id": run.iid, "workflow_id": run.workflow_id, "timestamp": when}
+            self._commits.events.append(kind(**where, **fields))
 
     def abandon(self, exc: BaseException) -> None:
         """The thread crashed: every run fails, rather than hang its waiters."""

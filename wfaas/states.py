@@ -224,7 +224,7 @@ class StepState:
     @property
     def items_done(self) -> int:
         """Items that succeeded or were skipped."""
-        return self._count(_ITEM_DONE)
+        return self._count(ITEM_DONE)
 
     @property
     def items_failed(self) -> int:
@@ -234,7 +234,7 @@ class StepState:
     @property
     def items_running(self) -> int:
         """Items with an attempt in a worker now."""
-        return self._count(frozenset({StepStatus.RUNNING}))
+        return self._count(_ITEM_RUNNING)
 
     def _count(self, statuses: frozenset[StepStatus]) -> int:
         return sum(item.status in statuses for item in (self.items or {}).values())
@@ -273,7 +273,8 @@ class StepState:
 
 
 _STEP_FIELDS = frozenset(StepState.__dataclass_fields__)
-_ITEM_DONE = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED})
+ITEM_DONE = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED})  # an item that needs no other attempt
+_ITEM_RUNNING = frozenset({StepStatus.RUNNING})
 _ITEM_FAILED = frozenset({StepStatus.FAILED, StepStatus.CANCELLED})
 
 

@@ -58,12 +58,6 @@ class Supervisor:
                 # A second, immediate cancel while a graceful kill is waiting: kill now.
                 self.pool.kill(slot, 0, lambda s, e: None)
 
-    def stop_run(self, run: Run) -> None:
-        """Stop every attempt of a run that cannot go on (its checkpoint failed)."""
-        for slot in self.pool.slots:
-            if slot.task is not None and slot.task.run is run and not slot.dying:
-                self.stop(slot.task, KillReason.CANCEL, self.grace)
-
     def worker_exited(self, slot: Slot) -> None:
         """A worker died on its own: what its step started still runs in its process group; stop that first."""
         exit_ = self.pool.exit_of(slot)

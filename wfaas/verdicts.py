@@ -34,6 +34,15 @@ log = logging.getLogger("wfaas")
 
 # Attempts kept per step: a step retried indefinitely must not make each checkpoint grow without end.
 HISTORY_KEPT = 100
+
+
+def keep_attempt(history: list[dict[str, Any]], record: dict[str, Any]) -> None:
+    """Add an attempt's record to a step's history, keeping the last ``HISTORY_KEPT``."""
+    history.append(record)
+    if len(history) > HISTORY_KEPT:
+        del history[0]
+
+
 # A worker SIGKILLed while this large (ten times a fresh worker) was probably the OOM killer's
 # choice: the kernel says nothing to us, so this is a hint, and worded as one.
 OOM_HINT_BYTES = 256 * 2**20
