@@ -106,6 +106,28 @@ def test_the_sqlite_file_stays_small_with_a_100mb_field(sqlite: SqliteStore, tmp
     assert is_ref(sqlite.read(iid).fields["value"])  # type: ignore[union-attr]
 
 
+def _make_two(ctx: Any) -> None:
+    ctx.data.a = b"\x02" * (8 * LIMIT)
+    ctx.data.b = b"\x03" * (8 * LIMIT)
+
+
+def test_store_update_of_a_run_with_large_fields_keeps_them_read_or_not(sqlite: SqliteStore) -> None:
+    with WorkflowEngine(sqlite, max_workers=1, inline_limit=LIMIT) as engine:
+        engine.register_workflow(chain("two", _make_two, data_type=Two))
+        iid = engine.start_workflow("two", Two())
+        engine.wait_for_completion(iid, timeout=60)
+
+    def bump(state: Any) -> None:
+        assert state.data.a[:1] == b"\x02"  # a is read, b is not
+        state.data.n = 7
+
+    sqlite.update(iid, bump)
+    record = sqlite.read(iid)
+    assert record is not None and is_ref(record.fields["a"]) and is_ref(record.fields["b"])  # still objects
+    data = sqlite.load(iid).data
+    assert (data.n, data.a, data.b) == (7, b"\x02" * (8 * LIMIT), b"\x03" * (8 * LIMIT))
+
+
 def _copy_a_to_b(ctx: Any) -> None:
     ctx.data.b = bytes(ctx.data.a)  # equal, another object
 

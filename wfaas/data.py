@@ -147,8 +147,12 @@ def encode_fields(obj: Any, *, where: str, objects: large.ObjectStore | None = N
         raise SerializationError(
             f"{where}: workflow data must be an object with attributes (a dataclass), got {type(obj).__name__}"
         ) from None
-    skip = transient_fields(type(obj))
-    out: dict[str, bytes] = {}
+    cls = lazydata.user_class(obj)
+    skip = transient_fields(cls)
+    # A large field never read (``lazydata``) is not an attribute yet: it keeps the reference it was loaded from.
+    out: dict[str, bytes] = {
+        n: vars(type(obj))[n].blob for n in vars(type(obj)).get("_wfaas_lazy", ()) if n not in attrs
+    }
     for name, value in attrs.items():
         if name in skip:
             continue

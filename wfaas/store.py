@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import data as data_codec
+from . import lazydata
 from .capture import AttemptLog
 from .errors import NotFound, StoreError
 from .objects import ObjectStore
@@ -182,7 +183,7 @@ class StateStore(abc.ABC):
 
     def save(self, state: WorkflowState[Any]) -> None:
         """Write a whole instance (replacing what was there)."""
-        self.write([state_to_checkpoint(state, self.read(state.instance_id))])
+        self.write([state_to_checkpoint(state, self.read(state.instance_id), self.objects)])
 
     def load(self, instance_id: str) -> WorkflowState[Any]:
         """The instance as last checkpointed; :class:`NotFound` if absent."""
@@ -349,8 +350,10 @@ def item_states(listed: list[tuple[str, bytes]], records: dict[int, dict[str, An
     }
 
 
-def state_to_checkpoint(state: WorkflowState[Any], previous: Record | None) -> Checkpoint:
-    """The checkpoint that makes a store hold exactly ``state``."""
+def state_to_checkpoint(
+    state: WorkflowState[Any], previous: Record | None, objects: ObjectStore | None = None
+) -> Checkpoint:
+    """The checkpoint that makes a store hold exactly ``state`` (its large fields as objects in ``objects``)."""
     meta = dict(previous.meta) if previous else {}
     meta.update(
         workflow_id=state.workflow_id,
@@ -362,14 +365,15 @@ def state_to_checkpoint(state: WorkflowState[Any], previous: Record | None) -> C
         owner=state.owner,
     )
     fields: dict[str, bytes | None] = dict(
-        data_codec.encode_fields(state.data, where=f"saving instance {state.instance_id}")
+        data_codec.encode_fields(state.data, where=f"saving instance {state.instance_id}", objects=objects)
     )
     if state.context:
         fields[data_codec.CONTEXT_FIELD] = data_codec.encode_value(state.context)
     if previous:
         for name in previous.fields:
             fields.setdefault(name, None)
-    extra = {**(previous.extra if previous else {}), "class": data_codec.encode_value(type(state.data))}
+    cls = lazydata.user_class(state.data)  # a state loaded with large fields is of a lazy subclass
+    extra = {**(previous.extra if previous else {}), "class": data_codec.encode_value(cls)}
     steps, lists, items = {}, {}, {}
     for sid, step in state.step_states.items():
         steps[sid] = {k: v for k, v in step.to_record().items() if k != "items"}  # items: in their own table
