@@ -112,7 +112,7 @@ def prefixed(prefix: str, text: str) -> list[str]:
 
 def log_lines(log: AttemptLog) -> list[tuple[float, str]]:
     """One attempt's shown lines as ``(time, "time step[item] attempt text")``, the cut marker first."""
-    item = getattr(log, "item_key", None)  # a log stored before items existed has none
+    item = log.item_key  # None for a log stored before items existed: the class default
     where = f"{log.step_id}{f'[{item}]' if item is not None else ''}{'.' + log.part if log.part else ''} {log.attempt}"
     out: list[tuple[float, str]] = []
     lines = shown(log.lines)
@@ -144,7 +144,7 @@ def print_logs(
         for log in store.read_logs(iid, step):
             if (attempt is not None and log.attempt != attempt) or (item is not None and log.item_key != item):
                 continue
-            key = (log.step_id, getattr(log, "item_key", None), log.attempt, log.part)
+            key = (log.step_id, log.item_key, log.attempt, log.part)
             if key in printed:
                 continue  # an attempt's log is written once, when it ends
             lines = log_lines(log)

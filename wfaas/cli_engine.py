@@ -147,9 +147,9 @@ def interrupt_code(exc: BaseException) -> int:
 
 
 def start_engine(store: StateStore, workers: int | None, origin: str | None, dask: str | None = None) -> Any:
+    """The engine for a command that runs steps (on Dask with ``dask``), with the CLI's signal handling."""
     from .engine import WorkflowEngine
 
-    """The engine for a command that runs steps (on Dask with ``dask``), with the CLI's signal handling."""
     global _stop
     backend = None
     if dask is not None:

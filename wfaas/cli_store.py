@@ -24,7 +24,6 @@ __all__ = [
     "DEFAULT_STORE",
     "bulk",
     "load_run",
-    "load_state",
     "open_store",
     "orphans_by_target",
     "read_metas",
@@ -88,13 +87,9 @@ def read_metas(store: StateStore) -> tuple[list[tuple[str, dict[str, Any]]], lis
     return metas, damaged
 
 
-def load_state(store: StateStore, iid: str) -> WorkflowState[Any]:
-    """A run's state; its data decoded where the run's own code can be imported."""
-    return load_run(store, iid)[0]
-
-
 def load_run(store: StateStore, iid: str, record: Record | None = None) -> tuple[WorkflowState[Any], Record]:
-    """A run's state (as :func:`load_state`) and the stored record it was decoded from (or is given)."""
+    """A run's state, its data decoded where the run's own code can be imported, and the stored record it was
+    decoded from (or is given)."""
     from .store import record_to_state
 
     record = record or store.read(iid)

@@ -552,12 +552,6 @@ def _pickle(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     return main, buffers
 
 
-def encode_parts(value: Any) -> list[memoryview]:
-    """The value as sections: its protocol-5 pickle, then its out-of-band buffers (zero-copy)."""
-    main, buffers = _pickle(value)
-    return [memoryview(main), *(b.raw() for b in buffers)]
-
-
 def encode_field(value: Any, objects: ObjectStore) -> bytes:
     """The field's encoding: inline when small, else written as an object and its reference blob."""
     if isinstance(value, dict):

@@ -199,11 +199,9 @@ def no_items(step: StepState) -> str:
 
 def items_note(step: StepState) -> str:
     """The line under a ``for_each`` step's label: ``9990/10000 items``."""
-    items = step.items or {}
-    if not items:
+    if not step.items:
         return no_items(step)
-    done = sum(i.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED) for i in items.values())
-    return f"{done}/{len(items)} items"
+    return f"{step.items_done}/{step.items_total} items"
 
 
 def failed_items(step: StepState, limit: int = 50) -> tuple[list[tuple[str, str]], int]:
