@@ -75,12 +75,29 @@ def prune(
     """Remove finished runs last updated ``older_than`` ago (all, if None) whose status is in ``status``
     (default: COMPLETED, FAILED, CANCELLED), the objects no remaining run references, and compact."""
     started = time.time()
+    result = PruneResult(runs=remove_finished(store, older_than, status, now=now))
+    result.objects, result.object_bytes, result.recent = sweep_objects(store, started - grace)
+    from .sqlite_store import SqliteStore  # imports sqlite3: not at ``import wfaas``
+
+    if isinstance(store, SqliteStore):
+        vacuum(store)
+    return result
+
+
+def remove_finished(
+    store: StateStore,
+    older_than: float | timedelta | None = None,
+    status: Iterable[str] | None = None,
+    *,
+    now: datetime | None = None,
+) -> list[str]:
+    """Remove the runs ``prune`` and the cleanup task remove (see ``prune``); their ids."""
     wanted = _statuses(status)
     cutoff = None
     if older_than is not None:
         seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else float(older_than)
         cutoff = (now or datetime.now(UTC)) - timedelta(seconds=seconds)
-    result = PruneResult()
+    removed = []
     for iid in store.ids():
         meta = store._meta_or_skip(iid)
         if meta is None or meta["status"] not in wanted:
@@ -88,13 +105,8 @@ def prune(
         if cutoff is not None and meta["updated_at"] >= cutoff:
             continue
         if store.remove(iid):
-            result.runs.append(iid)
-    result.objects, result.object_bytes, result.recent = sweep_objects(store, started - grace)
-    from .sqlite_store import SqliteStore  # imports sqlite3: not at ``import wfaas``
-
-    if isinstance(store, SqliteStore):
-        vacuum(store)
-    return result
+            removed.append(iid)
+    return removed
 
 
 def sweep_objects(store: StateStore, before: float | None = None) -> tuple[int, int, int]:

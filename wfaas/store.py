@@ -225,18 +225,12 @@ class StateStore(abc.ABC):
 
     def cleanup_old_workflows(self, ttl: float | timedelta, now: datetime | None = None) -> int:
         """Remove finished instances last updated more than ``ttl`` ago; returns how many."""
-        seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
-        cutoff = (now or datetime.now(UTC)) - timedelta(seconds=seconds)
-        removed = 0
-        for iid in self.ids():
-            meta = self._meta_or_skip(iid)
-            if meta and WorkflowStatus(meta["status"]).is_terminal and meta["updated_at"] < cutoff:
-                removed += self.remove(iid)
-        if removed and self.objects is not None:
-            from .prune import sweep_objects
+        from .prune import remove_finished, sweep_objects
 
+        removed = remove_finished(self, ttl, now=now)
+        if removed and self.objects is not None:
             sweep_objects(self)
-        return removed
+        return len(removed)
 
     def get_context(self, instance_id: str) -> WorkflowContext[Any]:
         """A context over the instance's last data and shared values (no step)."""
