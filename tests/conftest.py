@@ -245,9 +245,11 @@ class Ticker:
     the time (``advance``).
     """
 
-    def __init__(self, workers: int = 2, store: InMemoryStore | None = None, grace: float = 1.0) -> None:
+    def __init__(
+        self, workers: int = 2, store: InMemoryStore | None = None, grace: float = 1.0, depth: int = 1
+    ) -> None:
         self.clock = VirtualClock()
-        self.pool = FakePool(workers)
+        self.pool = FakePool(workers, depth)
         self.pool.start()
         self.store = store if store is not None else InMemoryStore()
         self.bus = events.EventBus()

@@ -211,6 +211,7 @@ class DaskPool:
         self._client = backend.client
         self._version = _dask_remote._own_version()
         self.slots: list[Slot] = [DaskSlot(i) for i in range(size)]
+        self.depth = 1  # a queued step would be a Dask task of its own: nothing to gain on a round trip this long
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue[tuple[DaskSlot, str, bytes, int | None] | None] = queue.SimpleQueue()
         self._scattered: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
@@ -240,7 +241,7 @@ class DaskPool:
                         break
                 except BlockingIOError:
                     break
-            slot.task, slot.dying, slot.exit, slot.kill_done = None, False, None, None
+            slot.task, slot.next, slot.dying, slot.exit, slot.kill_done = None, None, False, None, None
             slot.token = slot.future = slot.where = None
             slot.bodies, slot.classes, slot.snapshot, slot.eof = set(), set(), None, False
             slot.reported_rss = 0

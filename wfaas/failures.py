@@ -22,7 +22,7 @@ from .items import key_field as _key
 from .loopio import TimerKind
 from .pool import Exit, Slot
 from .readiness import Outcome
-from .runs import Hook, Run, StepRun, Stopping, Task, WaitKind
+from .runs import Hook, KillReason, Run, StepRun, Stopping, Task, WaitKind
 from .states import StepStatus, WorkflowStatus
 from .verdicts import Verdict
 
@@ -62,6 +62,7 @@ if TYPE_CHECKING:
         ) -> None: ...
         def _fail_for_good(self, run: Run, step: StepRun, error: WorkflowError) -> None: ...
         def _park_waiting(self, run: Run) -> None: ...
+        def _unqueue(self, task: Task) -> None: ...
 
 
 S, W = StepStatus, WorkflowStatus
@@ -135,11 +136,18 @@ class Failures:
     def _after_kill(self: Scheduler, slot: Slot, exit_: Exit) -> None:
         """A stopped tree is dead (``supervision.py`` stopped it): the attempt ends as its kill reason says."""
         task: Task | None = slot.task
+        queued = slot.next  # a step queued behind it (dispatch.py), never read
         self.pool.spawn(slot)
+        if queued is not None:
+            self._unqueue(queued)
         if task is None:
             return  # its result arrived before the kill; nothing was lost
-        self._release(task)
         run, step = task.run, task.step
+        if task.kill_reason is KillReason.UNQUEUED:
+            self._unqueue(task)
+            self._maybe_finish(run)
+            return
+        self._release(task)
         outcome, error = verdicts.killed(task, exit_)
         if task.hook:  # crashed or cancelled while a hook ran: the outcome was decided before it
             self._hook_done(run, step)

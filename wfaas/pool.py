@@ -85,6 +85,7 @@ class Slot:
         self.process: Any = None
         self.conn: multiprocessing.connection.Connection | None = None
         self.task: Any = None  # the scheduler's task in flight, or None
+        self.next: Any = None  # a task sent behind it, started when it ends (dispatch.py), or None
         self.dying = False
         self.bodies: set[str] = set()
         self.classes: set[str] = set()
@@ -110,6 +111,7 @@ class Pool(Protocol):
     """
 
     slots: list[Slot]
+    depth: int  # steps a slot may hold: 1, or 2 when one may wait behind the running one (dispatch.py)
 
     def start(self) -> None: ...
     def spawn(self, slot: Slot) -> None: ...
@@ -143,6 +145,7 @@ class WorkerPool:
             # Workers are forked from a server that already imported the worker code.
             self._ctx.set_forkserver_preload(["wfaas._worker", "wfaas._guard", "dill", "psutil"])
         self.slots = [Slot(i) for i in range(size)]
+        self.depth = 2  # a step may wait in a busy worker's pipe (dispatch.py): the pipe is its only queue
         self._closed = False
         self._guard: _guard.Guard | None = None
 
@@ -164,7 +167,7 @@ class WorkerPool:
         if self._guard is not None:
             self._guard.watch(process.pid)
         slot.process, slot.conn = process, parent_end
-        slot.task, slot.dying = None, False
+        slot.task, slot.next, slot.dying = None, None, False
         slot.bodies, slot.classes, slot.snapshot, slot.last_rss, slot.eof = set(), set(), None, 0, False
 
     def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:

@@ -58,6 +58,7 @@ class KillReason(enum.Enum):
     MEMORY = "memory"
     CANCEL = "cancel"
     CRASH = "crash"  # it died on its own: what it started is stopped before a retry
+    UNQUEUED = "unqueued"  # queued in a worker (dispatch.py) for a run that stopped meanwhile: never started
 
 
 class WaitKind(enum.Enum):
@@ -186,12 +187,14 @@ class Task:
     waited: float = 0.0  # before it: delay / schedule / backoff (of wait_kind)
     wait_kind: WaitKind | None = None
     queued: float = 0.0  # then: waiting for a free worker
+    token: int = 0  # its ready-queue token, kept while it is queued behind another step (dispatch.py)
 
     @classmethod
     def start(cls, run: Run, step: StepRun, slot: Slot, now: float) -> Task:
-        """The attempt (or hook) ``step`` starts in ``slot`` at monotonic ``now``, with how long it waited."""
+        """The next attempt (or the hook) of ``step``, sent to ``slot`` at monotonic ``now``."""
         assert step.snapshot is not None
-        task = cls(run, step, slot, step.attempts, step.snapshot, now, hook=step.hook, pid=slot.pid)
+        attempt = step.attempts if step.hook else step.attempts + 1
+        task = cls(run, step, slot, attempt, step.snapshot, now, hook=step.hook, pid=slot.pid)
         step.snapshot = None  # the task holds it now; kept on the step, every finished step's data stayed alive
         if step.wait_kind is not None:
             task.waited, task.wait_kind = step.enqueued - step.waited_from, step.wait_kind
@@ -213,15 +216,20 @@ class ReadyQueue(collections.deque[tuple["Run", StepRun, int]]):
         step.queued = token
         (self.appendleft if first else self.append)((run, step, token))
 
-    def take(self, idle: list[Slot], up_to: int) -> list[tuple[Run, StepRun, Slot]]:
-        """Live entries queued up to token ``up_to``, one per idle slot; a stopping run's only if hooks."""
+    def push_back(self, run: Run, step: StepRun, token: int) -> None:
+        """Put back, at the head, a taken step that never started (its snapshot kept, ``dispatch.py``)."""
+        step.queued = token
+        self.appendleft((run, step, token))
+
+    def take(self, slots: list[Slot], up_to: int) -> list[tuple[Run, StepRun, Slot, int]]:
+        """Live entries up to token ``up_to``, one per slot, with their tokens; a stopping run's only if hooks."""
         taken = []
-        while idle and self and self[0][2] <= up_to:
+        while slots and self and self[0][2] <= up_to:
             run, step, token = self.popleft()
             if step.queued != token or (run.stopping is not None and not step.hook):
                 continue
             step.queued = 0
-            taken.append((run, step, idle.pop()))
+            taken.append((run, step, slots.pop(), token))
         return taken
 
 
@@ -249,6 +257,7 @@ class Run:
     logs: dict[tuple[str, int, str], AttemptLog | None] = field(default_factory=dict)  # since the last checkpoint
     done: threading.Event = field(default_factory=threading.Event)  # set once it ended and that is committed
     grace: float | None = None
+    recent_wall: float | None = None  # seconds per attempt lately, a moving average (dispatch.py)
 
     @property
     def workflow_id(self) -> str:

@@ -1,15 +1,16 @@
 """The scheduler: one thread that owns every run's state and walks the DAGs, one ``tick`` at a time.
 
 How a step travels (the function at each arrow; the functions below come in
-this order, those marked F in ``failures.py`` and I in ``items.py``, mixins
-of ``Scheduler``)::
+this order, those marked F in ``failures.py``, I in ``items.py`` and D in
+``dispatch.py``, mixins of ``Scheduler``)::
 
     engine.start_workflow / resume --start_run--> Run, each step with a Gate (readiness.py)
     gate opens --_decide--> RUN | SKIP (_finish) | WAIT (a TimerKind.WAIT timer)
                             | run_if raised (_condition_raised: a failed attempt, never retried)
     RUN, for_each: --_open_items (I)--> one StepRun per item, each as below; --_settle (I)--> the step ends
     RUN --_enqueue--> ready queue, with the data snapshot of that moment (rundata.py)
-    ready queue --_dispatch / _start_task--> idle slot --wire.RunStep--> worker (pool.py, _worker.py)
+    ready queue --_dispatch D / _begin D--> idle slot --wire.RunStep--> worker (pool.py, _worker.py)
+                 --_queue_behind D--> busy slot, its step short: starts when it replies (_promote D)
     worker --wire.Done | wire.Failed--> _on_message
         Done --RunData.merge--> conflict? --_finish--> SUCCEEDED / SKIPPED --_propagate--> dependents' gates
         Failed, conflict, or a stopped tree (supervision.py: timeout, memory, crash --> _after_kill F)
@@ -47,6 +48,7 @@ from . import events as ev
 from . import verdicts, wire
 from .clock import Clock
 from .commits import Commits
+from .dispatch import Dispatch
 from .errors import Cancelled, InvalidStateTransition, StepFailed, WorkflowError
 from .failures import Failures
 from .items import ForEachSteps, ItemTable
@@ -66,7 +68,6 @@ from .runs import (
     Task,
     WaitKind,
     memory_limit_of,
-    run_message,
 )
 from .states import AttemptOutcome, StepStatus, WorkflowStatus, check_step_transition, check_workflow_transition
 from .store import StateStore
@@ -81,7 +82,7 @@ ERRORS_KEPT = 1000
 Words = Callable[..., WorkflowError]
 
 
-class Scheduler(Loop, ForEachSteps, Failures):
+class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
     """Owns every run of one engine; see the module docstring for the journey and the turn.
 
     Its thread, ``submit`` (how other threads reach it) and the wait between
@@ -250,28 +251,6 @@ class Scheduler(Loop, ForEachSteps, Failures):
 
     # -- 3. dispatch: a ready step to an idle worker ------------------------------------
 
-    def _dispatch(self, up_to: int) -> list[tuple[Slot, bytes]]:
-        """Hand ready steps to idle slots, only those queued before sequence number ``up_to`` (committed)."""
-        if not self._ready:
-            return []
-        ready = self._ready.take([s for s in self.pool.slots if s.idle], up_to)
-        return [(slot, self._start_task(run, step, slot)) for run, step, slot in ready]
-
-    def _start_task(self, run: Run, step: StepRun, slot: Slot) -> bytes:
-        hook = step.hook
-        if not hook:
-            step.attempts += 1
-            self._set_status(run, step, S.RUNNING)
-            step.started_at = self.clock.now()
-            step.finished_at = None
-            self._event(ev.StepStarted, run, step.started_at, step_id=step.sid, attempt=step.attempts, **_key(step))
-        now = self.clock.monotonic()
-        task = slot.task = Task.start(run, step, slot, now)
-        timeout = run.compiled.timeout[step.index]
-        if timeout is not None and not hook:
-            task.timer = self.timer(now + timeout, TimerKind.TIMEOUT, task)
-        return wire.dumps(run_message(task))
-
     # -- 4. results: merge, finish, propagate ---------------------------------------------
 
     def _on_message(self, slot: Slot, message: wire.FromWorker) -> None:
@@ -303,6 +282,7 @@ class Scheduler(Loop, ForEachSteps, Failures):
             self._end_attempt(task, A.FAILED, message.usage, error=error, traceback=message.traceback or None)
             self._attempt_failed(run, step, error, exc)
             self._maybe_finish(run)
+        self._promote(slot, task, message.usage.get("wall"))  # dispatch.py: the step queued behind it starts
 
     def _on_done(self, task: Task, message: wire.Done) -> None:
         run, step, usage = task.run, task.step, message.usage
@@ -414,7 +394,10 @@ class Scheduler(Loop, ForEachSteps, Failures):
 
     def _busy(self, run: Run) -> bool:
         """An attempt or hook of ``run`` is in a worker slot (a slot being stopped counts)."""
-        return any(s.task is not None and s.task.run is run for s in self.pool.slots)
+        return any(
+            s.task is not None and (s.task.run is run or (s.next is not None and s.next.run is run))
+            for s in self.pool.slots
+        )
 
     # -- 8. commit: one checkpoint per turn, then what it allows ---------------------------
 

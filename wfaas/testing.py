@@ -125,8 +125,9 @@ class FakePool:
     it against ``pool.Pool``: the fake cannot drift from what it fakes.
     """
 
-    def __init__(self, size: int = 2) -> None:
+    def __init__(self, size: int = 2, depth: int = 1) -> None:
         self.slots = [Slot(i) for i in range(size)]
+        self.depth = depth
         self.sent: list[tuple[Slot, wire.RunStep]] = []
         self.kills: list[KillRequest] = []
         self.hurried: list[Slot] = []
@@ -151,7 +152,7 @@ class FakePool:
         self._exitcodes[i] = None
         self._held[i] = {"bodies": {}, "classes": {}, "snap": (None, {}, None)}
         slot.process, slot.conn = _FakeProcess(next(self._pids)), _FakeConn(self, slot)  # type: ignore[assignment]
-        slot.task, slot.dying = None, False
+        slot.task, slot.next, slot.dying = None, None, False
         slot.bodies, slot.classes, slot.snapshot, slot.last_rss, slot.eof = set(), set(), None, 0, False
 
     def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:

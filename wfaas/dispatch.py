@@ -1,0 +1,161 @@
+"""Sending steps to workers: to idle ones, and one more behind a busy worker's short step.
+
+``_dispatch`` hands ready steps (those whose inputs are committed) to idle
+slots; ``_begin`` starts an attempt: RUNNING, its attempt counted,
+StepStarted, its timeout.
+
+Queueing behind. A worker that sends a step's reply otherwise waits a round
+trip for its next step: the reply reaches the scheduler, which merges it, and
+only then sends another. For steps of a few hundred microseconds that wait is
+as long as the step, and every step costs both processes a sleep and a
+wake-up (issue 17: a fan-out of 500 trivial steps took 1.3 times a bare
+``ProcessPoolExecutor``, which keeps its workers' queue full). So once every
+idle worker has a step, ``_queue_behind`` sends one more ready step to a busy
+worker (``Slot.next``), which reads it as soon as its current reply is sent.
+
+Only behind a step expected to be short (``QUEUE_BEHIND_BELOW``): its run's
+recent attempts took less than that (``Run.recent_wall``, a moving average)
+and it has not run that long yet. A queued step therefore waits for about one
+short step at most, and a run of long steps, where the round trip does not
+matter, never queues.
+
+For the run, a queued step has not started: ``_begin`` runs for it when the
+reply of the step before it arrives (``_promote``). If that worker dies or is
+stopped first, the queued step was never read: it goes back to the head of
+the ready queue as it was (``_unqueue``). Once promoted, it is a running step
+like any other; a worker killed from outside in the microseconds between
+sending one reply and reading the queued step charges its crash to the queued
+step, as it would to a step it had just started. One case needs care: the
+step's run began to stop (a cancel, a FAIL_WORKFLOW failure) while it was
+queued. Its worker starts it anyway; it is stopped at once and counted as
+never started (``KillReason.UNQUEUED``), as the run's other unstarted steps
+are (PENDING: a resume runs it, from the start). Such a cancel ends when the
+short step in front of it has.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import events as ev
+from . import wire
+from .items import key_field as _key
+from .loopio import TimerKind
+from .runs import KillReason, Run, StepRun, Task, run_message
+from .states import StepStatus
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from .clock import Clock
+    from .pool import Pool, Slot
+    from .runs import ReadyQueue
+    from .supervision import Supervisor
+
+    class Scheduler(Protocol):
+        """What ``Prefetch`` uses of the scheduler it is part of (a self-type for mypy)."""
+
+        clock: Clock
+        pool: Pool
+        supervisor: Supervisor
+        grace: float
+        _ready: ReadyQueue
+
+        def timer(self, when: float, kind: TimerKind, target: Any) -> int: ...
+        def _event(self, kind: type, run: Run, when: datetime, **fields: Any) -> None: ...
+        def _set_status(self, run: Run, step: StepRun, new: StepStatus) -> None: ...
+        def _begin(self, task: Task) -> None: ...
+        def _queue_behind(self, up_to: int) -> list[tuple[Slot, bytes]]: ...
+        def _release_item(self, item: StepRun) -> None: ...
+
+
+QUEUE_BEHIND_BELOW = 0.002
+"""Seconds: a step is queued behind another only if that one's run has been taking less than this per attempt."""
+
+_WEIGHT = 0.3  # of the latest attempt in ``Run.recent_wall``: a slow step stops the queueing within a step or two
+
+
+class Dispatch:
+    """The scheduler's part that sends ready steps to workers and starts their attempts."""
+
+    def _dispatch(self: Scheduler, up_to: int) -> list[tuple[Slot, bytes]]:
+        """Hand ready steps to idle slots (then behind busy ones), only those queued before ``up_to`` (committed)."""
+        if not self._ready:
+            return []
+        now = self.clock.monotonic()
+        sends = []
+        for run, step, slot, _ in self._ready.take([s for s in self.pool.slots if s.idle], up_to):
+            task = slot.task = Task.start(run, step, slot, now)
+            sends.append((slot, wire.dumps(run_message(task))))
+            self._begin(task)
+        if self._ready and self.pool.depth > 1:
+            sends += self._queue_behind(up_to)
+        return sends
+
+    def _begin(self: Scheduler, task: Task) -> None:
+        """The attempt (or hook) starts: RUNNING, StepStarted, its timeout."""
+        run, step = task.run, task.step
+        if not task.hook:
+            step.attempts = task.attempt
+            self._set_status(run, step, StepStatus.RUNNING)
+            step.started_at = self.clock.now()
+            step.finished_at = None
+            self._event(ev.StepStarted, run, step.started_at, step_id=step.sid, attempt=step.attempts, **_key(step))
+        now = task.started = self.clock.monotonic()
+        task.queued = now - step.enqueued
+        timeout = run.compiled.timeout[step.index]
+        if timeout is not None and not task.hook:
+            task.timer = self.timer(now + timeout, TimerKind.TIMEOUT, task)
+
+    def _queue_behind(self: Scheduler, up_to: int) -> list[tuple[Slot, bytes]]:
+        """Ready steps (queued before ``up_to``) for busy slots whose step is short and has nothing behind it."""
+        now = self.clock.monotonic()
+        behind = [
+            slot
+            for slot in self.pool.slots
+            if slot.task is not None
+            and slot.next is None
+            and not slot.dying
+            and slot.task.kill_reason is None
+            and _short(slot.task, now)
+        ]
+        if not behind:
+            return []
+        sends = []
+        for run, step, slot, token in self._ready.take(behind, up_to):
+            task = slot.next = Task.start(run, step, slot, now)
+            task.token = token
+            sends.append((slot, wire.dumps(run_message(task))))
+        return sends
+
+    def _promote(self: Scheduler, slot: Slot, ended: Task, wall: float | None) -> None:
+        """``ended`` replied (its attempt took ``wall`` s): the step queued behind it, if any, starts."""
+        if wall is not None:
+            last = ended.run.recent_wall
+            ended.run.recent_wall = wall if last is None else last + _WEIGHT * (wall - last)
+        task = slot.next
+        if task is None or slot.dying:  # dying: it exits (retired) or is being stopped, and never reads it
+            return
+        slot.task, slot.next = task, None
+        if task.run.stopping is None or task.hook:
+            self._begin(task)
+            return
+        # Its run began to stop while it was queued: its worker starts it now, so stop it at once.
+        self.supervisor.stop(task, KillReason.UNQUEUED, 0.0)
+
+    def _unqueue(self: Scheduler, task: Task) -> None:
+        """A step queued in a worker that never ran it (or was stopped as it began): as it was before."""
+        run, step = task.run, task.step
+        step.snapshot = task.snapshot
+        if run.stopping is None or task.hook:
+            self._ready.push_back(run, step, task.token)
+            return
+        if step.status is not StepStatus.PENDING:
+            self._set_status(run, step, StepStatus.PENDING)  # as the run's other unstarted steps (_park_waiting)
+        if step.parent is not None:
+            self._release_item(step)  # it held a place under with_concurrency
+
+
+def _short(task: Task, now: float) -> bool:
+    recent = task.run.recent_wall
+    return recent is not None and recent < QUEUE_BEHIND_BELOW and now - task.started < QUEUE_BEHIND_BELOW
