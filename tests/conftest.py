@@ -302,9 +302,9 @@ class Ticker:
         return set(self.pool.busy())
 
     def turn_due(self) -> bool:
-        """The scheduler's next wait would return at once: it asked itself for another turn, or was woken."""
+        """The scheduler's next wait would return at once (or within ``loopio.SOON``): it asked for another turn, or was woken."""
         woken = select.select([self.scheduler.wake.fd], [], [], 0)[0]
-        return bool(self.scheduler._again or woken or self.scheduler._commands)
+        return bool(self.scheduler._again or self.scheduler._soon or woken or self.scheduler._commands)
 
     def status(self, iid: str) -> WorkflowStatus:
         """Running or not completed: the scheduler's handle says; completed: the store does (as for the engine)."""

@@ -135,6 +135,7 @@ class Loop:
         self._timers = Timers()
         self._seq = itertools.count(1)  # numbers timers; the scheduler also orders ready steps against commits
         self._again = False  # another turn is due at once
+        self._soon = False  # another turn is due within SOON seconds, sooner if anything arrives
         self._stopped = False
         self._thread = threading.Thread(target=self.run, name=name, daemon=True)
         clock.add_listener(self.wake)
@@ -192,13 +193,19 @@ class Loop:
         if deadline is not None and not self._commands and not busy():
             self.clock.idle(deadline)
         timeout = 0.0 if self._commands or self._again else self.clock.wait_timeout(deadline)
+        if self._soon:
+            timeout = SOON if timeout is None else min(timeout, SOON)
         if max_wait is not None:
             timeout = max_wait if timeout is None else min(timeout, max_wait)
-        self._again = False
+        self._again = self._soon = False
         ready = self._poller.wait([self.wake.fd, *waitables], timeout)
         if self.wake.fd in ready:
             self.wake.drain()
         return [waitables[obj] for obj in ready if obj != self.wake.fd]
+
+
+SOON = 0.001
+"""Seconds a turn may wait for more to happen before it writes what the last one left (steps now RUNNING)."""
 
 
 class TimerKind(enum.Enum):

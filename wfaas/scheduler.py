@@ -132,9 +132,14 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
             self._on_timer(timer, target)
         self._commit()
         self._send(self._dispatch(up_to=self._commits.committed_mark))
-        if (self._commits.dirty or self._commits.wrote) and not self._commits.writing:
-            # Checkpoint what the last dispatch changed (steps now RUNNING); and results follow results: look again.
-            self._again = True
+        if self._commits.writing:
+            return  # its acknowledgement wakes the loop
+        if self._commits.dirty:
+            # What the last dispatch changed (steps now RUNNING) goes with the next turn's changes, or alone
+            # within loopio.SOON: a chain's step replies well within it, and each step costs one checkpoint.
+            self._soon = True
+        elif self._commits.wrote:
+            self._again = True  # results follow results (a fan-out's workers finish together): look again
 
     def _on_timer(self, kind: TimerKind, target: Any) -> None:
         if kind is TimerKind.TIMEOUT:
