@@ -302,7 +302,7 @@ class Ticker:
         return set(self.pool.busy())
 
     def turn_due(self) -> bool:
-        """The scheduler's next wait would return at once (or within ``loopio.SOON``): it asked for another turn, or was woken."""
+        """The next wait returns at once (or within ``loopio.SOON``): another turn was asked for, or it was woken."""
         woken = select.select([self.scheduler.wake.fd], [], [], 0)[0]
         return bool(self.scheduler._again or self.scheduler._soon or woken or self.scheduler._commands)
 
