@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from wfaas import StepDefinition, WorkflowContext, WorkflowDefinition, events
+from wfaas import StepDefinition, WorkflowContext, WorkflowDefinition, dispatch, events
 from wfaas.states import StepStatus, WorkflowStatus
 
 from conftest import Data, Ticker
@@ -167,3 +167,47 @@ def test_items_under_with_concurrency_never_queue_past_the_cap(one: Ticker) -> N
         assert one.busy() == {f"each[{key}]"} and queued(one) is None
         one.run(f"each[{key}]")
     assert one.status(iid) is W.COMPLETED
+
+
+# -- looking for the next message before sleeping (dispatch.SPIN) ------------------------------
+
+
+@pytest.fixture
+def two_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "CPUS", 2)
+
+
+def chain(*sids: str) -> WorkflowDefinition:
+    definition = WorkflowDefinition("c", "c", data_type=Data)
+    for before, sid in zip((None, *sids), sids, strict=False):
+        s = StepDefinition(sid, sid, ok)
+        definition.add_step(s.depends_on([before]) if before else s)
+    return definition
+
+
+def test_a_chain_of_short_steps_has_worker_and_scheduler_look_before_sleeping(one: Ticker, two_cores: None) -> None:
+    one.start(chain("a", "b", "c"))
+    assert one.pool.last_sent("a").spin == 0.0, "nothing is known of the run's steps yet"
+    one.pool.execute("a", usage={"wall": 0.0001})
+    one.turn()
+    assert one.pool.last_sent("b").spin == dispatch.SPIN
+    assert one.scheduler._spin() == dispatch.SPIN
+
+
+def test_nobody_looks_when_steps_are_long(one: Ticker, two_cores: None) -> None:
+    one.start(chain("a", "b", "c"))
+    one.pool.execute("a", usage={"wall": 0.5})
+    one.turn()
+    assert one.pool.last_sent("b").spin == 0.0 and one.scheduler._spin() == 0.0
+
+
+def test_nobody_looks_when_every_core_has_a_worker(two_cores: None) -> None:
+    t = Ticker(workers=2, depth=2)
+    try:
+        t.start(fan("a", "b", "c", "d", "e"))
+        t.pool.execute("a", usage={"wall": 0.0001})
+        t.turn()
+        assert t.busy() == {"b", "c"}
+        assert t.pool.last_sent("c").spin == 0.0 and t.scheduler._spin() == 0.0
+    finally:
+        t.close()

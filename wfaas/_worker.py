@@ -226,6 +226,15 @@ def main(conn: Connection, live_output: bool = True) -> None:
             return
         if reply.usage.get("retire") is not None:
             return  # the engine starts a fresh worker in this one's place
+        if run.spin:
+            _look_for_next(conn, run.spin)
+
+
+def _look_for_next(conn: Connection, seconds: float) -> None:
+    """Look for the next message without sleeping, for up to ``seconds`` (the engine asked: ``dispatch.py``)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end and not conn.poll(0):
+        pass
 
 
 class _Held:

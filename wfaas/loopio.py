@@ -18,6 +18,7 @@ import math
 import os
 import select
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,8 +42,11 @@ class Poller:
         self._poll = select.poll()
         self._fds: set[int] = set()
 
-    def wait(self, objects: list[Any], timeout: float | None) -> list[Any]:
-        """The objects (descriptors, or anything with ``fileno()``) ready to read, closed, or failed."""
+    def wait(self, objects: list[Any], timeout: float | None, spin: float = 0.0) -> list[Any]:
+        """The objects (descriptors, or anything with ``fileno()``) ready to read, closed, or failed.
+
+        ``spin``: look without blocking for up to that many seconds first (see ``Loop.wait``).
+        """
         by_fd = {obj if isinstance(obj, int) else obj.fileno(): obj for obj in objects}
         for fd in self._fds - by_fd.keys():
             self._poll.unregister(fd)
@@ -50,6 +54,12 @@ class Poller:
             self._poll.register(fd, select.POLLIN)
         self._fds = set(by_fd)
         ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        if spin and ms != 0:
+            end = time.perf_counter() + (spin if timeout is None else min(spin, timeout))
+            while time.perf_counter() < end:
+                ready = self._poll.poll(0)
+                if ready:
+                    return [by_fd[fd] for fd, _ in ready if fd in by_fd]
         return [by_fd[fd] for fd, _ in self._poll.poll(ms) if fd in by_fd]
 
 
@@ -182,12 +192,16 @@ class Loop:
         """A timer for ``target`` (live while ``target.timer`` holds the number returned)."""
         return self._timers.add(when, next(self._seq), kind, target)
 
-    def wait(self, waitables: dict[Any, Any], busy: Callable[[], bool], max_wait: float | None) -> list[Any]:
+    def wait(
+        self, waitables: dict[Any, Any], busy: Callable[[], bool], max_wait: float | None, spin: float = 0.0
+    ) -> list[Any]:
         """Block until a waitable is ready, a wake-up, or the next timer; the values of the ready waitables.
 
         ``busy()``: something other than timers can make progress (a virtual
         clock may jump to the next timer only when not); ``max_wait`` bounds
-        the block (a test passes 0).
+        the block (a test passes 0). ``spin``: look without blocking for up to
+        that many seconds before blocking, for an answer expected sooner than
+        a sleeping thread wakes up (15 µs a hand-off here, against 1 µs).
         """
         deadline = self._timers.next_deadline
         if deadline is not None and not self._commands and not busy():
@@ -198,7 +212,7 @@ class Loop:
         if max_wait is not None:
             timeout = max_wait if timeout is None else min(timeout, max_wait)
         self._again = self._soon = False
-        ready = self._poller.wait([self.wake.fd, *waitables], timeout)
+        ready = self._poller.wait([self.wake.fd, *waitables], timeout, spin)
         if self.wake.fd in ready:
             self.wake.drain()
         return [waitables[obj] for obj in ready if obj != self.wake.fd]

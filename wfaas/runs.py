@@ -311,7 +311,7 @@ class Run:
             self.logs[(step.sid, task.attempt - kept, item)] = None
 
 
-def run_message(task: Task) -> wire.RunStep:
+def run_message(task: Task, spin: float = 0.0) -> wire.RunStep:
     """The message that starts ``task`` in its slot: only what the worker does not hold yet travels."""
     run, step, slot, snap, hook = task.run, task.step, task.slot, task.snapshot, task.hook
     key = run.compiled.body_keys[step.index]
@@ -327,7 +327,7 @@ def run_message(task: Task) -> wire.RunStep:
     return wire.RunStep(
         id(task), key, body_blob, run.cls_key, cls_blob, snap.key, snap_blob,
         run.iid, run.workflow_id, step.sid, task.attempt, hook.value if hook else None, error_blob,
-        step.item_blob, step.item_key,
+        step.item_blob, step.item_key, spin,
     )  # fmt: skip
 
 

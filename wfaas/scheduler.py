@@ -116,7 +116,7 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
 
         ``max_wait`` bounds the block (a test passes 0 and never blocks).
         """
-        for kind, slot in self.wait(self.pool.waitables(), self._busy_anywhere, max_wait):
+        for kind, slot in self.wait(self.pool.waitables(), self._busy_anywhere, max_wait, self._spin()):
             if kind is Waitable.RESULT and slot.task is not None:
                 message = self.pool.receive(slot)
                 if message is not None:

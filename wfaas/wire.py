@@ -35,6 +35,7 @@ class RunStep(NamedTuple):
     ``hook`` is None, "success" or "failure", and ``error``, for an
     on_failure hook, is ``(error, its cause)`` encoded (pickle drops ``__cause__``).
     ``item`` (encoded) and ``item_key`` are the item of a ``for_each`` step, else None.
+    ``spin``: see ``dispatch.py`` (why a worker may look for its next step before it sleeps).
     """
 
     task_id: int
@@ -52,6 +53,7 @@ class RunStep(NamedTuple):
     error: bytes | None
     item: bytes | None = None
     item_key: str | None = None
+    spin: float = 0.0  # after replying, look for the next step for up to this many seconds before sleeping
 
 
 class Stop(NamedTuple):
