@@ -16,13 +16,14 @@ counted here.
 ``WorkflowEngine(max_workers=2)`` running a fan-out of ``--steps`` trivial
 steps (the workload of ``run.py``): wall microseconds per attempt
 (``perf_counter``; the median over every attempt, so a preemption does not
-count), and the whole attempt (``_worker._attempt``) for scale. This is the
+count), and the whole attempt (``_worker._attempt``) for scale: "capture"
+and "reset" (``restore_first``) come before the reply, "reset_after_reply"
+(``restore_rest``) after it, while the engine reads the reply. This is the
 figure that matters: between two steps a worker sleeps while the engine runs,
 so this code meets a cold cache and costs two to three times what the loop
 says.
 
-Both print one JSON line. They run on older commits too (PYTHONPATH=a
-worktree), for A/B figures.
+Both print one JSON line.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ _OUT_ENV = "WFAAS_CAPTURE_COST_DIR"
 class _NoReset:
     """Stands in for ProcessState: the capture alone."""
 
-    def restore(self) -> None:
+    def restore_first(self) -> None:
+        return None
+
+    def restore_rest(self) -> None:
         return None
 
 
@@ -96,6 +100,7 @@ def in_a_loop(n: int, reps: int) -> dict[str, dict[str, float]]:
             capture.start()
             body(1)
             capture.stop(state)
+            state.restore_rest()
 
         bare = rounds(lambda body=body: body(devnull))  # type: ignore[misc]
         out[name] = {
@@ -118,11 +123,12 @@ def worker_main(conn: Any, *args: Any) -> None:
     from wfaas import _worker, capture
 
     clock = time.perf_counter_ns
-    spent: dict[str, list[int]] = {"capture": [], "reset": [], "attempt": []}
-    start, stop, restore, attempt = (
+    spent: dict[str, list[int]] = {"capture": [], "reset": [], "reset_after_reply": [], "attempt": []}
+    start, stop, restore, rest, attempt = (
         capture.Capture.start,
         capture.Capture.stop,
-        capture.ProcessState.restore,
+        capture.ProcessState.restore_first,
+        capture.ProcessState.restore_rest,
         _worker._attempt,
     )
     pending = [0]
@@ -144,6 +150,11 @@ def worker_main(conn: Any, *args: Any) -> None:
         spent["reset"].append(clock() - t0)
         return out
 
+    def timed_rest(self: Any) -> None:
+        t0 = clock()
+        rest(self)
+        spent["reset_after_reply"].append(clock() - t0)
+
     def timed_attempt(*a: Any) -> Any:
         t0 = clock()
         out = attempt(*a)
@@ -151,7 +162,8 @@ def worker_main(conn: Any, *args: Any) -> None:
         return out
 
     capture.Capture.start, capture.Capture.stop = timed_start, timed_stop  # type: ignore[method-assign]
-    capture.ProcessState.restore = timed_restore  # type: ignore[method-assign]
+    capture.ProcessState.restore_first = timed_restore  # type: ignore[method-assign]
+    capture.ProcessState.restore_rest = timed_rest  # type: ignore[method-assign]
     _worker._attempt = timed_attempt
     try:
         _worker.main(conn, *args)
@@ -179,7 +191,7 @@ def in_workers(steps: int) -> dict[str, Any]:
             iid = engine.start_workflow("fanout", m.BenchData())
             engine.wait_for_completion(iid, timeout=600)
             bench.close_engine(engine)
-        spent: dict[str, list[int]] = {"capture": [], "reset": [], "attempt": []}
+        spent: dict[str, list[int]] = {"capture": [], "reset": [], "reset_after_reply": [], "attempt": []}
         for f in Path(out).glob("worker-*.json"):
             for key, values in json.loads(f.read_text()).items():
                 spent[key] += values

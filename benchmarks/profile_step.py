@@ -54,7 +54,7 @@ def new_profile() -> cProfile.Profile:
     return cProfile.Profile(time.thread_time)
 
 
-def worker_main(conn: Any) -> None:
+def worker_main(conn: Any, *args: Any) -> None:
     """``wfaas._worker.main`` under cProfile; stats land in $WFAAS_PROFILE_DIR/worker-PID.prof.
 
     Runs in a worker process: it reaches there by name (this module is on the
@@ -65,7 +65,7 @@ def worker_main(conn: Any) -> None:
     profile = new_profile()
     profile.enable()
     try:
-        _worker.main(conn)
+        _worker.main(conn, *args)
     finally:
         profile.disable()
         out = os.environ.get(_PROFILE_DIR_ENV)

@@ -229,6 +229,8 @@ def test_kill_9_mid_items_then_resume_runs_no_succeeded_item_again(tmp_path: Pat
         # Wait until the first ten items are checkpointed SUCCEEDED and two more are stuck in workers.
         wait_until(lambda: store.exists() and len(_succeeded(store)[1]) == 10, 60, "ten items checkpointed")
         wait_until(lambda: len(list((tmp_path / "runs").glob("i1[0-9].*"))) == 2, 30, "two items in workers")
+        # Which two: a worker may hold the next item behind the one it runs (dispatch.py), so not always i10, i11.
+        in_workers = {p.name.split(".")[0] for p in (tmp_path / "runs").glob("i1[0-9].*")}
         os.killpg(run.pid, signal.SIGKILL)  # the CLI; its workers' guard sees it go and kills the workers
         run.wait(timeout=30)
     finally:
@@ -236,7 +238,7 @@ def test_kill_9_mid_items_then_resume_runs_no_succeeded_item_again(tmp_path: Pat
     assert _succeeded(store)[1] == {f"i{n:02d}" for n in range(10)}
     (tmp_path / "go").touch()
     runs = _resume_and_check(tmp_path, cli, env)
-    assert runs["i10"] == runs["i11"] == 2  # in a worker at the kill: run again (at least once)
+    assert {k: runs[k] for k in in_workers} == dict.fromkeys(in_workers, 2)  # in a worker at the kill: run again
 
 
 @pytest.mark.slow  # kills at a random moment of real time: 0-150 ms after the first item started (of >= 200 ms)

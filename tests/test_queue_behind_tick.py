@@ -127,15 +127,29 @@ def test_a_worker_that_retires_never_runs_its_queued_step(one: Ticker) -> None:
     assert one.status(iid) is W.COMPLETED and one.step(iid, "c").attempts == 1
 
 
-def test_a_step_queued_for_a_run_cancelled_meanwhile_is_stopped_as_never_started(one: Ticker) -> None:
+def test_a_step_queued_for_a_run_cancelled_meanwhile_is_taken_back(one: Ticker) -> None:
     first = one.start(fan("a", "b"))
     one.run("a")
     second = one.start(fan("x", wid="other"))
     assert one.busy() == {"b"} and queued(one) == "x"
     one.scheduler.cancel(second, 0.0)
     one.turn()
-    assert one.status(second) is W.RUNNING, "x is still in b's worker: the cancel ends when it is out"
+    assert one.status(second) is W.CANCELLED and queued(one) is None and not one.pool.kills
+    x = one.step(second, "x")
+    assert x.status is S.PENDING and x.attempts == 0 and x.history == []
     one.run("b")
+    assert one.status(first) is W.COMPLETED and one.busy() == set()
+    assert not [e for e in one.events(events.StepStarted) if e.step_id == "x"]
+
+
+def test_a_step_its_worker_claimed_before_the_cancel_is_stopped_as_never_started(one: Ticker) -> None:
+    first = one.start(fan("a", "b"))
+    one.run("a")
+    second = one.start(fan("x", wid="other"))
+    one.pool.execute("b")  # b's reply is on its way; the worker has claimed x and starts it
+    one.scheduler.cancel(second, 0.0)
+    assert one.status(second) is W.RUNNING, "x is in b's worker: the cancel ends when it is out"
+    one.turn()
     assert one.busy() == {"x"} and [k.slot.task.step.sid for k in one.pool.kills] == ["x"]
     one.pool.end_kill("x")
     one.turn()
@@ -143,6 +157,27 @@ def test_a_step_queued_for_a_run_cancelled_meanwhile_is_stopped_as_never_started
     x = one.step(second, "x")
     assert x.status is S.PENDING and x.attempts == 0 and x.history == []
     assert not [e for e in one.events(events.StepStarted) if e.step_id == "x"]
+
+
+def test_a_step_queued_behind_one_that_turned_long_is_taken_back_by_an_idle_worker() -> None:
+    t = Ticker(workers=2, depth=2)
+    try:
+        iid = t.start(fan("a", "b", "c", "d", "e"))
+        assert t.busy() == {"a", "b"}
+        t.run("a")
+        assert t.busy() == {"b", "c"} and {s.next.step.sid for s in t.pool.slots} == {"d", "e"}
+        waits_behind_b = next(s.next.step.sid for s in t.pool.slots if s.task.step.sid == "b")
+        t.advance(1.0)  # b (and c) have run for a second
+        t.run("c")
+        t.run(next(sid for sid in t.busy() if sid != "b"))  # c's worker ends what it held: it is idle now
+        assert t.busy() == {"b", waits_behind_b}, "taken back from b's worker, started in the idle one"
+        assert all(s.next is None for s in t.pool.slots)
+        t.run(waits_behind_b)
+        t.run("b")
+        assert t.status(iid) is W.COMPLETED
+        assert all(t.step(iid, sid).attempts == 1 for sid in "abcde")
+    finally:
+        t.close()
 
 
 def test_a_step_queued_behind_one_whose_run_is_cancelled_goes_to_the_next_worker(one: Ticker) -> None:

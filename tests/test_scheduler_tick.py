@@ -564,7 +564,7 @@ def test_the_run_message_is_a_named_wire_message(ticker: Ticker) -> None:
     slot = ticker.pool.busy()["a"]
     message = ticker.pool.last_sent("a")
     assert isinstance(message, wire.RunStep)
-    assert message.task_id == id(slot.task)
+    assert message.task_id == slot.task.id
 
 
 def test_an_autojump_clock_jumps_to_the_next_timer_only_when_nothing_else_can_move() -> None:

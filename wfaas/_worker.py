@@ -172,11 +172,13 @@ def _setup_process() -> None:
         sys.stdout.reconfigure(line_buffering=True)
 
 
-def main(conn: Connection, live_output: bool = True) -> None:
+def main(conn: Connection, live_output: bool = True, claims: Any = None) -> None:
     """The worker loop; returns when told to stop or when the engine closes the pipe.
 
     With ``live_output``, what a step prints is also sent while it runs
-    (``wire.Output`` messages before its reply).
+    (``wire.Output`` messages before its reply). ``claims`` is the value shared
+    with the engine through which it may take back a step queued behind
+    another (``pool.WorkerPool.take_back``, ``dispatch.py``).
     """
     _setup_process()
     send_lock = threading.Lock()  # the capture's thread sends output while the step runs
@@ -216,6 +218,8 @@ def main(conn: Connection, live_output: bool = True) -> None:
             )
             conn.send_bytes(wire.dumps(wire.failed(run.task_id, error, format_traceback(exc))))
             continue
+        if not _claim(claims, run):
+            continue  # the engine took it back, to run it elsewhere: its blobs are kept, as the engine counts on
         task[0] = run.task_id
         reply = _attempt(run, held, capture, meter, collector, state)
         try:
@@ -226,12 +230,25 @@ def main(conn: Connection, live_output: bool = True) -> None:
             return
         if reply.usage.get("retire") is not None:
             return  # the engine starts a fresh worker in this one's place
-        if run.spin:
-            _look_for_next(conn, run.spin)
+        state.restore_rest()  # after the reply: the engine reads it meanwhile (capture.py)
+        _look_for_next(conn, run.spin)
+
+
+def _claim(claims: Any, run: wire.RunStep) -> bool:
+    """Say this step starts, unless the engine took it back first (a step queued behind another, ``run.claim``)."""
+    if claims is None:
+        return True  # none shared (a Dask child): its engine never queues a step behind another
+    with claims.get_lock():
+        if run.claim and claims[1] == run.task_id:
+            return False
+        claims[0] = run.task_id
+    return True
 
 
 def _look_for_next(conn: Connection, seconds: float) -> None:
-    """Look for the next message without sleeping, for up to ``seconds`` (the engine asked: ``dispatch.py``)."""
+    """Look for the next message without sleeping, for up to ``seconds`` (the engine asks: ``dispatch.py``)."""
+    if not seconds:
+        return
     end = time.perf_counter() + seconds
     while time.perf_counter() < end and not conn.poll(0):
         pass

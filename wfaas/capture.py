@@ -6,10 +6,11 @@ A worker is warm: it runs step after step. Two things wrap every attempt:
     for the worker's life; one reader thread)         are the pipe in the state it keeps)
     attempt starts: its lines from now on
     step runs: prints, logs, C code, subprocesses      reader thread: chunks -> timestamped lines
-    attempt ends: flush -------------------------->   restore(): fds, stdio objects, cwd, environment,
-                                                       signal handlers/mask/timer, sys.path, umask,
-                                                       root logging -> None, or why it could not
-    drain what is left; the attempt's lines            (the engine then replaces the worker)
+    attempt ends: flush -------------------------->   restore_first(): fds, stdio objects, cwd
+                                                       -> None, or why it could not (the engine
+    drain what is left; the attempt's lines            then replaces the worker)
+    (the worker sends its reply)                       restore_rest(): environment, signal handlers/
+                                                       mask/timer, sys.path, umask, root logging
     between attempts and at exit: what arrives goes to the worker's own stderr
 
 Capturing at the file-descriptor level catches what C extensions and child
@@ -115,8 +116,16 @@ class ProcessState:
         This runs after every attempt, so the common case (nothing changed)
         is a straight line: compare what can be read without a system call,
         and set unconditionally what can only be read with one (descriptors,
-        signal mask, timer, umask: reading costs as much as setting).
+        signal mask, timer, umask: reading costs as much as setting). It is
+        :meth:`restore_first`, then :meth:`restore_rest`.
         """
+        problem = self.restore_first()
+        self.restore_rest()
+        return problem
+
+    def restore_first(self) -> str | None:
+        """What must be back before the attempt's reply: the standard streams and descriptors (its output is
+        read from them), and the working directory; these are what can fail to be put back (see ``restore``)."""
         problem = None
         stdin, stdout, stderr = self.stdio
         try:
@@ -145,6 +154,10 @@ class ProcessState:
                     os.chdir(self.cwd)
                 except OSError as exc:
                     problem = f"its working directory {self.cwd} cannot be restored ({exc.strerror})"
+        return problem
+
+    def restore_rest(self) -> None:
+        """The rest, which cannot fail: a worker does it after sending the reply, while the engine reads it."""
         if os.environ is not self._environ or self._environ_live != self._environ_data:
             self._restore_environ()
         if sys.path != self.path:
@@ -164,7 +177,6 @@ class ProcessState:
             root.setLevel(self.root_level)
         if root.manager.disable:
             logging.disable(logging.NOTSET)
-        return problem
 
     def _restore_environ(self) -> None:
         os.environ = self._environ  # noqa: B003 - a step may have put another mapping in its place
@@ -262,12 +274,12 @@ class Capture:
         self._active = True
 
     def stop(self, state: ProcessState) -> tuple[list[LogLine], int, int, str | None]:
-        """End the attempt's capture.
+        """End the attempt's capture, and ``state.restore_first()``; the caller calls ``state.restore_rest()``.
 
         Returns (lines, characters cut, index of the first line not yet
         forwarded, what could not be restored or None).
         """
-        problem = state.restore()  # flushes the streams into the pipe first
+        problem = state.restore_first()  # flushes the streams into the pipe first; the caller then restore_rest()
         with self._lock:
             closed = not self._reading
             ready = self._peek.poll(0)

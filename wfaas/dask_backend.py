@@ -231,6 +231,12 @@ class DaskPool:
     def start(self) -> None:
         """Nothing to start: the cluster's workers are running."""
 
+    def started(self, slot: Slot) -> int:
+        return 0  # one step per slot (depth 1): nothing is queued behind another, or taken back
+
+    def take_back(self, slot: Slot, task_id: int) -> bool:
+        return False
+
     def spawn(self, slot: Slot) -> None:
         """Make the slot ready for the next step (after a crash or a kill)."""
         assert isinstance(slot, DaskSlot)

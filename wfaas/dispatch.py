@@ -15,22 +15,28 @@ worker (``Slot.next``), which reads it as soon as its current reply is sent.
 
 Only behind a step expected to be short (``QUEUE_BEHIND_BELOW``): its run's
 recent attempts took less than that (``Run.recent_wall``, a moving average)
-and it has not run that long yet. A queued step therefore waits for about one
-short step at most, and a run of long steps, where the round trip does not
-matter, never queues.
+and it has not run that long yet. A run of long steps, where the round trip
+does not matter, never queues.
 
 For the run, a queued step has not started: ``_begin`` runs for it when the
-reply of the step before it arrives (``_promote``). If that worker dies or is
-stopped first, the queued step was never read: it goes back to the head of
-the ready queue as it was (``_unqueue``). Once promoted, it is a running step
-like any other; a worker killed from outside in the microseconds between
-sending one reply and reading the queued step charges its crash to the queued
-step, as it would to a step it had just started. One case needs care: the
-step's run began to stop (a cancel, a FAIL_WORKFLOW failure) while it was
-queued. Its worker starts it anyway; it is stopped at once and counted as
-never started (``KillReason.UNQUEUED``), as the run's other unstarted steps
-are (PENDING: a resume runs it, from the start). Such a cancel ends when the
-short step in front of it has.
+reply of the step before it arrives (``_promote``). Until its worker starts
+it, the scheduler can take it back (``pool.WorkerPool.take_back``: ids in a
+value shared with the worker; whichever of the two changes it first wins, and
+a worker skips a step taken back). A step is queued only behind one its worker
+has started, so at most one message per worker can be taken back. It is taken back when the step in front of
+it has run QUEUE_BEHIND_BELOW after all (back to the head of the ready queue:
+the next free worker runs it; ``_take_back_stuck``), and when its run stops
+(``_take_back_run``). If its worker dies or is stopped first, it was never
+run: back to the head of the ready queue as it was (``_unqueue``).
+
+Once promoted, it is a running step like any other; a worker killed from
+outside in the microseconds between sending one reply and reading the queued
+step charges its crash to the queued step, as it would to a step it had just
+started. A worker that claimed a step whose run began to stop (a cancel, a
+FAIL_WORKFLOW failure) just before the scheduler could take it back starts
+it: it is stopped at once and counted as never started
+(``KillReason.UNQUEUED``), as the run's other unstarted steps are (PENDING: a
+resume runs it, from the start).
 """
 
 from __future__ import annotations
@@ -61,12 +67,15 @@ if TYPE_CHECKING:
         supervisor: Supervisor
         grace: float
         _ready: ReadyQueue
+        _soon: bool
 
         def timer(self, when: float, kind: TimerKind, target: Any) -> int: ...
         def _event(self, kind: type, run: Run, when: datetime, **fields: Any) -> None: ...
         def _set_status(self, run: Run, step: StepRun, new: StepStatus) -> None: ...
         def _begin(self, task: Task) -> None: ...
         def _queue_behind(self, up_to: int) -> list[tuple[Slot, bytes]]: ...
+        def _unqueue(self, task: Task) -> None: ...
+        def _take_back_stuck(self) -> None: ...
         def _release_item(self, item: StepRun) -> None: ...
 
 
@@ -86,11 +95,14 @@ class Dispatch:
 
     def _dispatch(self: Scheduler, up_to: int) -> list[tuple[Slot, bytes]]:
         """Hand ready steps to idle slots (then behind busy ones), only those queued before ``up_to`` (committed)."""
+        if self.pool.depth > 1:
+            self._take_back_stuck()
+        idle = [s for s in self.pool.slots if s.idle]
         if not self._ready:
             return []
         now = self.clock.monotonic()
         sends = []
-        taken = self._ready.take([s for s in self.pool.slots if s.idle], up_to)
+        taken = self._ready.take(idle, up_to)
         # A worker may look for its next step after replying while a core is left for the scheduler.
         spare = self.pool.depth > 1 and sum(s.task is not None for s in self.pool.slots) + len(taken) < CPUS
         for run, step, slot, _ in taken:
@@ -139,6 +151,7 @@ class Dispatch:
             and not slot.dying
             and slot.task.kill_reason is None
             and _short(slot.task, now)
+            and self.pool.started(slot) == slot.task.id  # else a message is unclaimed: at most one may be
         ]
         if not behind:
             return []
@@ -146,8 +159,33 @@ class Dispatch:
         for run, step, slot, token in self._ready.take(behind, up_to):
             task = slot.next = Task.start(run, step, slot, now)
             task.token = token
-            sends.append((slot, wire.dumps(run_message(task))))
+            sends.append((slot, wire.dumps(run_message(task, claim=True))))
         return sends
+
+    def _take_back_stuck(self: Scheduler) -> None:
+        """Take back the steps queued behind steps that turned out long: the next free worker runs them first.
+
+        While a step is queued behind one that has run less than QUEUE_BEHIND_BELOW, the loop looks again
+        within ``loopio.SOON``: a queued step waits behind a long one for about that long at most."""
+        now = self.clock.monotonic()
+        for slot in self.pool.slots:
+            task = slot.next
+            if task is None or slot.dying:
+                continue
+            if now - slot.task.started < QUEUE_BEHIND_BELOW:
+                self._soon = True
+            elif self.pool.take_back(slot, task.id):
+                slot.next = None
+                self._unqueue(task)
+
+    def _take_back_run(self: Scheduler, run: Run) -> None:
+        """``run`` stops: take back its steps queued behind others, not to start them (those claimed meanwhile are
+        stopped as they start: ``_promote``)."""
+        for slot in self.pool.slots:
+            task = slot.next
+            if task is not None and task.run is run and not task.hook and self.pool.take_back(slot, task.id):
+                slot.next = None
+                self._unqueue(task)
 
     def _promote(self: Scheduler, slot: Slot, ended: Task, wall: float | None) -> None:
         """``ended`` replied (its attempt took ``wall`` s): the step queued behind it, if any, starts."""

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
         def _fail_for_good(self, run: Run, step: StepRun, error: WorkflowError) -> None: ...
         def _park_waiting(self, run: Run) -> None: ...
         def _unqueue(self, task: Task) -> None: ...
+        def _take_back_run(self, run: Run) -> None: ...
 
 
 S, W = StepStatus, WorkflowStatus
@@ -110,6 +111,7 @@ class Failures:
 
     def _park_waiting(self: Scheduler, run: Run) -> None:
         """The run stops: steps (and items) not yet started go back to PENDING (a resume starts them)."""
+        self._take_back_run(run)  # those queued behind another step in a worker, too (dispatch.py)
         run.unsettled.update(s for s in run.steps if s.items is not None)
         for step in itertools.chain(run.steps, items_of(run)):
             if step.hook:

@@ -86,6 +86,7 @@ class Slot:
         self.conn: multiprocessing.connection.Connection | None = None
         self.task: Any = None  # the scheduler's task in flight, or None
         self.next: Any = None  # a task sent behind it, started when it ends (dispatch.py), or None
+        self.claims: Any = None  # shared with the worker: [last task id it started, last one taken back]
         self.dying = False
         self.bodies: set[str] = set()
         self.classes: set[str] = set()
@@ -122,6 +123,8 @@ class Pool(Protocol):
     def kill(self, slot: Slot, grace: float, done: Callable[[Slot, Exit], None], exit_: Exit | None = None) -> None: ...
     def hurry(self, slot: Slot) -> None: ...
     def close(self, grace: float = 2.0) -> None: ...
+    def started(self, slot: Slot) -> int: ...
+    def take_back(self, slot: Slot, task_id: int) -> bool: ...
 
 
 class Backend(Protocol):
@@ -159,8 +162,9 @@ class WorkerPool:
         if slot.conn is not None:
             slot.conn.close()
         parent_end, child_end = self._ctx.Pipe(duplex=True)
+        slot.claims = self._ctx.Array("q", 2)
         process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=_worker.main, args=(child_end,), name=f"wfaas-worker-{slot.index}", daemon=True
+            target=_worker.main, args=(child_end, True, slot.claims), name=f"wfaas-worker-{slot.index}", daemon=True
         )
         process.start()
         child_end.close()
@@ -201,6 +205,23 @@ class WorkerPool:
     def exit_of(slot: Slot) -> Exit:
         slot.process.join(timeout=1.0)
         return Exit(slot.process.exitcode, slot.last_rss)
+
+    def started(self, slot: Slot) -> int:
+        """The id of the last task the slot's worker started (``_worker._claim``)."""
+        with slot.claims.get_lock():
+            return int(slot.claims[0])
+
+    def take_back(self, slot: Slot, task_id: int) -> bool:
+        """Take back the task queued behind the slot's step, unless its worker started it (it then skips it).
+
+        The two ids live in a value shared with the worker, changed under its lock: one of the two wins.
+        Only one message may be unclaimed when this is called (``dispatch.py`` queues behind a started step).
+        """
+        with slot.claims.get_lock():
+            if slot.claims[0] == task_id:
+                return False
+            slot.claims[1] = task_id
+            return True
 
     def kill(self, slot: Slot, grace: float, done: Callable[[Slot, Exit], None], exit_: Exit | None = None) -> None:
         """Stop the slot's process tree (SIGTERM, grace, SIGKILL) on a thread; ``done`` once all is dead.

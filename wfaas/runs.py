@@ -170,6 +170,9 @@ class StepRun:
         return self.status in DONE
 
 
+_task_ids: itertools.count[int] = itertools.count(1)
+
+
 @dataclass(eq=False)
 class Task:
     """One attempt (or one on_success / on_failure hook) in flight in a worker slot."""
@@ -188,6 +191,9 @@ class Task:
     wait_kind: WaitKind | None = None
     queued: float = 0.0  # then: waiting for a free worker
     token: int = 0  # its ready-queue token, kept while it is queued behind another step (dispatch.py)
+    # Names it to its worker; never reused (an object's id is: a step taken back and queued again could
+    # get its old id, and its worker would claim the message it should skip).
+    id: int = field(default_factory=lambda: next(_task_ids))
 
     @classmethod
     def start(cls, run: Run, step: StepRun, slot: Slot, now: float) -> Task:
@@ -311,7 +317,7 @@ class Run:
             self.logs[(step.sid, task.attempt - kept, item)] = None
 
 
-def run_message(task: Task, spin: float = 0.0) -> wire.RunStep:
+def run_message(task: Task, spin: float = 0.0, claim: bool = False) -> wire.RunStep:
     """The message that starts ``task`` in its slot: only what the worker does not hold yet travels."""
     run, step, slot, snap, hook = task.run, task.step, task.slot, task.snapshot, task.hook
     key = run.compiled.body_keys[step.index]
@@ -325,9 +331,9 @@ def run_message(task: Task, spin: float = 0.0) -> wire.RunStep:
     error = step.final_error
     error_blob = data_codec.encode_value((error, error.__cause__)) if hook is Hook.FAILURE and error else None
     return wire.RunStep(
-        id(task), key, body_blob, run.cls_key, cls_blob, snap.key, snap_blob,
+        task.id, key, body_blob, run.cls_key, cls_blob, snap.key, snap_blob,
         run.iid, run.workflow_id, step.sid, task.attempt, hook.value if hook else None, error_blob,
-        step.item_blob, step.item_key, spin,
+        step.item_blob, step.item_key, spin, claim,
     )  # fmt: skip
 
 

@@ -137,6 +137,10 @@ class FakePool:
         self._exitcodes: list[int | None] = [None for _ in self.slots]
         self._pids = itertools.count(100_001)
         self._held: list[dict[str, Any]] = [{} for _ in self.slots]  # what each fake worker holds, as a worker does
+        # Each fake worker's messages not yet started, (task id, queued behind another), in order; and
+        # [last task id started, last one taken back], as a worker shares them with the pool.
+        self._inbox: list[list[tuple[int, bool]]] = [[] for _ in self.slots]
+        self._claims = [[0, 0] for _ in self.slots]
 
     # -- pool.Pool ------------------------------------------------------------------
 
@@ -148,6 +152,7 @@ class FakePool:
         i = slot.index
         _drain(self._results[i][0])
         _drain(self._exits[i][0])
+        self._inbox[i], self._claims[i] = [], [0, 0]
         self.replies[i].clear()
         self._exitcodes[i] = None
         self._held[i] = {"bodies": {}, "classes": {}, "snap": (None, {}, None)}
@@ -175,6 +180,9 @@ class FakePool:
             held["snap"] = (run.snap_key, *_worker.read_snapshot(run.snap))
         assert held["snap"][0] == run.snap_key, "the scheduler and the worker disagree on the data snapshot"
         self.sent.append((slot, run))
+        self._inbox[slot.index].append((run.task_id, run.claim))
+        if not run.claim:
+            self._next(slot)  # sent to an idle worker: it starts at once
 
     def receive(self, slot: Slot) -> wire.FromWorker | None:
         if not self.replies[slot.index]:
@@ -192,6 +200,25 @@ class FakePool:
 
     def hurry(self, slot: Slot) -> None:
         self.hurried.append(slot)
+
+    def started(self, slot: Slot) -> int:
+        return self._claims[slot.index][0]
+
+    def take_back(self, slot: Slot, task_id: int) -> bool:
+        claims = self._claims[slot.index]
+        if claims[0] == task_id:
+            return False
+        claims[1] = task_id
+        return True
+
+    def _next(self, slot: Slot) -> None:
+        """The fake worker is free: it starts its next message, skipping one taken back (as ``_worker._claim``)."""
+        inbox, claims = self._inbox[slot.index], self._claims[slot.index]
+        while inbox:
+            task_id, queued = inbox.pop(0)
+            if not (queued and claims[1] == task_id):
+                claims[0] = task_id
+                return
 
     def close(self, grace: float = 2.0) -> None:
         for r, w in (*self._results, *self._exits):
@@ -224,9 +251,12 @@ class FakePool:
         return reply
 
     def reply(self, step_id: str, message: wire.FromWorker) -> None:
-        """Queue ``message`` from the worker running ``step_id``."""
+        """Queue ``message`` from the worker running ``step_id``; a reply, not ``Output``, ends the step, and the
+        worker claims the step queued behind it (if the scheduler has not taken it back)."""
         slot = self.busy()[step_id]
         self.replies[slot.index].append(message)
+        if not isinstance(message, wire.Output):
+            self._next(slot)  # it replied: on to the step queued behind, if any
         os.write(self._results[slot.index][1], b"x")
 
     def crash(self, step_id: str, exitcode: int = -9) -> None:

@@ -35,7 +35,8 @@ class RunStep(NamedTuple):
     ``hook`` is None, "success" or "failure", and ``error``, for an
     on_failure hook, is ``(error, its cause)`` encoded (pickle drops ``__cause__``).
     ``item`` (encoded) and ``item_key`` are the item of a ``for_each`` step, else None.
-    ``spin``: see ``dispatch.py`` (why a worker may look for its next step before it sleeps).
+    ``spin`` and ``claim``: see ``dispatch.py`` (why a worker may look for its next step before it sleeps,
+    and how a step queued behind another is taken back).
     """
 
     task_id: int
@@ -54,6 +55,7 @@ class RunStep(NamedTuple):
     item: bytes | None = None
     item_key: str | None = None
     spin: float = 0.0  # after replying, look for the next step for up to this many seconds before sleeping
+    claim: bool = False  # queued behind another step: run it only if the engine did not take it back
 
 
 class Stop(NamedTuple):
