@@ -127,6 +127,21 @@ def test_a_worker_that_retires_never_runs_its_queued_step(one: Ticker) -> None:
     assert one.status(iid) is W.COMPLETED and one.step(iid, "c").attempts == 1
 
 
+def test_a_run_whose_step_waits_in_a_retiring_worker_ends_only_once_it_is_put_back(one: Ticker) -> None:
+    first = one.start(fan("a", "b"))
+    one.run("a")
+    second = one.start(fan("x", wid="other"))
+    one.pool.execute("b", usage={"wall": 0.001, "retire": "a step closed fd 1"})
+    one.turn()
+    one.scheduler.cancel(second, 0.0)
+    one.turn()
+    assert one.status(second) is W.RUNNING, "x is still in the retiring worker's pipe"
+    one.pool.end_kill()
+    one.turn()
+    assert one.status(first) is W.COMPLETED and one.status(second) is W.CANCELLED
+    assert one.step(second, "x").status is S.PENDING and one.step(second, "x").attempts == 0
+
+
 def test_a_step_queued_for_a_run_cancelled_meanwhile_is_taken_back(one: Ticker) -> None:
     first = one.start(fan("a", "b"))
     one.run("a")

@@ -142,6 +142,7 @@ class Failures:
         self.pool.spawn(slot)
         if queued is not None:
             self._unqueue(queued)
+            self._maybe_finish(queued.run)  # a stopping run may have waited for it
         if task is None:
             return  # its result arrived before the kill; nothing was lost
         run, step = task.run, task.step

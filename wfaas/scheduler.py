@@ -398,9 +398,10 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
         self._commits.finished.append(run)
 
     def _busy(self, run: Run) -> bool:
-        """An attempt or hook of ``run`` is in a worker slot (a slot being stopped counts)."""
+        """An attempt or hook of ``run`` is in a worker slot, running or queued (a slot being stopped counts:
+        its queued step stays until the stop ends, when it is put back)."""
         return any(
-            s.task is not None and (s.task.run is run or (s.next is not None and s.next.run is run))
+            (s.task is not None and s.task.run is run) or (s.next is not None and s.next.run is run)
             for s in self.pool.slots
         )
 
