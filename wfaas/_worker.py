@@ -172,15 +172,17 @@ def _setup_process() -> None:
         sys.stdout.reconfigure(line_buffering=True)
 
 
-def main(conn: Connection, live_output: bool = True, claims: Any = None) -> None:
+def main(conn: Connection, live_output: bool = True, token: Connection | None = None) -> None:
     """The worker loop; returns when told to stop or when the engine closes the pipe.
 
     With ``live_output``, what a step prints is also sent while it runs
-    (``wire.Output`` messages before its reply). ``claims`` is the value shared
-    with the engine through which it may take back a step queued behind
-    another (``pool.WorkerPool.take_back``, ``dispatch.py``).
+    (``wire.Output`` messages before its reply). ``token`` is the pipe whose
+    token it takes before starting a step queued behind another, unless the
+    engine took it back first (``pool.WorkerPool.offer``, ``dispatch.py``).
     """
     _setup_process()
+    if token is not None:
+        os.set_blocking(token.fileno(), False)  # shared with the engine's copy already; said here too
     send_lock = threading.Lock()  # the capture's thread sends output while the step runs
     task: list[int] = [0]
 
@@ -218,7 +220,7 @@ def main(conn: Connection, live_output: bool = True, claims: Any = None) -> None
             )
             conn.send_bytes(wire.dumps(wire.failed(run.task_id, error, format_traceback(exc))))
             continue
-        if not _claim(claims, run):
+        if run.claim and not _claim(token):
             continue  # the engine took it back, to run it elsewhere: its blobs are kept, as the engine counts on
         task[0] = run.task_id
         reply = _attempt(run, held, capture, meter, collector, state)
@@ -234,15 +236,14 @@ def main(conn: Connection, live_output: bool = True, claims: Any = None) -> None
         _look_for_next(conn, run.spin)
 
 
-def _claim(claims: Any, run: wire.RunStep) -> bool:
-    """Say this step starts, unless the engine took it back first (a step queued behind another, ``run.claim``)."""
-    if claims is None:
-        return True  # none shared (a Dask child): its engine never queues a step behind another
-    with claims.get_lock():
-        if run.claim and claims[1] == run.task_id:
-            return False
-        claims[0] = run.task_id
-    return True
+def _claim(token: Connection | None) -> bool:
+    """Take the claim token of a step queued behind another; none: the engine took the step back."""
+    if token is None:
+        return True  # a Dask child: its engine never queues a step behind another
+    try:
+        return os.read(token.fileno(), 1) == b"t"
+    except BlockingIOError:
+        return False
 
 
 def _look_for_next(conn: Connection, seconds: float) -> None:

@@ -231,10 +231,14 @@ class DaskPool:
     def start(self) -> None:
         """Nothing to start: the cluster's workers are running."""
 
-    def started(self, slot: Slot) -> int:
-        return 0  # one step per slot (depth 1): nothing is queued behind another, or taken back
+    # One step per slot (depth 1): nothing is queued behind another, or taken back.
+    def offer(self, slot: Slot) -> None:
+        raise AssertionError("a Dask pool has depth 1: no step is queued behind another")
 
-    def take_back(self, slot: Slot, task_id: int) -> bool:
+    def claimed(self, slot: Slot) -> bool:
+        return True
+
+    def take_back(self, slot: Slot) -> bool:
         return False
 
     def spawn(self, slot: Slot) -> None:

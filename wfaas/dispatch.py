@@ -20,10 +20,10 @@ does not matter, never queues.
 
 For the run, a queued step has not started: ``_begin`` runs for it when the
 reply of the step before it arrives (``_promote``). Until its worker starts
-it, the scheduler can take it back (``pool.WorkerPool.take_back``: ids in a
-value shared with the worker; whichever of the two changes it first wins, and
-a worker skips a step taken back). A step is queued only behind one its worker
-has started, so at most one message per worker can be taken back. It is taken back when the step in front of
+it, the scheduler can take it back: both read for its claim token in a pipe,
+and one of them gets it (``pool.WorkerPool.offer``); a worker that finds no
+token skips the step. A step is queued only while no token waits in that
+pipe, so the token taken back is the one of the step meant. It is taken back when the step in front of
 it has run QUEUE_BEHIND_BELOW after all (back to the head of the ready queue:
 the next free worker runs it; ``_take_back_stuck``), and when its run stops
 (``_take_back_run``). If its worker dies or is stopped first, it was never
@@ -151,7 +151,7 @@ class Dispatch:
             and not slot.dying
             and slot.task.kill_reason is None
             and _short(slot.task, now)
-            and self.pool.started(slot) == slot.task.id  # else a message is unclaimed: at most one may be
+            and self.pool.claimed(slot)  # at most one token in the pipe: take_back takes the one it means
         ]
         if not behind:
             return []
@@ -159,6 +159,7 @@ class Dispatch:
         for run, step, slot, token in self._ready.take(behind, up_to):
             task = slot.next = Task.start(run, step, slot, now)
             task.token = token
+            self.pool.offer(slot)
             sends.append((slot, wire.dumps(run_message(task, claim=True))))
         return sends
 
@@ -174,7 +175,7 @@ class Dispatch:
                 continue
             if now - slot.task.started < QUEUE_BEHIND_BELOW:
                 self._soon = True
-            elif self.pool.take_back(slot, task.id):
+            elif self.pool.take_back(slot):
                 slot.next = None
                 self._unqueue(task)
 
@@ -183,7 +184,7 @@ class Dispatch:
         stopped as they start: ``_promote``)."""
         for slot in self.pool.slots:
             task = slot.next
-            if task is not None and task.run is run and not task.hook and self.pool.take_back(slot, task.id):
+            if task is not None and task.run is run and not task.hook and self.pool.take_back(slot):
                 slot.next = None
                 self._unqueue(task)
 

@@ -86,7 +86,7 @@ class Slot:
         self.conn: multiprocessing.connection.Connection | None = None
         self.task: Any = None  # the scheduler's task in flight, or None
         self.next: Any = None  # a task sent behind it, started when it ends (dispatch.py), or None
-        self.claims: Any = None  # shared with the worker: [last task id it started, last one taken back]
+        self.token: Any = None  # (reader, writer): the pipe of the claim token of a step queued behind (dispatch.py)
         self.dying = False
         self.bodies: set[str] = set()
         self.classes: set[str] = set()
@@ -123,8 +123,9 @@ class Pool(Protocol):
     def kill(self, slot: Slot, grace: float, done: Callable[[Slot, Exit], None], exit_: Exit | None = None) -> None: ...
     def hurry(self, slot: Slot) -> None: ...
     def close(self, grace: float = 2.0) -> None: ...
-    def started(self, slot: Slot) -> int: ...
-    def take_back(self, slot: Slot, task_id: int) -> bool: ...
+    def offer(self, slot: Slot) -> None: ...
+    def claimed(self, slot: Slot) -> bool: ...
+    def take_back(self, slot: Slot) -> bool: ...
 
 
 class Backend(Protocol):
@@ -162,9 +163,13 @@ class WorkerPool:
         if slot.conn is not None:
             slot.conn.close()
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        slot.claims = self._ctx.Array("q", 2)
+        if slot.token is not None:
+            for end in slot.token:
+                end.close()
+        slot.token = self._ctx.Pipe(duplex=False)
+        os.set_blocking(slot.token[0].fileno(), False)  # the worker's copy shares the flag
         process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=_worker.main, args=(child_end, True, slot.claims), name=f"wfaas-worker-{slot.index}", daemon=True
+            target=_worker.main, args=(child_end, True, slot.token[0]), name=f"wfaas-worker-{slot.index}", daemon=True
         )
         process.start()
         child_end.close()
@@ -206,22 +211,25 @@ class WorkerPool:
         slot.process.join(timeout=1.0)
         return Exit(slot.process.exitcode, slot.last_rss)
 
-    def started(self, slot: Slot) -> int:
-        """The id of the last task the slot's worker started (``_worker._claim``)."""
-        with slot.claims.get_lock():
-            return int(slot.claims[0])
+    def offer(self, slot: Slot) -> None:
+        """The next message is a step queued behind the slot's step: put its claim token in the slot's token pipe.
 
-    def take_back(self, slot: Slot, task_id: int) -> bool:
-        """Take back the task queued behind the slot's step, unless its worker started it (it then skips it).
-
-        The two ids live in a value shared with the worker, changed under its lock: one of the two wins.
-        Only one message may be unclaimed when this is called (``dispatch.py`` queues behind a started step).
+        The worker reads the token before it starts such a step, :meth:`take_back` reads it to take the step
+        back: a pipe gives its one byte to one reader, so exactly one of them gets it (the worker that finds
+        none skips the step). No lock, so nothing is left behind when a process is killed.
         """
-        with slot.claims.get_lock():
-            if slot.claims[0] == task_id:
-                return False
-            slot.claims[1] = task_id
-            return True
+        os.write(slot.token[1].fileno(), b"t")
+
+    def claimed(self, slot: Slot) -> bool:
+        """No token is waiting: every step queued behind the slot's step has been started or taken back."""
+        return not slot.token[0].poll(0)
+
+    def take_back(self, slot: Slot) -> bool:
+        """Take back the step queued behind the slot's step, unless its worker claimed it first."""
+        try:
+            return os.read(slot.token[0].fileno(), 1) == b"t"
+        except BlockingIOError:
+            return False
 
     def kill(self, slot: Slot, grace: float, done: Callable[[Slot, Exit], None], exit_: Exit | None = None) -> None:
         """Stop the slot's process tree (SIGTERM, grace, SIGKILL) on a thread; ``done`` once all is dead.
@@ -281,6 +289,8 @@ class WorkerPool:
             slot.process.join(timeout=1.0)
             if slot.conn is not None:
                 slot.conn.close()
+            for end in slot.token or ():
+                end.close()
         if self._guard is not None:
             self._guard.close()
 

@@ -138,9 +138,9 @@ class FakePool:
         self._pids = itertools.count(100_001)
         self._held: list[dict[str, Any]] = [{} for _ in self.slots]  # what each fake worker holds, as a worker does
         # Each fake worker's messages not yet started, (task id, queued behind another), in order; and
-        # [last task id started, last one taken back], as a worker shares them with the pool.
+        # the claim tokens in its token pipe (pool.WorkerPool.offer).
         self._inbox: list[list[tuple[int, bool]]] = [[] for _ in self.slots]
-        self._claims = [[0, 0] for _ in self.slots]
+        self._tokens = [0 for _ in self.slots]
 
     # -- pool.Pool ------------------------------------------------------------------
 
@@ -152,7 +152,7 @@ class FakePool:
         i = slot.index
         _drain(self._results[i][0])
         _drain(self._exits[i][0])
-        self._inbox[i], self._claims[i] = [], [0, 0]
+        self._inbox[i], self._tokens[i] = [], 0
         self.replies[i].clear()
         self._exitcodes[i] = None
         self._held[i] = {"bodies": {}, "classes": {}, "snap": (None, {}, None)}
@@ -201,23 +201,27 @@ class FakePool:
     def hurry(self, slot: Slot) -> None:
         self.hurried.append(slot)
 
-    def started(self, slot: Slot) -> int:
-        return self._claims[slot.index][0]
+    def offer(self, slot: Slot) -> None:
+        self._tokens[slot.index] += 1
 
-    def take_back(self, slot: Slot, task_id: int) -> bool:
-        claims = self._claims[slot.index]
-        if claims[0] == task_id:
+    def claimed(self, slot: Slot) -> bool:
+        return not self._tokens[slot.index]
+
+    def take_back(self, slot: Slot) -> bool:
+        return self._take_token(slot)
+
+    def _take_token(self, slot: Slot) -> bool:
+        if not self._tokens[slot.index]:
             return False
-        claims[1] = task_id
+        self._tokens[slot.index] -= 1
         return True
 
     def _next(self, slot: Slot) -> None:
         """The fake worker is free: it starts its next message, skipping one taken back (as ``_worker._claim``)."""
-        inbox, claims = self._inbox[slot.index], self._claims[slot.index]
+        inbox = self._inbox[slot.index]
         while inbox:
-            task_id, queued = inbox.pop(0)
-            if not (queued and claims[1] == task_id):
-                claims[0] = task_id
+            _, queued = inbox.pop(0)
+            if not queued or self._take_token(slot):
                 return
 
     def close(self, grace: float = 2.0) -> None:
