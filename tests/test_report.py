@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from wfaas import Attempt, StepState, StepStatus, WorkflowState, WorkflowStatus
-from wfaas.report import COLOURS, critical_path, dag_layout, nice_step, render_report
+from wfaas.report import COLOURS, DRAW_LIMIT, critical_path, dag_layout, drawn_steps, nice_step, render_report
 
 from conftest import wait_until
 
@@ -292,6 +292,16 @@ def test_critical_path_follows_the_dependency_that_let_each_step_start() -> None
     assert critical_path(state, deps) == ["a", "slow", "join"]
     deps["join"] = (["first_of"], [])
     assert critical_path(state, deps) == ["a", "fast", "first_of", "join"]
+
+
+def test_a_large_run_draws_the_limit_even_when_its_critical_path_is_among_the_longest() -> None:
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    # Independent steps: the critical path is the step that finished last, which is also the longest.
+    steps = {f"s{i:03d}": _done(t, 1 + i / 1000) for i in range(DRAW_LIMIT + 100)}
+    drawn, note = drawn_steps(_state(steps), {sid: ([], []) for sid in steps})
+    assert len(drawn.step_states) == DRAW_LIMIT
+    assert note is not None and f"show {DRAW_LIMIT} of them" in note
+    assert "s299" in drawn.step_states and "s000" not in drawn.step_states
 
 
 def test_dag_columns_are_one_past_the_deepest_dependency() -> None:

@@ -147,7 +147,10 @@ def drawn_steps(state: WorkflowState[Any], deps: Dependencies) -> tuple[Workflow
     look = [sid for sid, s in steps.items() if s.status in _WORTH_A_LOOK][: DRAW_LIMIT // 2]
     busy = sorted(((sum(a.wall or 0.0 for a in attempts_of(s)), sid) for sid, s in steps.items()), reverse=True)
     keep = {*look, *critical_path(state, deps)}
-    keep.update(sid for _, sid in busy[: max(0, DRAW_LIMIT - len(keep))])
+    for _, sid in busy:  # then the longest, up to the limit (the critical path's may be among them)
+        if len(keep) >= DRAW_LIMIT:
+            break
+        keep.add(sid)
     drawn = replace(state, step_states={sid: s for sid, s in steps.items() if sid in keep})
     note = (
         f"{len(steps)} steps: the graph, timeline and table show {len(keep)} of them (failed, running, waiting "
