@@ -157,6 +157,23 @@ def test_a_step_queued_for_a_run_cancelled_meanwhile_is_taken_back(one: Ticker) 
     assert not [e for e in one.events(events.StepStarted) if e.step_id == "x"]
 
 
+def test_nothing_is_queued_behind_a_worker_until_it_has_skipped_the_step_taken_back(one: Ticker) -> None:
+    # Were z queued while x's message is still unread, the worker would take z's claim token for x: x would
+    # run twice (here and wherever it went), and z's message, finding no token, would be skipped.
+    first = one.start(fan("a", "b"))
+    one.run("a")
+    second = one.start(fan("x", wid="other"))
+    assert queued(one) == "x"
+    one.scheduler.cancel(second, 0.0)  # x taken back; its message waits in the worker's pipe
+    third = one.start(fan("z", wid="third"))
+    assert queued(one) is None and "z" not in sent(one)
+    one.run("b")  # the worker replies, reads x's message and skips it (wire.Skipped)
+    assert one.busy() == {"z"}
+    one.run("z")
+    assert one.status(first) is one.status(third) is W.COMPLETED and one.status(second) is W.CANCELLED
+    assert sent(one).count("x") == 1
+
+
 def test_a_step_its_worker_claimed_before_the_cancel_is_stopped_as_never_started(one: Ticker) -> None:
     first = one.start(fan("a", "b"))
     one.run("a")

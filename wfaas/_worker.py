@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing import current_process
 from multiprocessing.connection import Connection
 from typing import Any
@@ -193,6 +194,13 @@ def main(conn: Connection, live_output: bool = True, token: Connection | None = 
         except OSError:
             pass  # the engine is gone; the reply's send finds out too
 
+    def send(message: wire.Message) -> None:
+        try:
+            with send_lock:
+                conn.send_bytes(wire.dumps(message))
+        except OSError:
+            raise _EngineGone from None
+
     capture = Capture(forward if live_output else None)
     root = logging.getLogger()
     collector = _Collector(capture)
@@ -201,39 +209,50 @@ def main(conn: Connection, live_output: bool = True, token: Connection | None = 
     state = ProcessState()  # what every attempt starts from (after the capture: fds 1 and 2 on its pipe)
     meter = _Meter()
     held = _Held()
-    while True:
-        try:
-            message = wire.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            _engine_gone()
-            return
-        if isinstance(message, wire.Stop):
-            return
-        run: wire.RunStep = message
-        held.take_snapshot(run)
-        try:
-            held.load(run)
-        except Exception as exc:  # noqa: BLE001 - reported as the step's error, with what to do
-            error = ImportError(
-                f"the worker cannot load step {run.step_id!r} or its data class: {type(exc).__name__}: {exc}; "
-                "the module that defines it must be importable by the worker (on sys.path when the engine starts)"
-            )
-            conn.send_bytes(wire.dumps(wire.failed(run.task_id, error, format_traceback(exc))))
-            continue
-        if run.claim and not _claim(token):
-            continue  # the engine took it back, to run it elsewhere: its blobs are kept, as the engine counts on
-        task[0] = run.task_id
-        reply = _attempt(run, held, capture, meter, collector, state)
-        try:
-            with send_lock:
-                conn.send_bytes(wire.dumps(reply))
-        except OSError:
-            _engine_gone()
-            return
-        if reply.usage.get("retire") is not None:
-            return  # the engine starts a fresh worker in this one's place
-        state.restore_rest()  # after the reply: the engine reads it meanwhile (capture.py)
-        _look_for_next(conn, run.spin)
+    try:
+        while True:
+            try:
+                message = wire.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                raise _EngineGone from None
+            if isinstance(message, wire.Stop):
+                return
+            run: wire.RunStep = message
+            if not _take_in(run, held, token, send):
+                continue
+            task[0] = run.task_id
+            reply = _attempt(run, held, capture, meter, collector, state)
+            send(reply)
+            if reply.usage.get("retire") is not None:
+                return  # the engine starts a fresh worker in this one's place
+            state.restore_rest()  # after the reply: the engine reads it meanwhile (capture.py)
+            _look_for_next(conn, run.spin)
+    except _EngineGone:
+        _engine_gone()
+
+
+class _EngineGone(Exception):
+    """The engine closed our pipe."""
+
+
+def _take_in(run: wire.RunStep, held: _Held, token: Connection | None, send: Callable[[Any], None]) -> bool:
+    """Take in what ``run`` brings; whether to run it: not if it cannot load (said) or the engine took it back."""
+    held.take_snapshot(run)
+    try:
+        held.load(run)
+    except Exception as exc:  # noqa: BLE001 - reported as the step's error, with what to do
+        error = ImportError(
+            f"the worker cannot load step {run.step_id!r} or its data class: {type(exc).__name__}: {exc}; "
+            "the module that defines it must be importable by the worker (on sys.path when the engine starts)"
+        )
+        send(wire.failed(run.task_id, error, format_traceback(exc)))
+        return False
+    if run.claim and not _claim(token):
+        # The engine took it back, to run it elsewhere (its blobs are kept, as the engine counts on). Say so:
+        # until it knows, it queues nothing more here, whose claim token this step would take.
+        send(wire.Skipped(run.task_id))
+        return False
+    return True
 
 
 def _claim(token: Connection | None) -> bool:

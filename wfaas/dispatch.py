@@ -23,7 +23,9 @@ reply of the step before it arrives (``_promote``). Until its worker starts
 it, the scheduler can take it back: both read for its claim token in a pipe,
 and one of them gets it (``pool.WorkerPool.offer``); a worker that finds no
 token skips the step. A step is queued only while no token waits in that
-pipe, so the token taken back is the one of the step meant. It is taken back when the step in front of
+pipe and no step taken back is still unread by the worker (it answers
+``wire.Skipped``): else the worker, reading the step taken back, would take
+the new step's token and run the wrong one. It is taken back when the step in front of
 it has run QUEUE_BEHIND_BELOW after all (back to the head of the ready queue:
 the next free worker runs it; ``_take_back_stuck``), and when its run stops
 (``_take_back_run``). If its worker dies or is stopped first, it was never
@@ -151,6 +153,7 @@ class Dispatch:
             and not slot.dying
             and slot.task.kill_reason is None
             and _short(slot.task, now)
+            and not slot.skipping  # else a message taken back, not yet skipped, would take this one's token
             and self.pool.claimed(slot)  # at most one token in the pipe: take_back takes the one it means
         ]
         if not behind:
@@ -176,7 +179,7 @@ class Dispatch:
             if now - slot.task.started < QUEUE_BEHIND_BELOW:
                 self._soon = True
             elif self.pool.take_back(slot):
-                slot.next = None
+                slot.next, slot.skipping = None, slot.skipping + 1
                 self._unqueue(task)
 
     def _take_back_run(self: Scheduler, run: Run) -> None:
@@ -185,7 +188,7 @@ class Dispatch:
         for slot in self.pool.slots:
             task = slot.next
             if task is not None and task.run is run and not task.hook and self.pool.take_back(slot):
-                slot.next = None
+                slot.next, slot.skipping = None, slot.skipping + 1
                 self._unqueue(task)
 
     def _promote(self: Scheduler, slot: Slot, ended: Task, wall: float | None) -> None:

@@ -87,6 +87,7 @@ class Slot:
         self.task: Any = None  # the scheduler's task in flight, or None
         self.next: Any = None  # a task sent behind it, started when it ends (dispatch.py), or None
         self.token: Any = None  # (reader, writer): the pipe of the claim token of a step queued behind (dispatch.py)
+        self.skipping = 0  # steps taken back whose message its worker has not yet skipped (wire.Skipped)
         self.dying = False
         self.bodies: set[str] = set()
         self.classes: set[str] = set()
@@ -176,7 +177,7 @@ class WorkerPool:
         if self._guard is not None:
             self._guard.watch(process.pid)
         slot.process, slot.conn = process, parent_end
-        slot.task, slot.next, slot.dying = None, None, False
+        slot.task, slot.next, slot.dying, slot.skipping = None, None, False, 0
         slot.bodies, slot.classes, slot.snapshot, slot.last_rss, slot.eof = set(), set(), None, 0, False
 
     def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:

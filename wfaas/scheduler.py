@@ -259,6 +259,9 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
     # -- 4. results: merge, finish, propagate ---------------------------------------------
 
     def _on_message(self, slot: Slot, message: wire.FromWorker) -> None:
+        if isinstance(message, wire.Skipped):  # a step taken back (dispatch.py): its worker read and skipped it
+            slot.skipping -= 1
+            return
         task: Task = slot.task
         run, step = task.run, task.step
         if isinstance(message, wire.Output):  # lines the step printed while it runs; its reply follows

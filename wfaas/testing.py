@@ -141,6 +141,7 @@ class FakePool:
         # the claim tokens in its token pipe (pool.WorkerPool.offer).
         self._inbox: list[list[tuple[int, bool]]] = [[] for _ in self.slots]
         self._tokens = [0 for _ in self.slots]
+        self._running = [0 for _ in self.slots]  # the task id each fake worker runs (0: none)
 
     # -- pool.Pool ------------------------------------------------------------------
 
@@ -152,12 +153,12 @@ class FakePool:
         i = slot.index
         _drain(self._results[i][0])
         _drain(self._exits[i][0])
-        self._inbox[i], self._tokens[i] = [], 0
+        self._inbox[i], self._tokens[i], self._running[i] = [], 0, 0
         self.replies[i].clear()
         self._exitcodes[i] = None
         self._held[i] = {"bodies": {}, "classes": {}, "snap": (None, {}, None)}
         slot.process, slot.conn = _FakeProcess(next(self._pids)), _FakeConn(self, slot)  # type: ignore[assignment]
-        slot.task, slot.next, slot.dying = None, None, False
+        slot.task, slot.next, slot.dying, slot.skipping = None, None, False, 0
         slot.bodies, slot.classes, slot.snapshot, slot.last_rss, slot.eof = set(), set(), None, 0, False
 
     def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:
@@ -219,10 +220,14 @@ class FakePool:
     def _next(self, slot: Slot) -> None:
         """The fake worker is free: it starts its next message, skipping one taken back (as ``_worker._claim``)."""
         inbox = self._inbox[slot.index]
+        self._running[slot.index] = 0
         while inbox:
-            _, queued = inbox.pop(0)
+            task_id, queued = inbox.pop(0)
             if not queued or self._take_token(slot):
+                self._running[slot.index] = task_id
                 return
+            self.replies[slot.index].append(wire.Skipped(task_id))
+            os.write(self._results[slot.index][1], b"x")
 
     def close(self, grace: float = 2.0) -> None:
         for r, w in (*self._results, *self._exits):
@@ -244,6 +249,7 @@ class FakePool:
         """Run the step's body (or hook) here, as its worker would, and queue the reply."""
         slot = self.busy()[step_id]
         run = self.last_sent(step_id)
+        assert run.task_id == self._running[slot.index], f"{step_id}'s worker runs another message (as a worker would)"
         held = self._held[slot.index]
         try:
             body, cls = held["bodies"][run.body_key], held["classes"][run.cls_key]

@@ -5,6 +5,7 @@ Over one duplex pipe per worker (``pool.py``), pickled with protocol 5::
     engine -> worker   RunStep   one attempt (or hook); blobs the worker already holds are None
                        STOP      (pre-pickled) exit when idle
     worker -> engine   Output    lines the step printed while it runs (0 or more, before the reply)
+                       Skipped   a step queued behind another that the engine took back (dispatch.py)
                        Done      the step returned: its outcome and the fields it changed
                        Failed    the step raised: its exception, encoded, and the traceback text
 
@@ -69,6 +70,12 @@ class Output(NamedTuple):
     lines: list[Any]
 
 
+class Skipped(NamedTuple):
+    """A step queued behind another was taken back before the worker claimed it: the worker skipped it."""
+
+    task_id: int
+
+
 class Done(NamedTuple):
     """The step returned. ``changes``: field name -> ``data.FieldChange``.
 
@@ -97,10 +104,10 @@ class Failed(NamedTuple):
 
 
 Reply = Done | Failed
-FromWorker = Output | Done | Failed
-Message = RunStep | Stop | Output | Done | Failed
+FromWorker = Output | Done | Failed | Skipped
+Message = RunStep | Stop | Output | Done | Failed | Skipped
 
-_TYPES: tuple[type[Any], ...] = (RunStep, Stop, Output, Done, Failed)
+_TYPES: tuple[type[Any], ...] = (RunStep, Stop, Output, Done, Failed, Skipped)
 _CODES = {t: code for code, t in enumerate(_TYPES)}
 
 
