@@ -22,6 +22,7 @@ import enum
 import multiprocessing
 import multiprocessing.connection
 import os
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -86,7 +87,7 @@ class Slot:
         self.conn: multiprocessing.connection.Connection | None = None
         self.task: Any = None  # the scheduler's task in flight, or None
         self.next: Any = None  # a task sent behind it, started when it ends (dispatch.py), or None
-        self.token: Any = None  # (reader, writer): the pipe of the claim token of a step queued behind (dispatch.py)
+        self.token: Any = None  # (reader, writer, poll of reader): the claim token's pipe (dispatch.py)
         self.skipping = 0  # steps taken back whose message its worker has not yet skipped (wire.Skipped)
         self.dying = False
         self.bodies: set[str] = set()
@@ -165,10 +166,14 @@ class WorkerPool:
             slot.conn.close()
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         if slot.token is not None:
-            for end in slot.token:
+            for end in slot.token[:2]:
                 end.close()
-        slot.token = self._ctx.Pipe(duplex=False)
-        os.set_blocking(slot.token[0].fileno(), False)  # the worker's copy shares the flag
+        reader, writer = self._ctx.Pipe(duplex=False)
+        os.set_blocking(reader.fileno(), False)  # the worker's copy shares the flag
+        # Connection.poll builds a selector per call (60 µs a queued step in the profile): one poll object.
+        waiting = select.poll()
+        waiting.register(reader.fileno(), select.POLLIN)
+        slot.token = (reader, writer, waiting)
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=_worker.main, args=(child_end, True, slot.token[0]), name=f"wfaas-worker-{slot.index}", daemon=True
         )
@@ -223,7 +228,7 @@ class WorkerPool:
 
     def claimed(self, slot: Slot) -> bool:
         """No token is waiting: every step queued behind the slot's step has been started or taken back."""
-        return not slot.token[0].poll(0)
+        return not slot.token[2].poll(0)
 
     def take_back(self, slot: Slot) -> bool:
         """Take back the step queued behind the slot's step, unless its worker claimed it first."""
@@ -290,7 +295,7 @@ class WorkerPool:
             slot.process.join(timeout=1.0)
             if slot.conn is not None:
                 slot.conn.close()
-            for end in slot.token or ():
+            for end in (slot.token or ())[:2]:
                 end.close()
         if self._guard is not None:
             self._guard.close()
