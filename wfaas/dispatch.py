@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from .supervision import Supervisor
 
     class Scheduler(Protocol):
-        """What ``Prefetch`` uses of the scheduler it is part of (a self-type for mypy)."""
+        """What ``Dispatch`` uses of the scheduler it is part of (a self-type for mypy)."""
 
         clock: Clock
         pool: Pool

@@ -254,7 +254,7 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
         step.hook = hook
         self._ready.push(run, step, next(self._seq), first=True)
 
-    # -- 3. dispatch: a ready step to an idle worker ------------------------------------
+    # -- 3. dispatch: a ready step to an idle worker, or behind a busy one: dispatch.py ----
 
     # -- 4. results: merge, finish, propagate ---------------------------------------------
 
