@@ -191,8 +191,7 @@ class Task:
     wait_kind: WaitKind | None = None
     queued: float = 0.0  # then: waiting for a free worker
     token: int = 0  # its ready-queue token, kept while it is queued behind another step (dispatch.py)
-    # Names it to its worker; never reused (an object's id is: a step taken back and queued again could
-    # get its old id, and its worker would claim the message it should skip).
+    # Names it in the messages to and from its worker: a counter, as an object's id is reused by later tasks.
     id: int = field(default_factory=lambda: next(_task_ids))
 
     @classmethod
