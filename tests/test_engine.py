@@ -704,3 +704,28 @@ def test_import_wfaas_loads_each_name_on_first_use() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.splitlines() == ["[]", "[] [] wfaas.events True"], out.stdout + out.stderr
+
+
+def test_a_data_class_the_workers_cannot_import_fails_the_step_saying_so(
+    engine: WorkflowEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Importable here (sys.path changed after the engine started its workers), not in the workers.
+    (tmp_path / "late_module.py").write_text(
+        "from dataclasses import dataclass\nfrom wfaas import WorkflowData\n\n"
+        "@dataclass\nclass LateData(WorkflowData):\n    n: int = 0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from late_module import LateData  # type: ignore[import-not-found]
+
+    definition = WorkflowDefinition("late", data_type=LateData).add_step(StepDefinition("s", "s", _noop))
+    engine.register_workflow(definition)
+    iid = engine.start_workflow("late", LateData())
+    with pytest.raises(WorkflowError) as raised:
+        engine.wait_for_completion(iid, timeout=30)
+    assert "the worker cannot load step 's'" in str(raised.value)
+    assert "importable by the worker" in str(raised.value)
+    monkeypatch.delitem(sys.modules, "late_module")
+
+
+def _noop(ctx: Any) -> None:
+    pass

@@ -236,21 +236,26 @@ class _EngineGone(Exception):
 
 
 def _take_in(run: wire.RunStep, held: _Held, token: Connection | None, send: Callable[[Any], None]) -> bool:
-    """Take in what ``run`` brings; whether to run it: not if it cannot load (said) or the engine took it back."""
+    """Take in what ``run`` brings; whether to run it: not if the engine took it back, or it cannot load (said)."""
     held.take_snapshot(run)
+    failure: Exception | None = None
     try:
         held.load(run)
     except Exception as exc:  # noqa: BLE001 - reported as the step's error, with what to do
+        failure = exc
+    # The claim first, whether or not it loaded: a step taken back is answered Skipped, never Failed (the
+    # engine no longer expects it here), and a claimed one's token is taken either way.
+    if run.claim and not _claim(token):
+        # Taken back, to run elsewhere (its blobs are kept, as the engine counts on). Say so: until the engine
+        # knows, it queues nothing more here, whose claim token this step would take.
+        send(wire.Skipped(run.task_id))
+        return False
+    if failure is not None:
         error = ImportError(
-            f"the worker cannot load step {run.step_id!r} or its data class: {type(exc).__name__}: {exc}; "
+            f"the worker cannot load step {run.step_id!r} or its data class: {type(failure).__name__}: {failure}; "
             "the module that defines it must be importable by the worker (on sys.path when the engine starts)"
         )
-        send(wire.failed(run.task_id, error, format_traceback(exc)))
-        return False
-    if run.claim and not _claim(token):
-        # The engine took it back, to run it elsewhere (its blobs are kept, as the engine counts on). Say so:
-        # until it knows, it queues nothing more here, whose claim token this step would take.
-        send(wire.Skipped(run.task_id))
+        send(wire.failed(run.task_id, error, format_traceback(failure)))
         return False
     return True
 
