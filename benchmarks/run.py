@@ -887,6 +887,11 @@ def med(results: dict[str, Any], case: str, system: str, key: str) -> float | No
         return None
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or None where either figure is missing (a case not run)."""
+    return a / b if a and b else None
+
+
 def spread(results: dict[str, Any], case: str, system: str, key: str, fmt: str = ".3g") -> str:
     try:
         s = results[case][system][key]
@@ -989,7 +994,7 @@ def evaluate_17(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     for tid, label, durable, memory, threshold in DURABLE_TARGETS:
         a, b = med(results, durable, "wfaas", "per_step_us"), med(results, memory, "wfaas", "per_step_us")
-        add(tid, label, a / b if a and b else None, "le", threshold)
+        add(tid, label, ratio(a, b), "le", threshold)
     for tid, label, large, small in FLAT_TARGETS:
         a, b = med(results, large, "wfaas", "per_step_us"), med(results, small, "wfaas", "per_step_us")
         if a and b:
@@ -1002,7 +1007,7 @@ def evaluate_17(results: dict[str, Any]) -> list[dict[str, Any]]:
     add(
         "for_each",
         "10,000 for_each items: wall per item ÷ a static fan-out's per step",
-        a / b if a and b else None,
+        ratio(a, b),
         "le",
         1.5,
     )
@@ -1020,7 +1025,7 @@ def evaluate_17(results: dict[str, Any]) -> list[dict[str, Any]]:
     add(
         "import",
         "`import wfaas` ÷ `import concurrent.futures` (best of N fresh interpreters)",
-        a / b if a and b else None,
+        ratio(a, b),
         "le",
         3.0,
     )
@@ -1028,7 +1033,7 @@ def evaluate_17(results: dict[str, Any]) -> list[dict[str, Any]]:
     add(
         "dask",
         "Dask backend: wall per step ÷ plain Dask tasks' on the same LocalCluster",
-        a / b if a and b else None,
+        ratio(a, b),
         "le",
         2.0,
     )

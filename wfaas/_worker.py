@@ -264,10 +264,7 @@ def _claim(token: Connection | None) -> bool:
     """Take the claim token of a step queued behind another; none: the engine took the step back."""
     if token is None:
         return True  # a Dask child: its engine never queues a step behind another
-    try:
-        return os.read(token.fileno(), 1) == b"t"
-    except BlockingIOError:
-        return False
+    return wire.take_claim(token)
 
 
 def _look_for_next(conn: Connection, seconds: float) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .cli_text import plural, shorten
+from .cli_text import items_line, plural, shorten
 from .report_items import no_items
 from .states import ITEM_DONE, ItemState, StepState, StepStatus, WorkflowState
 
@@ -73,12 +73,7 @@ class ItemCounts:
 
     def line(self) -> str:
         """``9990/10000 items done, 2 running, 8 failed`` (the zero counts left out)."""
-        text = f"{self.done}/{plural(self.total, 'item')} done"
-        if self.running:
-            text += f", {self.running} running"
-        if self.failed:
-            text += f", {self.failed} failed"
-        return text
+        return items_line(self.done, plural(self.total, "item"), self.running, self.failed)
 
 
 def _wall(item: ItemState) -> float | None:
@@ -206,7 +201,7 @@ def item_as_step(item: ItemState) -> StepState:
 def items_json(step: StepState) -> dict[str, Any]:
     """A step's items as plain JSON-able data: ``items`` (None for an ordinary step) and, for a
     ``for_each`` step, the counts ``items_total``/``items_done``/``items_failed``/``items_running``."""
-    from .cli_tables import attempt_json
+    from .cli_tables import progress_json
 
     if step.items is None:
         return {"items": None}
@@ -216,18 +211,7 @@ def items_json(step: StepState) -> dict[str, Any]:
         "items_done": counts.done,
         "items_failed": counts.failed,
         "items_running": counts.running,
-        "items": {
-            key: {
-                "status": item.status.name,
-                "attempts": item.attempts,
-                "started_at": item.started_at.isoformat() if item.started_at else None,
-                "finished_at": item.finished_at.isoformat() if item.finished_at else None,
-                "duration": _wall(item),
-                "error": item.error,
-                "history": [attempt_json(a) for a in item.history],
-            }
-            for key, item in step.items.items()
-        },
+        "items": {key: progress_json(item, _wall(item)) for key, item in step.items.items()},
     }
 
 

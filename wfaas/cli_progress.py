@@ -20,7 +20,7 @@ from typing import Any
 
 from . import _cli_logs, events
 from .cli_tables import step_error
-from .cli_text import plural
+from .cli_text import items_line, plural
 from .states import StepStatus, WorkflowState
 
 __all__ = ["ItemProgress", "Progress"]
@@ -42,12 +42,7 @@ class ItemProgress:
     def line(self) -> str:
         """``120/10000 items done, 4 running, 1 failed`` (the zero counts left out)."""
         total = "?" if self.total is None else str(self.total)
-        text = f"{len(self.done)}/{total} items done"
-        if self.running:
-            text += f", {len(self.running)} running"
-        if self.failed:
-            text += f", {len(self.failed)} failed"
-        return text
+        return items_line(len(self.done), f"{total} items", len(self.running), len(self.failed))
 
     def milestone(self) -> bool:
         """Whether the items finished just reached a tenth of the total, or all of it (line mode prints those)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from .cli_items import ItemCounts, items_json, print_item_lines
 from .cli_text import PIPE_LIMIT, data_text, plural, shorten
-from .states import Attempt, StepState, StepStatus, WorkflowState
+from .states import Attempt, ItemState, StepState, StepStatus, WorkflowState
 
 __all__ = [
     "Selection",
@@ -234,13 +234,7 @@ def state_json(state: WorkflowState[Any]) -> dict[str, Any]:
         "updated_at": state.updated_at.isoformat() if state.updated_at else None,
         "steps": {
             sid: {
-                "status": s.status.name,
-                "attempts": s.attempts,
-                "started_at": s.started_at.isoformat() if s.started_at else None,
-                "finished_at": s.finished_at.isoformat() if s.finished_at else None,
-                "duration": _duration(s.started_at, s.finished_at),
-                "error": s.error,
-                "history": [attempt_json(a) for a in s.history],
+                **progress_json(s, _duration(s.started_at, s.finished_at)),
                 **(_NO_ITEMS if s.items is None else items_json(s)),
             }
             for sid, s in state.step_states.items()
@@ -250,6 +244,19 @@ def state_json(state: WorkflowState[Any]) -> dict[str, Any]:
 
 
 _NO_ITEMS = {"items": None}  # an ordinary step's, as items_json gives it (20,000 calls fewer)
+
+
+def progress_json(unit: StepState | ItemState, duration: float | None) -> dict[str, Any]:
+    """A step's or an item's status, attempts, times, error and history as plain JSON-able data."""
+    return {
+        "status": unit.status.name,
+        "attempts": unit.attempts,
+        "started_at": unit.started_at.isoformat() if unit.started_at else None,
+        "finished_at": unit.finished_at.isoformat() if unit.finished_at else None,
+        "duration": duration,
+        "error": unit.error,
+        "history": [attempt_json(a) for a in unit.history],
+    }
 
 
 def attempt_json(attempt: Attempt) -> dict[str, Any]:

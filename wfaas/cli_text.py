@@ -17,6 +17,16 @@ __all__ = ["console", "data_text", "plural", "shorten", "with_article"]
 PIPE_LIMIT = 10_000
 
 
+def items_line(done: int, total: str, running: int, failed: int) -> str:
+    """``120/10000 items done, 4 running, 1 failed``: the zero counts left out, ``total`` as it is shown."""
+    text = f"{done}/{total} done"
+    if running:
+        text += f", {running} running"
+    if failed:
+        text += f", {failed} failed"
+    return text
+
+
 def plural(n: int, word: str, many: str | None = None) -> str:
     """``1 step``, ``2 steps``."""
     return f"{n} {word if n == 1 else many or word + 's'}"

@@ -78,6 +78,7 @@ if TYPE_CHECKING:
         def _queue_behind(self, up_to: int) -> list[tuple[Slot, bytes]]: ...
         def _unqueue(self, task: Task) -> None: ...
         def _take_back_stuck(self) -> None: ...
+        def _take_back(self, slot: Slot) -> None: ...
         def _release_item(self, item: StepRun) -> None: ...
 
 
@@ -178,18 +179,23 @@ class Dispatch:
                 continue
             if now - slot.task.started < QUEUE_BEHIND_BELOW:
                 self._soon = True
-            elif self.pool.take_back(slot):
-                slot.next, slot.skipping = None, slot.skipping + 1
-                self._unqueue(task)
+            else:
+                self._take_back(slot)
 
     def _take_back_run(self: Scheduler, run: Run) -> None:
         """``run`` stops: take back its steps queued behind others, not to start them (those claimed meanwhile are
         stopped as they start: ``_promote``)."""
         for slot in self.pool.slots:
             task = slot.next
-            if task is not None and task.run is run and not task.hook and self.pool.take_back(slot):
-                slot.next, slot.skipping = None, slot.skipping + 1
-                self._unqueue(task)
+            if task is not None and task.run is run and not task.hook:
+                self._take_back(slot)
+
+    def _take_back(self: Scheduler, slot: Slot) -> None:
+        """Take back the step queued in ``slot``, unless its worker claimed it: it goes back as it was."""
+        task = slot.next
+        if self.pool.take_back(slot):
+            slot.next, slot.skipping = None, slot.skipping + 1  # its worker answers wire.Skipped
+            self._unqueue(task)
 
     def _promote(self: Scheduler, slot: Slot, ended: Task, wall: float | None) -> None:
         """``ended`` replied (its attempt took ``wall`` s): the step queued behind it, if any, starts."""

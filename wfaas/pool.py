@@ -71,6 +71,32 @@ class Exit:
         return said
 
 
+class ClaimPipe:
+    """The claim token of a step queued behind a slot's running one (``dispatch.py``): one byte in a pipe.
+
+    The worker reads it before it starts such a step (``_worker``), the scheduler to take the step back
+    (``WorkerPool.take_back``): a pipe gives its byte to one reader, so exactly one of them gets it, and the
+    worker that finds none skips the step. No lock, so a killed process leaves nothing behind.
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self.reader, self._writer = ctx.Pipe(duplex=False)
+        os.set_blocking(self.reader.fileno(), False)  # the worker's copy shares the flag
+        # Connection.poll builds a selector per call (60 µs a queued step in the profile): one poll object.
+        self._waiting = select.poll()
+        self._waiting.register(self.reader.fileno(), select.POLLIN)
+
+    def offer(self) -> None:
+        os.write(self._writer.fileno(), b"t")
+
+    def waiting(self) -> bool:
+        return bool(self._waiting.poll(0))
+
+    def close(self) -> None:
+        self.reader.close()
+        self._writer.close()
+
+
 class Waitable(enum.Enum):
     """What a descriptor the scheduler blocks on says when it is ready (see ``Pool.waitables``)."""
 
@@ -87,7 +113,7 @@ class Slot:
         self.conn: multiprocessing.connection.Connection | None = None
         self.task: Any = None  # the scheduler's task in flight, or None
         self.next: Any = None  # a task sent behind it, started when it ends (dispatch.py), or None
-        self.token: Any = None  # (reader, writer, poll of reader): the claim token's pipe (dispatch.py)
+        self.claim: ClaimPipe | None = None  # the claim token of a step queued behind its step (dispatch.py)
         self.skipping = 0  # steps taken back whose message its worker has not yet skipped (wire.Skipped)
         self.dying = False
         self.bodies: set[str] = set()
@@ -165,17 +191,14 @@ class WorkerPool:
         if slot.conn is not None:
             slot.conn.close()
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        if slot.token is not None:
-            for end in slot.token[:2]:
-                end.close()
-        reader, writer = self._ctx.Pipe(duplex=False)
-        os.set_blocking(reader.fileno(), False)  # the worker's copy shares the flag
-        # Connection.poll builds a selector per call (60 µs a queued step in the profile): one poll object.
-        waiting = select.poll()
-        waiting.register(reader.fileno(), select.POLLIN)
-        slot.token = (reader, writer, waiting)
+        if slot.claim is not None:
+            slot.claim.close()
+        slot.claim = ClaimPipe(self._ctx)
         process = self._ctx.Process(  # type: ignore[attr-defined]
-            target=_worker.main, args=(child_end, True, slot.token[0]), name=f"wfaas-worker-{slot.index}", daemon=True
+            target=_worker.main,
+            args=(child_end, True, slot.claim.reader),
+            name=f"wfaas-worker-{slot.index}",
+            daemon=True,
         )
         process.start()
         child_end.close()
@@ -218,24 +241,17 @@ class WorkerPool:
         return Exit(slot.process.exitcode, slot.last_rss)
 
     def offer(self, slot: Slot) -> None:
-        """The next message is a step queued behind the slot's step: put its claim token in the slot's token pipe.
-
-        The worker reads the token before it starts such a step, :meth:`take_back` reads it to take the step
-        back: a pipe gives its one byte to one reader, so exactly one of them gets it (the worker that finds
-        none skips the step). No lock, so nothing is left behind when a process is killed.
-        """
-        os.write(slot.token[1].fileno(), b"t")
+        """The next message is a step queued behind the slot's step: its claim token goes in (``ClaimPipe``)."""
+        assert slot.claim is not None
+        slot.claim.offer()
 
     def claimed(self, slot: Slot) -> bool:
         """No token is waiting: every step queued behind the slot's step has been started or taken back."""
-        return not slot.token[2].poll(0)
+        return slot.claim is None or not slot.claim.waiting()
 
     def take_back(self, slot: Slot) -> bool:
         """Take back the step queued behind the slot's step, unless its worker claimed it first."""
-        try:
-            return os.read(slot.token[0].fileno(), 1) == b"t"
-        except BlockingIOError:
-            return False
+        return slot.claim is not None and wire.take_claim(slot.claim.reader)
 
     def kill(self, slot: Slot, grace: float, done: Callable[[Slot, Exit], None], exit_: Exit | None = None) -> None:
         """Stop the slot's process tree (SIGTERM, grace, SIGKILL) on a thread; ``done`` once all is dead.
@@ -295,8 +311,8 @@ class WorkerPool:
             slot.process.join(timeout=1.0)
             if slot.conn is not None:
                 slot.conn.close()
-            for end in (slot.token or ())[:2]:
-                end.close()
+            if slot.claim is not None:
+                slot.claim.close()
         if self._guard is not None:
             self._guard.close()
 

@@ -209,9 +209,7 @@ class FakePool:
         return not self._tokens[slot.index]
 
     def take_back(self, slot: Slot) -> bool:
-        return self._take_token(slot)
-
-    def _take_token(self, slot: Slot) -> bool:
+        """Take the claim token, as the scheduler and the worker both do (``pool.WorkerPool.offer``)."""
         if not self._tokens[slot.index]:
             return False
         self._tokens[slot.index] -= 1
@@ -223,7 +221,7 @@ class FakePool:
         self._running[slot.index] = 0
         while inbox:
             task_id, queued = inbox.pop(0)
-            if not queued or self._take_token(slot):
+            if not queued or self.take_back(slot):  # the worker's claim takes the same token
                 self._running[slot.index] = task_id
                 return
             self.replies[slot.index].append(wire.Skipped(task_id))
