@@ -17,11 +17,11 @@ counted here.
 steps (the workload of ``run.py``): wall microseconds per attempt
 (``perf_counter``; the median over every attempt, so a preemption does not
 count), and the whole attempt (``_worker._attempt``) for scale: "capture"
-and "reset" (``restore_first``) come before the reply, "reset_after_reply"
-(``restore_rest``) after it, while the engine reads the reply. This is the
-figure that matters: between two steps a worker sleeps while the engine runs,
-so this code meets a cold cache and costs two to three times what the loop
-says.
+(``Capture.start`` and ``stop``, stream flushes included) comes before the
+reply, "reset_after_reply" (``ProcessState.restore``) after it, while the
+engine reads the reply. This is the figure that matters: between two steps
+a worker sleeps while the engine runs, so this code meets a cold cache and
+costs two to three times what the loop says.
 
 Both print one JSON line.
 """
@@ -45,13 +45,10 @@ _OUT_ENV = "WFAAS_CAPTURE_COST_DIR"
 
 
 class _NoReset:
-    """Stands in for ProcessState: the capture alone."""
+    """Stands in for ProcessState: the capture alone (the streams still flushed, as they must be)."""
 
-    def restore_first(self) -> None:
-        return None
-
-    def restore_rest(self) -> None:
-        return None
+    def __init__(self, state: Any) -> None:
+        self.flush = state.flush
 
 
 def in_a_loop(n: int, reps: int) -> dict[str, dict[str, float]]:
@@ -67,6 +64,7 @@ def in_a_loop(n: int, reps: int) -> dict[str, dict[str, float]]:
     root.addHandler(Handler())
     root.setLevel(logging.DEBUG)
     state = ProcessState()
+    no_reset = _NoReset(state)
     log = logging.getLogger("bench")
     devnull = os.open(os.devnull, os.O_WRONLY)
 
@@ -94,13 +92,13 @@ def in_a_loop(n: int, reps: int) -> dict[str, dict[str, float]]:
         def capture_only(body: Callable[[int], None] = body) -> None:
             capture.start()
             body(1)
-            capture.stop(_NoReset())  # type: ignore[arg-type]
+            capture.stop(no_reset)  # type: ignore[arg-type]
 
         def both(body: Callable[[int], None] = body) -> None:
             capture.start()
             body(1)
             capture.stop(state)
-            state.restore_rest()
+            state.restore()
 
         bare = rounds(lambda body=body: body(devnull))  # type: ignore[misc]
         out[name] = {
@@ -123,12 +121,11 @@ def worker_main(conn: Any, *args: Any) -> None:
     from wfaas import _worker, capture
 
     clock = time.perf_counter_ns
-    spent: dict[str, list[int]] = {"capture": [], "reset": [], "reset_after_reply": [], "attempt": []}
-    start, stop, restore, rest, attempt = (
+    spent: dict[str, list[int]] = {"capture": [], "reset_after_reply": [], "attempt": []}
+    start, stop, restore, attempt = (
         capture.Capture.start,
         capture.Capture.stop,
-        capture.ProcessState.restore_first,
-        capture.ProcessState.restore_rest,
+        capture.ProcessState.restore,
         _worker._attempt,
     )
     pending = [0]
@@ -141,19 +138,14 @@ def worker_main(conn: Any, *args: Any) -> None:
     def timed_stop(self: Any, state: Any) -> Any:
         t0 = clock()
         out = stop(self, state)
-        spent["capture"].append(pending[0] + clock() - t0 - spent["reset"][-1])
+        spent["capture"].append(pending[0] + clock() - t0)
         return out
 
     def timed_restore(self: Any) -> Any:
         t0 = clock()
         out = restore(self)
-        spent["reset"].append(clock() - t0)
-        return out
-
-    def timed_rest(self: Any) -> None:
-        t0 = clock()
-        rest(self)
         spent["reset_after_reply"].append(clock() - t0)
+        return out
 
     def timed_attempt(*a: Any) -> Any:
         t0 = clock()
@@ -162,8 +154,7 @@ def worker_main(conn: Any, *args: Any) -> None:
         return out
 
     capture.Capture.start, capture.Capture.stop = timed_start, timed_stop  # type: ignore[method-assign]
-    capture.ProcessState.restore_first = timed_restore  # type: ignore[method-assign]
-    capture.ProcessState.restore_rest = timed_rest  # type: ignore[method-assign]
+    capture.ProcessState.restore = timed_restore  # type: ignore[method-assign]
     _worker._attempt = timed_attempt
     try:
         _worker.main(conn, *args)
@@ -191,7 +182,7 @@ def in_workers(steps: int) -> dict[str, Any]:
             iid = engine.start_workflow("fanout", m.BenchData())
             engine.wait_for_completion(iid, timeout=600)
             bench.close_engine(engine)
-        spent: dict[str, list[int]] = {"capture": [], "reset": [], "reset_after_reply": [], "attempt": []}
+        spent: dict[str, list[int]] = {"capture": [], "reset_after_reply": [], "attempt": []}
         for f in Path(out).glob("worker-*.json"):
             for key, values in json.loads(f.read_text()).items():
                 spent[key] += values

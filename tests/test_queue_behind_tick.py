@@ -117,25 +117,31 @@ def test_a_crash_puts_the_queued_step_back_untouched(one: Ticker) -> None:
 def test_a_worker_that_retires_never_runs_its_queued_step(one: Ticker) -> None:
     iid = one.start(fan("a", "b", "c"))
     one.run("a")
-    one.pool.execute("b", usage={"wall": 0.001, "retire": "a step closed fd 1"})
+    slot = one.pool.busy()["b"]
+    one.pool.execute("b")
+    one.pool.retire(slot, "a step closed fd 1")
     one.turn()
-    assert one.busy() == set() and queued(one) == "c", "no step is started in a retiring worker"
+    [kill] = one.pool.kills
+    assert kill.slot is slot and slot.task is not None and slot.task.step.sid == "c", "promoted, then never read"
     one.pool.end_kill()
     one.turn()
-    assert one.busy() == {"c"}
+    assert one.busy() == {"c"} and sent(one).count("c") == 2, "sent again, to the new worker"
     one.run("c")
-    assert one.status(iid) is W.COMPLETED and one.step(iid, "c").attempts == 1
+    c = one.step(iid, "c")
+    assert one.status(iid) is W.COMPLETED and c.attempts == 1 and len(c.history) == 1
 
 
 def test_a_run_whose_step_waits_in_a_retiring_worker_ends_only_once_it_is_put_back(one: Ticker) -> None:
     first = one.start(fan("a", "b"))
     one.run("a")
     second = one.start(fan("x", wid="other"))
-    one.pool.execute("b", usage={"wall": 0.001, "retire": "a step closed fd 1"})
+    slot = one.pool.busy()["b"]
+    one.pool.execute("b")
+    one.pool.retire(slot, "a step closed fd 1")
     one.turn()
     one.scheduler.cancel(second, 0.0)
     one.turn()
-    assert one.status(second) is W.RUNNING, "x is still in the retiring worker's pipe"
+    assert one.status(second) is W.RUNNING, "x was sent to the retiring worker, which is not yet gone"
     one.pool.end_kill()
     one.turn()
     assert one.status(first) is W.COMPLETED and one.status(second) is W.CANCELLED

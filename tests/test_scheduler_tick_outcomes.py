@@ -432,7 +432,7 @@ def test_a_worker_over_its_memory_limit_is_killed_at_once_and_the_step_fails(tic
     assert "its worker used 300 MiB, over the step's memory limit of 100 MiB" in error
 
 
-def test_a_worker_that_asks_to_retire_is_replaced_after_its_reply(ticker: Ticker) -> None:
+def test_a_dask_child_whose_reply_says_it_retires_is_replaced_after_it(ticker: Ticker) -> None:
     iid = ticker.start(wf(step("a", ok)))
     slot = ticker.pool.busy()["a"]
     task_id = ticker.pool.last_sent("a").task_id
@@ -441,6 +441,32 @@ def test_a_worker_that_asks_to_retire_is_replaced_after_its_reply(ticker: Ticker
     [kill] = ticker.pool.kills
     assert kill.slot is slot and kill.grace == 0.0
     assert ticker.step(iid, "a").status is S.SUCCEEDED
+
+
+def test_a_worker_that_retires_after_its_reply_is_replaced(ticker: Ticker) -> None:
+    iid = ticker.start(wf(step("a", ok)))
+    slot = ticker.pool.busy()["a"]
+    ticker.pool.execute("a")
+    ticker.pool.retire(slot, "its working directory /gone cannot be restored")
+    ticker.turn()
+    [kill] = ticker.pool.kills
+    assert kill.slot is slot and kill.grace == 0.0
+    assert ticker.status(iid) is W.COMPLETED and ticker.step(iid, "a").status is S.SUCCEEDED
+
+
+def test_a_step_sent_to_a_worker_before_it_said_it_retires_starts_again_elsewhere_uncounted(ticker: Ticker) -> None:
+    iid = ticker.start(wf(step("a", ok), step("b", ok, after=["a"])))
+    ticker.run("a")
+    slot = ticker.pool.busy()["b"]
+    ticker.pool.retire(slot, "its standard file descriptor 1 cannot be restored")  # it never read b
+    ticker.turn()
+    assert ticker.step(iid, "b").status is S.RUNNING and ticker.step(iid, "b").attempts == 1, "until its tree is dead"
+    ticker.pool.end_kill()
+    ticker.turn()
+    assert ticker.busy() == {"b"} and [m.attempt for _, m in ticker.pool.sent if m.step_id == "b"] == [1, 1]
+    ticker.run("b")
+    b = ticker.step(iid, "b")
+    assert ticker.status(iid) is W.COMPLETED and b.attempts == 1 and [h.outcome for h in b.history] == ["succeeded"]
 
 
 def test_live_output_becomes_step_output_events(ticker: Ticker) -> None:

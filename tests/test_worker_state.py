@@ -133,8 +133,10 @@ def test_a_worker_whose_state_cannot_be_restored_is_replaced(tmp_path: Path, mon
         engine.register_workflow(wf)
         iid = engine.start_workflow(wf.id, Data())
         engine.wait_for_completion(iid, timeout=60)
-        data = engine.get_status(iid).data
-    assert data.items["pid"] != data.value, "the worker was replaced before its next step"
+        state = engine.get_status(iid)
+    assert state.data.items["pid"] != state.data.value, "the worker was replaced before its next step"
+    # Sent to the old worker as soon as poison's reply came, before it said it retires: never started there.
+    assert [a.outcome for a in state.step_states["look"].history] == ["succeeded"]
 
 
 def _close_capture_pipe(ctx: WorkflowContext[Data]) -> None:
@@ -168,3 +170,4 @@ def test_a_step_that_closes_the_capture_pipe_gets_its_worker_replaced() -> None:
     assert state.status is WorkflowStatus.COMPLETED, state.step_states["look"].error
     assert state.data.n == 1
     assert state.data.items["pid"] != state.data.value, "the worker was replaced before its next step"
+    assert [a.outcome for a in state.step_states["look"].history] == ["succeeded"]

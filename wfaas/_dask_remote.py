@@ -123,7 +123,8 @@ def _child_main(conn: multiprocessing.connection.Connection, paths: tuple[str, .
     # filesystem, or this very machine), in the driver's order, before its own.
     missing = [p for p in paths if p not in sys.path and os.path.isdir(p)]
     sys.path[:0] = missing
-    _worker.main(conn, live_output=False)  # one reply per step: run_step returns it as the task's result
+    # One reply per step: run_step returns it as the task's result.
+    _worker.main(conn, live_output=False, reply_first=False)
 
 
 @dataclass(eq=False)

@@ -10,10 +10,10 @@ process (``_guard.py``) kills the worker's tree when the engine dies.
 
 Messages are the named tuples of ``wire.py``, one pickle each over one duplex
 pipe (see ``pool.py``): a ``RunStep`` in, ``Output`` lines while the step runs
-(with ``live_output``), then one ``Done`` or ``Failed`` reply. ``usage`` in the
-reply holds the attempt's figures and, under ``"retire"``, why this worker
-cannot run another step (a process state it could not restore): it exits
-after that reply.
+(with ``live_output``), then one ``Done`` or ``Failed`` reply, whose ``usage``
+holds the attempt's figures. A worker that cannot run another step (its step
+left process state that could not be put back: ``capture.py``) says why and
+exits (``_answer``).
 """
 
 from __future__ import annotations
@@ -173,13 +173,14 @@ def _setup_process() -> None:
         sys.stdout.reconfigure(line_buffering=True)
 
 
-def main(conn: Connection, live_output: bool = True, token: Connection | None = None) -> None:
+def main(conn: Connection, live_output: bool = True, token: Connection | None = None, reply_first: bool = True) -> None:
     """The worker loop; returns when told to stop or when the engine closes the pipe.
 
     With ``live_output``, what a step prints is also sent while it runs
     (``wire.Output`` messages before its reply). ``token`` is the pipe whose
     token it takes before starting a step queued behind another, unless the
     engine took it back first (``pool.WorkerPool.offer``, ``dispatch.py``).
+    ``reply_first``: see ``_answer``.
     """
     _setup_process()
     if token is not None:
@@ -221,11 +222,9 @@ def main(conn: Connection, live_output: bool = True, token: Connection | None = 
             if not _take_in(run, held, token, send):
                 continue
             task[0] = run.task_id
-            reply = _attempt(run, held, capture, meter, collector, state)
-            send(reply)
-            if reply.usage.get("retire") is not None:
+            reply, problem = _attempt(run, held, capture, meter, collector, state)
+            if not _answer(reply, problem, state, send, reply_first):
                 return  # the engine starts a fresh worker in this one's place
-            state.restore_rest()  # after the reply: the engine reads it meanwhile (capture.py)
             _look_for_next(conn, run.spin)
     except _EngineGone:
         _engine_gone()
@@ -233,6 +232,31 @@ def main(conn: Connection, live_output: bool = True, token: Connection | None = 
 
 class _EngineGone(Exception):
     """The engine closed our pipe."""
+
+
+def _answer(
+    reply: wire.Reply, problem: str | None, state: ProcessState, send: Callable[[Any], None], reply_first: bool
+) -> bool:
+    """Send an attempt's reply and put the process back as it was; whether this worker may run another step.
+
+    With ``reply_first`` (a local worker), the reply goes first and the engine
+    reads it while this worker resets its process, and a worker that cannot
+    says why in a ``wire.Retire`` after it and reads nothing more. Else (a Dask
+    child, whose task returns one reply), the reset comes first and the reply
+    says it, under ``usage["retire"]``. ``problem``: the capture already
+    cannot go on.
+    """
+    if reply_first:
+        send(reply)
+        problem = problem or state.restore()
+        if problem is not None:
+            send(wire.Retire(problem))
+    else:
+        problem = problem or state.restore()
+        if problem is not None:
+            reply.usage["retire"] = problem
+        send(reply)
+    return problem is None
 
 
 def _take_in(run: wire.RunStep, held: _Held, token: Connection | None, send: Callable[[Any], None]) -> bool:
@@ -301,8 +325,8 @@ class _Held:
 
 def _attempt(
     run: wire.RunStep, held: _Held, capture: Capture, meter: _Meter, collector: _Collector, state: ProcessState
-) -> wire.Reply:
-    """One attempt (or hook), measured and captured; its reply."""
+) -> tuple[wire.Reply, str | None]:
+    """One attempt (or hook), measured and captured; its reply, and None or why the capture cannot go on."""
     collector.records = []
     capture.start()
     meter.start()
@@ -313,14 +337,12 @@ def _attempt(
         raised = exc
     _reap()  # before the meter stops: what the step left counts in its CPU time
     usage: dict[str, Any] = meter.stop()
-    lines, cut, fresh, retire = capture.stop(state)
-    if retire is not None:
-        usage["retire"] = retire
+    lines, cut, fresh, problem = capture.stop(state)
     output = (lines, cut, fresh) if lines or cut else None
     if raised is None:
-        return wire.Done(run.task_id, outcome, changes, collector.records, output, usage)
+        return wire.Done(run.task_id, outcome, changes, collector.records, output, usage), problem
     tb = format_traceback(raised)
-    return wire.Failed(run.task_id, wire.encode_error(raised), tb, collector.records, output, usage)
+    return wire.Failed(run.task_id, wire.encode_error(raised), tb, collector.records, output, usage), problem
 
 
 def read_snapshot(blob: bytes) -> tuple[dict[str, bytes], large.ObjectStore | None]:

@@ -6,18 +6,23 @@ A worker is warm: it runs step after step. Two things wrap every attempt:
     for the worker's life; one reader thread)         are the pipe in the state it keeps)
     attempt starts: its lines from now on
     step runs: prints, logs, C code, subprocesses      reader thread: chunks -> timestamped lines
-    attempt ends: flush -------------------------->   restore_first(): fds, stdio objects, cwd
-                                                       -> None, or why it could not (the engine
-    drain what is left; the attempt's lines            then replaces the worker)
-    (the worker sends its reply)                       restore_rest(): environment, signal handlers/
-                                                       mask/timer, sys.path, umask, root logging
+    attempt ends: ---------------------------------->  flush(): what the streams hold -> fds 1, 2
+    drain what is left; the attempt's lines
+    (the worker sends its reply; the engine reads it)
+                                                       restore(): fds 0-2, stdio objects, cwd,
+                                                       environment, signal handlers/mask/timer,
+                                                       sys.path, umask, root logging -> None, or
+                                                       why not (the engine replaces the worker)
     between attempts and at exit: what arrives goes to the worker's own stderr
 
 Capturing at the file-descriptor level catches what C extensions and child
 processes write too. A pipe read by a thread (rather than a file per attempt)
 gives each line the time it was written. This runs around every attempt, so
-an attempt that prints nothing costs no thread wake-up and no descriptor
-juggling beyond putting fds 0-2 back: three ``dup2`` and one ``poll``.
+an attempt that prints nothing costs no thread wake-up: before its reply, two
+stream flushes and one ``poll``. The reset, which costs more (eight system
+calls), comes after the reply, while the engine reads it: off the path of a
+chain of steps, where the engine waits for the reply (issue 13:
+``benchmarks/capture_ab.py``).
 
 What a step leaves behind that is not listed above (threads it started,
 modules it imported or patched, ``putenv`` from C) is not undone.
@@ -110,34 +115,39 @@ class ProcessState:
         self._environ = os.environ
         self._environ_live = _environ_data()
 
+    def flush(self) -> None:
+        """Write what the standard streams hold to fds 1 and 2 (into the attempt's capture); never raises.
+
+        The streams the worker started with, and those a step put in their
+        place: a ``print(..., end="")`` waits in a stream's buffer.
+        """
+        _, stdout, stderr = self.stdio
+        try:
+            stdout.flush()
+            stderr.flush()
+            if sys.stdout is stdout and sys.stderr is stderr:
+                return
+        except (AttributeError, ValueError, OSError):  # None at start, closed, or its descriptor was
+            pass
+        _flush_stdio()
+
     def restore(self) -> str | None:
         """Put back what a step changed; ``None``, or what could not be put back (replace the worker).
 
         This runs after every attempt, so the common case (nothing changed)
         is a straight line: compare what can be read without a system call,
         and set unconditionally what can only be read with one (descriptors,
-        signal mask, timer, umask: reading costs as much as setting). It is
-        :meth:`restore_first`, then :meth:`restore_rest`.
+        signal mask, timer, umask: reading costs as much as setting). A worker
+        calls it after sending the attempt's reply (``flush`` came before),
+        while the engine reads the reply.
         """
-        problem = self.restore_first()
-        self.restore_rest()
-        return problem
-
-    def restore_first(self) -> str | None:
-        """What must be back before the attempt's reply: the standard streams and descriptors (its output is
-        read from them), and the working directory; these are what can fail to be put back (see ``restore``)."""
         problem = None
         stdin, stdout, stderr = self.stdio
         try:
-            # What the streams hold goes where fds 1 and 2 point before they are put back
-            # (into the attempt's capture); flushing a stream the step closed raises.
-            stdout.flush()
-            stderr.flush()
             changed = sys.stdout is not stdout or sys.stderr is not stderr or sys.stdin is not stdin or stdin.closed
-        except (AttributeError, ValueError, OSError):  # None at start, closed, or its descriptor was
+            changed = changed or stdout.closed or stderr.closed
+        except AttributeError:  # None at start
             changed = True
-        if changed:
-            _flush_stdio()  # the streams the step put in their place
         for fd, copy in self._fd_copies:
             try:
                 _dup2(copy, fd)
@@ -154,10 +164,6 @@ class ProcessState:
                     os.chdir(self.cwd)
                 except OSError as exc:
                     problem = f"its working directory {self.cwd} cannot be restored ({exc.strerror})"
-        return problem
-
-    def restore_rest(self) -> None:
-        """The rest, which cannot fail: a worker does it after sending the reply, while the engine reads it."""
         if os.environ is not self._environ or self._environ_live != self._environ_data:
             self._restore_environ()
         if sys.path != self.path:
@@ -177,6 +183,7 @@ class ProcessState:
             root.setLevel(self.root_level)
         if root.manager.disable:
             logging.disable(logging.NOTSET)
+        return problem
 
     def _restore_environ(self) -> None:
         os.environ = self._environ  # noqa: B003 - a step may have put another mapping in its place
@@ -274,12 +281,13 @@ class Capture:
         self._active = True
 
     def stop(self, state: ProcessState) -> tuple[list[LogLine], int, int, str | None]:
-        """End the attempt's capture, and ``state.restore_first()``; the caller calls ``state.restore_rest()``.
+        """End the attempt's capture (``state.flush()`` first); the caller then calls ``state.restore()``.
 
         Returns (lines, characters cut, index of the first line not yet
-        forwarded, what could not be restored or None).
+        forwarded, and None, or why this worker cannot capture another attempt).
         """
-        problem = state.restore_first()  # flushes the streams into the pipe first; the caller then restore_rest()
+        state.flush()
+        problem = None
         with self._lock:
             closed = not self._reading
             ready = self._peek.poll(0)

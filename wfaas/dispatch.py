@@ -77,6 +77,7 @@ if TYPE_CHECKING:
         def _begin(self, task: Task) -> None: ...
         def _queue_behind(self, up_to: int) -> list[tuple[Slot, bytes]]: ...
         def _unqueue(self, task: Task) -> None: ...
+        def _unbegin(self, task: Task) -> None: ...
         def _take_back_stuck(self) -> None: ...
         def _take_back(self, slot: Slot) -> None: ...
         def _release_item(self, item: StepRun) -> None: ...
@@ -108,8 +109,9 @@ class Dispatch:
         taken = self._ready.take(idle, up_to)
         # A worker may look for its next step after replying while a core is left for the scheduler.
         spare = self.pool.depth > 1 and sum(s.task is not None for s in self.pool.slots) + len(taken) < CPUS
-        for run, step, slot, _ in taken:
+        for run, step, slot, token in taken:
             task = slot.task = Task.start(run, step, slot, now)
+            task.token = token
             spin = SPIN if spare and _short_run(run, SPIN) else 0.0
             sends.append((slot, wire.dumps(run_message(task, spin))))
             self._begin(task)
@@ -211,6 +213,15 @@ class Dispatch:
             return
         # Its run began to stop while it was queued: its worker starts it now, so stop it at once.
         self.supervisor.stop(task, KillReason.UNQUEUED, 0.0)
+
+    def _unbegin(self: Scheduler, task: Task) -> None:
+        """``task`` was begun (``_begin``) but its worker never read it (``wire.Retire``): as it was before. Its
+        StepStarted stands; it is sent again, with the same attempt number."""
+        if not task.hook:
+            task.step.attempts = task.attempt - 1
+            self._set_status(task.run, task.step, StepStatus.PENDING)
+        task.timer = 0
+        self._unqueue(task)
 
     def _unqueue(self: Scheduler, task: Task) -> None:
         """A step queued in a worker that never ran it (or was stopped as it began): as it was before."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import events as ev
@@ -63,10 +64,13 @@ if TYPE_CHECKING:
         def _fail_for_good(self, run: Run, step: StepRun, error: WorkflowError) -> None: ...
         def _park_waiting(self, run: Run) -> None: ...
         def _unqueue(self, task: Task) -> None: ...
+        def _unbegin(self, task: Task) -> None: ...
+        def _on_retire(self, slot: Slot, reason: str) -> None: ...
         def _take_back_run(self, run: Run) -> None: ...
 
 
 S, W = StepStatus, WorkflowStatus
+log = logging.getLogger("wfaas")
 
 
 class Failures:
@@ -127,13 +131,22 @@ class Failures:
 
     def _on_worker_exit(self: Scheduler, slot: Slot) -> None:
         """A worker died on its own: fail only the step it ran, replace it."""
-        while slot.task is not None and slot.conn is not None and slot.conn.poll():
+        while slot.conn is not None and slot.conn.poll():
             message = self.pool.receive(slot)
             if message is None:
                 break
-            self._on_message(slot, message)  # it finished before dying: keep its result
-        if not slot.dying:  # dying: it asked to be replaced (its reply said "retire"), and that has begun
+            self._on_message(slot, message)  # it finished before dying: keep its result (and a Retire after it)
+        if not slot.dying:  # dying: it asked to be replaced (wire.Retire), and that has begun
             self.supervisor.worker_exited(slot)
+
+    def _on_retire(self: Scheduler, slot: Slot, reason: str) -> None:
+        """The worker could not put back what its last step changed in its process (``capture.py``) and exits
+        without reading another message: a step sent to it since that step's reply never started."""
+        log.info("replacing worker %s: %s", slot.pid, reason)
+        if slot.task is not None:
+            slot.task.kill_reason = KillReason.RETIRED
+        if not slot.dying:
+            self.supervisor.retire(slot)
 
     def _after_kill(self: Scheduler, slot: Slot, exit_: Exit) -> None:
         """A stopped tree is dead (``supervision.py`` stopped it): the attempt ends as its kill reason says."""
@@ -148,6 +161,10 @@ class Failures:
         run, step = task.run, task.step
         if task.kill_reason is KillReason.UNQUEUED:
             self._unqueue(task)
+            self._maybe_finish(run)
+            return
+        if task.kill_reason is KillReason.RETIRED:
+            self._unbegin(task)
             self._maybe_finish(run)
             return
         self._release(task)

@@ -59,6 +59,7 @@ class KillReason(enum.Enum):
     CANCEL = "cancel"
     CRASH = "crash"  # it died on its own: what it started is stopped before a retry
     UNQUEUED = "unqueued"  # queued in a worker (dispatch.py) for a run that stopped meanwhile: never started
+    RETIRED = "retired"  # sent to a worker that then said it retires (wire.Retire): never read, never started
 
 
 class WaitKind(enum.Enum):

@@ -262,6 +262,9 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
         if isinstance(message, wire.Skipped):  # a step taken back (dispatch.py): its worker read and skipped it
             slot.skipping -= 1
             return
+        if isinstance(message, wire.Retire):  # after a reply: its worker could not put its process back
+            self._on_retire(slot, message.reason)
+            return
         task: Task = slot.task
         run, step = task.run, task.step
         if isinstance(message, wire.Output):  # lines the step printed while it runs; its reply follows
@@ -278,9 +281,8 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
             self._commits.events.extend(message.logs)
         if message.output is not None:
             self._keep_output(task, *message.output)
-        if message.usage.get("retire") and not slot.dying:
-            log.info("replacing worker %s: %s", slot.pid, message.usage["retire"])
-            self.supervisor.retire(slot)
+        if message.usage.get("retire"):  # a Dask child says it in its reply (_worker._answer)
+            self._on_retire(slot, message.usage["retire"])
         if task.hook:
             self._hook_done(run, step)
         elif isinstance(message, wire.Done):

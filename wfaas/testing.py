@@ -267,6 +267,16 @@ class FakePool:
             self._next(slot)  # it replied: on to the step queued behind, if any
         os.write(self._results[slot.index][1], b"x")
 
+    def retire(self, slot: Slot, reason: str) -> None:
+        """The slot's worker says it cannot run another step (``wire.Retire``, after its last reply) and exits
+        without reading another message: what it was sent since then never starts."""
+        i = slot.index
+        self._inbox[i], self._running[i] = [], 0
+        self.replies[i].append(wire.Retire(reason))
+        os.write(self._results[i][1], b"x")
+        self._exitcodes[i] = 0
+        os.write(self._exits[i][1], b"x")
+
     def crash(self, step_id: str, exitcode: int = -9) -> None:
         """The worker running ``step_id`` dies (-9: SIGKILL)."""
         slot = self.busy()[step_id]

@@ -8,6 +8,7 @@ Over one duplex pipe per worker (``pool.py``), pickled with protocol 5::
                        Skipped   a step queued behind another that the engine took back (dispatch.py)
                        Done      the step returned: its outcome and the fields it changed
                        Failed    the step raised: its exception, encoded, and the traceback text
+                       Retire    (after a reply) this worker cannot run another step, and exits
 
 A Dask task (``_dask_remote.run_step``) answers the driver with one of
 ``RemoteReply`` (the child's reply bytes, as above), ``RemoteExit`` (the child
@@ -82,7 +83,8 @@ class Done(NamedTuple):
 
     ``output`` is ``(lines, cut, fresh)`` as ``capture.py`` keeps it
     (``lines[fresh:]`` were not sent as ``Output``), or None; ``usage`` the
-    attempt's figures and, under ``"retire"``, why this worker exits after it.
+    attempt's figures and, from a Dask child, under ``"retire"``, why it exits
+    after this reply (a local worker sends ``Retire`` instead).
     """
 
     task_id: int
@@ -104,11 +106,18 @@ class Failed(NamedTuple):
     usage: dict[str, Any]
 
 
-Reply = Done | Failed
-FromWorker = Output | Done | Failed | Skipped
-Message = RunStep | Stop | Output | Done | Failed | Skipped
+class Retire(NamedTuple):
+    """Sent after a reply: what the step changed in the worker's process could not be put back
+    (``capture.py``), so it exits without reading another message; a step sent to it meanwhile never ran."""
 
-_TYPES: tuple[type[Any], ...] = (RunStep, Stop, Output, Done, Failed, Skipped)
+    reason: str
+
+
+Reply = Done | Failed
+FromWorker = Output | Done | Failed | Skipped | Retire
+Message = RunStep | Stop | Output | Done | Failed | Skipped | Retire
+
+_TYPES: tuple[type[Any], ...] = (RunStep, Stop, Output, Done, Failed, Skipped, Retire)
 _CODES = {t: code for code, t in enumerate(_TYPES)}
 
 
