@@ -1,28 +1,33 @@
 """What output capture and the process-state reset cost a run: the same runs with them on and switched off.
 
-    python benchmarks/capture_ab.py [--rounds 40] [--fanout 2000] [--chain 1000] [--off capture|both]
+    python benchmarks/capture_ab.py [--blocks 12] [--rounds 4] [--fanout 2000] [--chain 1000]
+                                    [--off both|capture] [--before PATH]
 
-Three long-lived child processes, each warmed once: an engine whose workers
-capture and reset as shipped ("on"), an engine whose workers do not capture
-("off": ``Capture.start``/``stop`` replaced by no-ops inside the worker
-processes only; with ``--off both``, ``ProcessState.restore`` too; a
-measurement, not a mode), and a bare ``ProcessPoolExecutor`` ("pool") doing
-the same work. Each round runs every workload once in each, in an order that
-alternates (on, off, pool, then pool, off, on), while the other two children
-sleep; so a slow minute of this shared machine hits both sides of a pair.
+Long-lived child processes, each warmed once: an engine whose workers
+capture and reset as shipped ("on"), an engine whose workers do not
+("off": ``Capture.start``/``stop`` and, with ``--off both``, the reset made
+no-ops inside the worker processes only; a measurement, not a mode), a bare
+``ProcessPoolExecutor`` ("pool") doing the same work, and with ``--before``
+an engine running the wfaas of another checkout ("before", capture on).
 
-Figures: wall µs per step, and for each workload the ratio on/off of every
-round's pair, its median and a 95 % bootstrap interval of that median. The
-item "capturing does not cost the per-step path measurably" holds when the
-interval contains 1.0 (and its median is within the rounds' own spread).
-The workers' CPU per step is printed too, but reads high by whatever the
-workers spent looking for their next step (``dispatch.SPIN``), which depends
-on timing: the wall ratio is the figure. Prints one JSON line, then a table.
+Each round runs every workload once in each child, in an order that
+alternates, while the others sleep: a slow minute of this shared machine
+hits every side. A child's placement on the two cores biases all its runs
+the same way (the "off" engine of one run was 30 % slower than the "on"
+one in every round), so children are started afresh for each of
+``--blocks`` blocks of ``--rounds`` rounds, in a rotating order.
+
+Figures: wall µs per step (medians over every round), and each ratio (a/b)
+as the median over blocks of each block's median ratio of its rounds, with
+a 95 % bootstrap interval over blocks. "Capturing does not cost the
+per-step path measurably" holds when on/off's interval contains 1.0. Prints
+one JSON line, then a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -50,10 +55,17 @@ def worker_main_off(conn: Any, *args: Any) -> None:
     reset) made no-ops, in this worker only."""
     from wfaas import _worker, capture
 
+    both = os.environ.get(_OFF_ENV) == "both"
+    state: Any = capture.ProcessState
     capture.Capture.start = lambda self: None  # type: ignore[method-assign]
-    capture.Capture.stop = lambda self, state: ([], 0, 0, None)  # type: ignore[method-assign]
-    if os.environ.get(_OFF_ENV) == "both":
-        capture.ProcessState.restore = lambda self: None  # type: ignore[method-assign]
+    if hasattr(state, "restore_first"):  # the code before bbb11e2 (RESULTS.md compares): part of the reset in stop
+        capture.Capture.stop = lambda self, st: ([], 0, 0, None if both else st.restore_first())  # type: ignore
+        if both:
+            state.restore_first = state.restore_rest = lambda self: None
+    else:
+        capture.Capture.stop = lambda self, st: ([], 0, 0, None)  # type: ignore[method-assign]
+        if both:
+            state.restore = lambda self: None
     _worker.main(conn, *args)
 
 
@@ -108,9 +120,11 @@ def answer(figures: dict[str, float], n: int) -> None:
 
 
 class Child:
-    def __init__(self, mode: str, fanout: int, chain: int) -> None:
-        cmd = [sys.executable, __file__, "--serve", mode, "--fanout", str(fanout), "--chain", str(chain)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, mode: str, fanout: int, chain: int, code: str | None = None) -> None:
+        serve = "on" if mode == "before" else mode
+        cmd = [sys.executable, __file__, "--serve", serve, "--fanout", str(fanout), "--chain", str(chain)]
+        env = {**os.environ, "PYTHONPATH": code} if code else None  # another checkout's wfaas, first on sys.path
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def run(self, workload: str) -> dict[str, float]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -134,59 +148,73 @@ def bootstrap_median(values: list[float], draws: int = 5000) -> tuple[float, flo
     return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
+def compare(got: dict[str, list[list[float]]], a: str, b: str) -> dict[str, Any]:
+    """``a`` over ``b``: each block's median of its rounds' ratios; their median and a 95 % interval (over blocks)."""
+    blocks = [
+        statistics.median(x / y for x, y in zip(ra, rb, strict=True)) for ra, rb in zip(got[a], got[b], strict=True)
+    ]
+    low, high = bootstrap_median(blocks)
+    return {"median": round(statistics.median(blocks), 3), "95": [round(low, 3), round(high, 3)], "blocks": blocks}
+
+
+def ratio(r: dict[str, Any]) -> str:
+    return f"{r['median']:.3f} ({r['95'][0]:.3f}–{r['95'][1]:.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--blocks", type=int, default=12, help="fresh children for each block")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per block")
     parser.add_argument("--fanout", type=int, default=2000, help="steps of the fan-out (then a join)")
     parser.add_argument("--chain", type=int, default=1000, help="steps of the chain")
-    parser.add_argument(
-        "--off", choices=("capture", "both"), default="capture", help="what the 'off' side switches off"
-    )
+    parser.add_argument("--off", choices=("capture", "both"), default="both", help="what the 'off' side switches off")
+    parser.add_argument("--before", metavar="PATH", help="also run 'on' with the wfaas of this checkout ('before')")
     parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ[_OFF_ENV] = args.off
     if args.serve:
         serve(args.serve, args.fanout, args.chain)
         return
-    children = {mode: Child(mode, args.fanout, args.chain) for mode in MODES}
-    got: dict[str, dict[str, list[dict[str, float]]]] = {w: {m: [] for m in MODES} for w in WORKLOADS}
+    modes = [*MODES, "before"] if args.before else list(MODES)
+    # got[workload][mode][block] -> wall µs per step of each round
+    got: dict[str, dict[str, list[list[float]]]] = {w: {m: [] for m in modes} for w in WORKLOADS}
     load = os.getloadavg()[0]
-    try:
-        for r in range(args.rounds):
-            order = MODES if r % 2 == 0 else MODES[::-1]
+    for block in range(args.blocks):
+        starting = modes[block % len(modes) :] + modes[: block % len(modes)]  # who starts first rotates too
+        children = {m: Child(m, args.fanout, args.chain, args.before if m == "before" else None) for m in starting}
+        try:
+            for workload in WORKLOADS:  # a first run of each, not counted: the workers take in its bodies and data
+                for mode in modes:
+                    children[mode].run(workload)
             for workload in WORKLOADS:
-                for mode in order:
-                    got[workload][mode].append(children[mode].run(workload))
-    finally:
-        for child in children.values():
-            child.close()
-    out: dict[str, Any] = {"off": args.off, "rounds": args.rounds, "fanout": args.fanout, "chain": args.chain}
+                for mode in modes:
+                    got[workload][mode].append([])
+            for r in range(args.rounds):
+                order = modes if (block + r) % 2 == 0 else modes[::-1]
+                for workload in WORKLOADS:
+                    for mode in order:
+                        got[workload][mode][-1].append(children[mode].run(workload)["us_per_step"])
+        finally:
+            for child in children.values():
+                child.close()
+    out: dict[str, Any] = {"off": args.off, "blocks": args.blocks, "rounds": args.rounds, "before": args.before}
+    out |= {"fanout_steps": args.fanout, "chain_steps": args.chain}
     out["load_before"], out["load_after"] = round(load, 2), round(os.getloadavg()[0], 2)
+    pairs = [("on", "off"), ("on", "pool")] + ([("on", "before"), ("before", "off")] if args.before else [])
     for workload in WORKLOADS:
-        wall = {m: [f["us_per_step"] for f in got[workload][m]] for m in MODES}
-        cpu = {m: [f["workers_cpu_us"] for f in got[workload][m]] for m in MODES}
-        pairs = [a / b for a, b in zip(wall["on"], wall["off"], strict=True)]
-        low, high = bootstrap_median(pairs)
         out[workload] = {
-            **{f"{m}_us": round(statistics.median(wall[m]), 2) for m in MODES},
-            **{f"{m}_workers_cpu_us": round(statistics.median(cpu[m]), 2) for m in MODES},
-            "on_over_off": round(statistics.median(pairs), 3),
-            "on_over_off_95": [round(low, 3), round(high, 3)],
-            "on_over_pool": round(statistics.median(wall["on"]) / statistics.median(wall["pool"]), 3),
-            "off_over_pool": round(statistics.median(wall["off"]) / statistics.median(wall["pool"]), 3),
-            "pairs": [round(p, 3) for p in pairs],
+            f"{m}_us": round(statistics.median(itertools.chain.from_iterable(got[workload][m])), 2) for m in modes
         }
+        out[workload] |= {f"{a}/{b}": compare(got[workload], a, b) for a, b in pairs}
     print(json.dumps(out))
     print()
-    print("| workload | on µs/step | off µs/step | on/off (median of pairs, 95 % interval) | on ÷ pool | off ÷ pool |")
-    print("|---|---|---|---|---|---|")
+    print(f"| workload | {' | '.join(f'{m} µs/step' for m in modes)} | {' | '.join(f'{a}/{b}' for a, b in pairs)} |")
+    print("|---" * (1 + len(modes) + len(pairs)) + "|")
     for workload in WORKLOADS:
         f = out[workload]
-        interval = f"{f['on_over_off_95'][0]:.3f}–{f['on_over_off_95'][1]:.3f}"
-        print(
-            f"| {workload} | {f['on_us']:.1f} | {f['off_us']:.1f} | {f['on_over_off']:.3f} ({interval}) "
-            f"| {f['on_over_pool']:.2f}× | {f['off_over_pool']:.2f}× |"
-        )
+        walls = " | ".join(f"{f[f'{m}_us']:.1f}" for m in modes)
+        ratios = " | ".join(ratio(f[f"{a}/{b}"]) for a, b in pairs)
+        print(f"| {workload} | {walls} | {ratios} |")
 
 
 if __name__ == "__main__":

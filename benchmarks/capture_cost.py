@@ -17,9 +17,10 @@ counted here.
 steps (the workload of ``run.py``): wall microseconds per attempt
 (``perf_counter``; the median over every attempt, so a preemption does not
 count), and the whole attempt (``_worker._attempt``) for scale: "capture"
-(``Capture.start`` and ``stop``, stream flushes included) comes before the
-reply, "reset_after_reply" (``ProcessState.restore``) after it, while the
-engine reads the reply. This is the figure that matters: between two steps
+(``Capture.start`` and ``stop``, stream flushes included) and
+"reset_after_reply" (``ProcessState.restore``); a local worker runs both
+after sending the attempt's reply, while the engine reads it (before it:
+``start``, one store). This is the figure that matters: between two steps
 a worker sleeps while the engine runs, so this code meets a cold cache and
 costs two to three times what the loop says.
 

@@ -128,6 +128,42 @@ def test_an_attempt_that_prints_nothing_keeps_no_log(store: StateStore) -> None:
         engine.close()
 
 
+def _say_my_name(ctx: WorkflowContext[Data]) -> None:
+    os.write(2, f"fd 2 of {ctx.step_id}\n".encode())
+    print(f"I am {ctx.step_id}", end="")  # no line end, last: what the capture gets as the attempt ends
+
+
+def _many_lines(ctx: WorkflowContext[Data]) -> None:
+    for n in range(20_000):
+        print(n)
+
+
+@pytest.mark.parametrize("watched", [False, True], ids=["unwatched", "watched"])
+def test_each_step_of_a_chain_on_one_worker_keeps_only_what_it_printed(store: StateStore, watched: bool) -> None:
+    # Unwatched, the worker replies before it ends the capture: what each attempt printed follows its
+    # reply, while the engine has already sent the next step; the run ends once the last has come.
+    # Watched (an event subscriber), the output comes with the reply: StepOutput before StepSucceeded.
+    wf = WorkflowDefinition("names", data_type=Data)
+    for i in range(12):
+        named = StepDefinition(f"s{i}", f"s{i}", _say_my_name)
+        wf.add_step(named.depends_on(f"s{i - 1}") if i else named)
+    # Last, a step whose output takes the worker a while to send: the run must wait for it.
+    wf.add_step(StepDefinition("many", "Many", _many_lines).depends_on("s11"))
+    with WorkflowEngine(store=store, max_workers=1, grace_period=1.0) as engine:
+        seen = collect(engine) if watched else []
+        engine.register_workflow(wf)
+        iid = engine.start_workflow(wf.id, Data())
+        engine.wait_for_completion(iid, timeout=60)
+        logs = {log.step_id: sorted(text for _, _, text in log.lines) for log in store.read_logs(iid)}
+        engine.event_bus.flush()
+    assert len(logs.pop("many")) == 20_000
+    assert logs == {f"s{i}": [f"I am s{i}", f"fd 2 of s{i}"] for i in range(12)}
+    if watched:
+        order = [(e.step_id, type(e).__name__) for e in seen if isinstance(e, events.StepOutput | events.StepSucceeded)]
+        ends = [n for n, (_, kind) in enumerate(order) if kind == "StepSucceeded"]
+        assert [order[n - 1] for n in ends] == [(f"s{i}", "StepOutput") for i in range(12)] + [("many", "StepOutput")]
+
+
 def test_an_attempt_keeps_the_last_mib_with_a_cut_marker(store: StateStore) -> None:
     wf = WorkflowDefinition("flood", data_type=Data).add_step(StepDefinition("flood", "Flood", _flood))
     engine, iid, _ = _run(store, wf)

@@ -469,6 +469,65 @@ def test_a_step_sent_to_a_worker_before_it_said_it_retires_starts_again_elsewher
     assert ticker.status(iid) is W.COMPLETED and b.attempts == 1 and [h.outcome for h in b.history] == ["succeeded"]
 
 
+def test_a_run_ends_only_once_the_output_that_follows_its_last_reply_is_in(ticker: Ticker) -> None:
+    iid = ticker.start(wf(step("a", ok)))
+    slot = ticker.pool.busy()["a"]
+    reply = ticker.pool.execute("a", tail=True)
+    ticker.turn()
+    assert ticker.status(iid) is W.RUNNING and ticker.pool.syncs == [slot], "its worker is asked for the rest"
+    lines = [(1.0, 0, "printed last")]
+    ticker.pool.from_worker(slot, wire.Tail(reply.task_id, (lines, 0, 0)))
+    ticker.turn()
+    assert ticker.status(iid) is W.COMPLETED
+    [log] = ticker.store.read_logs(iid)
+    assert (log.step_id, log.attempt, log.lines) == ("a", 1, lines)
+    [out] = ticker.events(events.StepOutput)
+    assert out.lines == tuple(lines)
+
+
+def test_a_worker_with_no_output_to_follow_says_so_when_asked(ticker: Ticker) -> None:
+    iid = ticker.start(wf(step("a", ok)))
+    slot = ticker.pool.busy()["a"]
+    ticker.pool.execute("a", tail=True)
+    ticker.turn()
+    ticker.pool.from_worker(slot, wire.Synced())
+    ticker.turn()
+    assert ticker.status(iid) is W.COMPLETED and ticker.store.read_logs(iid) == []
+
+
+def test_output_sent_as_the_reply_was_belongs_to_that_attempt_not_the_next() -> None:
+    one = Ticker(workers=1)
+    try:
+        iid = one.start(wf(step("a", ok), step("b", ok, after=["a"])))
+        slot = one.pool.busy()["a"]
+        a = one.pool.execute("a", tail=True)
+        one.turn()
+        assert one.busy() == {"b"}, "b starts without waiting for a's output"
+        one.pool.from_worker(slot, wire.Output(a.task_id, [(1.0, 0, "a, live")]))
+        one.pool.from_worker(slot, wire.Tail(a.task_id, ([(1.0, 0, "a, live"), (2.0, 0, "a, last")], 0, 1)))
+        one.run("b")
+        assert one.status(iid) is W.COMPLETED
+        assert [(e.step_id, e.lines) for e in one.events(events.StepOutput)] == [
+            ("a", ((1.0, 0, "a, live"),)),
+            ("a", ((2.0, 0, "a, last"),)),
+        ]
+        assert [(log.step_id, len(log.lines)) for log in one.store.read_logs(iid)] == [("a", 2)]
+    finally:
+        one.close()
+
+
+def test_a_worker_that_dies_before_its_output_followed_does_not_hold_up_the_run(ticker: Ticker) -> None:
+    iid = ticker.start(wf(step("a", ok)))
+    slot = ticker.pool.busy()["a"]
+    ticker.pool.execute("a", tail=True)
+    ticker.turn()
+    ticker.pool.crash(slot)
+    ticker.turn()
+    ticker.pool.end_kill()
+    ticker.turn()
+    assert ticker.status(iid) is W.COMPLETED and ticker.step(iid, "a").status is S.SUCCEEDED
+
+
 def test_live_output_becomes_step_output_events(ticker: Ticker) -> None:
     ticker.start(wf(step("a", ok)))
     task_id = ticker.pool.last_sent("a").task_id

@@ -124,7 +124,7 @@ def _child_main(conn: multiprocessing.connection.Connection, paths: tuple[str, .
     missing = [p for p in paths if p not in sys.path and os.path.isdir(p)]
     sys.path[:0] = missing
     # One reply per step: run_step returns it as the task's result.
-    _worker.main(conn, live_output=False, reply_first=False)
+    _worker.main(conn, live_output=False, one_reply=True)
 
 
 @dataclass(eq=False)

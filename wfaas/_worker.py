@@ -173,14 +173,14 @@ def _setup_process() -> None:
         sys.stdout.reconfigure(line_buffering=True)
 
 
-def main(conn: Connection, live_output: bool = True, token: Connection | None = None, reply_first: bool = True) -> None:
+def main(conn: Connection, live_output: bool = True, token: Connection | None = None, one_reply: bool = False) -> None:
     """The worker loop; returns when told to stop or when the engine closes the pipe.
 
     With ``live_output``, what a step prints is also sent while it runs
     (``wire.Output`` messages before its reply). ``token`` is the pipe whose
     token it takes before starting a step queued behind another, unless the
     engine took it back first (``pool.WorkerPool.offer``, ``dispatch.py``).
-    ``reply_first``: see ``_answer``.
+    ``one_reply``: a Dask child, whose task returns one message (``_answer``).
     """
     _setup_process()
     if token is not None:
@@ -218,12 +218,16 @@ def main(conn: Connection, live_output: bool = True, token: Connection | None = 
                 raise _EngineGone from None
             if isinstance(message, wire.Stop):
                 return
+            if isinstance(message, wire.Sync):
+                send(wire.Synced())
+                continue
             run: wire.RunStep = message
             if not _take_in(run, held, token, send):
                 continue
             task[0] = run.task_id
-            reply, problem = _attempt(run, held, capture, meter, collector, state)
-            if not _answer(reply, problem, state, send, reply_first):
+            capture.start()
+            reply = _attempt(run, held, meter, collector, capture, state)
+            if not _answer(reply, capture, state, send, one_reply):
                 return  # the engine starts a fresh worker in this one's place
             _look_for_next(conn, run.spin)
     except _EngineGone:
@@ -234,28 +238,33 @@ class _EngineGone(Exception):
     """The engine closed our pipe."""
 
 
-def _answer(
-    reply: wire.Reply, problem: str | None, state: ProcessState, send: Callable[[Any], None], reply_first: bool
-) -> bool:
-    """Send an attempt's reply and put the process back as it was; whether this worker may run another step.
+def _answer(reply: wire.Reply, capture: Capture, state: ProcessState, send: Callable[[Any], None], one: bool) -> bool:
+    """Send an attempt's reply, end its capture (unless ``_attempt`` did) and put the process back as it was;
+    whether this worker may run another step.
 
-    With ``reply_first`` (a local worker), the reply goes first and the engine
-    reads it while this worker resets its process, and a worker that cannot
-    says why in a ``wire.Retire`` after it and reads nothing more. Else (a Dask
-    child, whose task returns one reply), the reset comes first and the reply
-    says it, under ``usage["retire"]``. ``problem``: the capture already
-    cannot go on.
+    A local worker resets its process after the reply, while the engine reads
+    it; one whose reply said ``wire.TAIL`` ends the capture first, and a
+    ``wire.Tail`` follows if the attempt printed or logged anything. One that
+    cannot run another step says why in a ``wire.Retire`` and reads nothing
+    more. With ``one`` (a Dask child, whose task returns one message) the
+    reset comes first, and the reply says why it cannot go on, under
+    ``usage["retire"]``, as ``_attempt`` does for the capture.
     """
-    if reply_first:
-        send(reply)
-        problem = problem or state.restore()
-        if problem is not None:
-            send(wire.Retire(problem))
-    else:
+    problem = reply.usage.pop("retire", None)
+    if one:
         problem = problem or state.restore()
         if problem is not None:
             reply.usage["retire"] = problem
         send(reply)
+        return problem is None
+    send(reply)
+    if isinstance(reply.output, str):  # wire.TAIL
+        lines, cut, fresh, problem = capture.stop(state)
+        if lines or cut:
+            send(wire.Tail(reply.task_id, (lines, cut, fresh)))
+    problem = problem or state.restore()
+    if problem is not None:
+        send(wire.Retire(problem))
     return problem is None
 
 
@@ -324,11 +333,15 @@ class _Held:
 
 
 def _attempt(
-    run: wire.RunStep, held: _Held, capture: Capture, meter: _Meter, collector: _Collector, state: ProcessState
-) -> tuple[wire.Reply, str | None]:
-    """One attempt (or hook), measured and captured; its reply, and None or why the capture cannot go on."""
+    run: wire.RunStep, held: _Held, meter: _Meter, collector: _Collector, capture: Capture, state: ProcessState
+) -> wire.Reply:
+    """One attempt (or hook), measured (its capture has started); its reply.
+
+    The capture ends here, its output in the reply (and, under
+    ``usage["retire"]``, why it cannot go on), unless ``run.tail``: then it
+    is ``wire.TAIL`` (``_answer``).
+    """
     collector.records = []
-    capture.start()
     meter.start()
     try:
         outcome, changes = execute(held.bodies[run.body_key], held.classes[run.cls_key], held.fields, run, held.objects)
@@ -337,12 +350,16 @@ def _attempt(
         raised = exc
     _reap()  # before the meter stops: what the step left counts in its CPU time
     usage: dict[str, Any] = meter.stop()
-    lines, cut, fresh, problem = capture.stop(state)
-    output = (lines, cut, fresh) if lines or cut else None
+    output: tuple[Any, ...] | str | None = wire.TAIL
+    if not run.tail:
+        lines, cut, fresh, problem = capture.stop(state)
+        output = (lines, cut, fresh) if lines or cut else None
+        if problem is not None:
+            usage["retire"] = problem
     if raised is None:
-        return wire.Done(run.task_id, outcome, changes, collector.records, output, usage), problem
+        return wire.Done(run.task_id, outcome, changes, collector.records, output, usage)
     tb = format_traceback(raised)
-    return wire.Failed(run.task_id, wire.encode_error(raised), tb, collector.records, output, usage), problem
+    return wire.Failed(run.task_id, wire.encode_error(raised), tb, collector.records, output, usage)
 
 
 def read_snapshot(blob: bytes) -> tuple[dict[str, bytes], large.ObjectStore | None]:

@@ -212,6 +212,7 @@ class DaskPool:
         self._version = _dask_remote._own_version()
         self.slots: list[Slot] = [DaskSlot(i) for i in range(size)]
         self.depth = 1  # a queued step would be a Dask task of its own: nothing to gain on a round trip this long
+        self.tails = False  # a Dask task returns one reply
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue[tuple[DaskSlot, str, bytes, int | None] | None] = queue.SimpleQueue()
         self._scattered: collections.OrderedDict[bytes, Any] = collections.OrderedDict()

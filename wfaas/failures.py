@@ -152,7 +152,10 @@ class Failures:
         """A stopped tree is dead (``supervision.py`` stopped it): the attempt ends as its kill reason says."""
         task: Task | None = slot.task
         queued = slot.next  # a step queued behind it (dispatch.py), never read
+        tail = slot.tail
         self.pool.spawn(slot)
+        if tail is not None:
+            self._maybe_finish(tail.run)  # the output it had still to send, if any, is lost with it
         if queued is not None:
             self._unqueue(queued)
             self._maybe_finish(queued.run)  # a stopping run may have waited for it

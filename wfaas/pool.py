@@ -122,6 +122,8 @@ class Slot:
         self.last_rss = 0
         self.reported_rss = 0  # a remote step's (no local pid): the RSS its worker reported over its limit
         self.eof = False  # its pipe is closed: nothing more will come (the process died)
+        self.tail: Any = None  # the task whose reply said its output follows (wire.TAIL), until its next message
+        self.syncing = False  # wire.SYNC sent, for tail's run waits for it
 
     @property
     def pid(self) -> int | None:
@@ -141,6 +143,7 @@ class Pool(Protocol):
 
     slots: list[Slot]
     depth: int  # steps a slot may hold: 1, or 2 when one may wait behind the running one (dispatch.py)
+    tails: bool  # its workers may reply before they end an attempt's capture (wire.RunStep.tail, outputs.py)
 
     def start(self) -> None: ...
     def spawn(self, slot: Slot) -> None: ...
@@ -178,6 +181,7 @@ class WorkerPool:
             self._ctx.set_forkserver_preload(["wfaas._worker", "wfaas._guard", "dill", "psutil"])
         self.slots = [Slot(i) for i in range(size)]
         self.depth = 2  # a step may wait in a busy worker's pipe (dispatch.py): the pipe is its only queue
+        self.tails = True
         self._closed = False
         self._guard: _guard.Guard | None = None
 
@@ -205,7 +209,7 @@ class WorkerPool:
         if self._guard is not None:
             self._guard.watch(process.pid)
         slot.process, slot.conn = process, parent_end
-        slot.task, slot.next, slot.dying, slot.skipping = None, None, False, 0
+        slot.task, slot.next, slot.dying, slot.skipping, slot.tail, slot.syncing = None, None, False, 0, None, False
         slot.bodies, slot.classes, slot.snapshot, slot.last_rss, slot.eof = set(), set(), None, 0, False
 
     def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:
@@ -216,7 +220,7 @@ class WorkerPool:
                 continue
             if not slot.dying:
                 out[slot.process.sentinel] = (Waitable.EXIT, slot)
-            if slot.task is not None and slot.conn is not None and not slot.eof:
+            if (slot.task is not None or slot.tail is not None) and slot.conn is not None and not slot.eof:
                 out[slot.conn] = (Waitable.RESULT, slot)
         return out
 

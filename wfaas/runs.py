@@ -317,7 +317,7 @@ class Run:
             self.logs[(step.sid, task.attempt - kept, item)] = None
 
 
-def run_message(task: Task, spin: float = 0.0, claim: bool = False) -> wire.RunStep:
+def run_message(task: Task, spin: float = 0.0, claim: bool = False, tail: bool = False) -> wire.RunStep:
     """The message that starts ``task`` in its slot: only what the worker does not hold yet travels."""
     run, step, slot, snap, hook = task.run, task.step, task.slot, task.snapshot, task.hook
     key = run.compiled.body_keys[step.index]
@@ -333,7 +333,7 @@ def run_message(task: Task, spin: float = 0.0, claim: bool = False) -> wire.RunS
     return wire.RunStep(
         task.id, key, body_blob, run.cls_key, cls_blob, snap.key, snap_blob,
         run.iid, run.workflow_id, step.sid, task.attempt, hook.value if hook else None, error_blob,
-        step.item_blob, step.item_key, spin, claim,
+        step.item_blob, step.item_key, spin, claim, tail,
     )  # fmt: skip
 
 

@@ -54,6 +54,7 @@ from .failures import Failures
 from .items import ForEachSteps, ItemTable
 from .items import key_field as _key
 from .loopio import Loop, TimerKind
+from .outputs import Outputs
 from .pool import Pool, Slot, Waitable
 from .readiness import Decision, Gate, Outcome, decide
 from .runs import (
@@ -82,7 +83,7 @@ ERRORS_KEPT = 1000
 Words = Callable[..., WorkflowError]
 
 
-class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
+class Scheduler(Loop, ForEachSteps, Failures, Dispatch, Outputs):
     """Owns every run of one engine; see the module docstring for the journey and the turn.
 
     Its thread, ``submit`` (how other threads reach it) and the wait between
@@ -117,7 +118,7 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
         ``max_wait`` bounds the block (a test passes 0 and never blocks).
         """
         for kind, slot in self.wait(self.pool.waitables(), self._busy_anywhere, max_wait, self._spin()):
-            if kind is Waitable.RESULT and slot.task is not None:
+            if kind is Waitable.RESULT and (slot.task is not None or slot.tail is not None):
                 message = self.pool.receive(slot)
                 if message is not None:
                     self._on_message(slot, message)
@@ -259,18 +260,20 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
     # -- 4. results: merge, finish, propagate ---------------------------------------------
 
     def _on_message(self, slot: Slot, message: wire.FromWorker) -> None:
+        if slot.tail is not None and self._on_tail(slot, message):
+            return
         if isinstance(message, wire.Skipped):  # a step taken back (dispatch.py): its worker read and skipped it
             slot.skipping -= 1
             return
         if isinstance(message, wire.Retire):  # after a reply: its worker could not put its process back
             self._on_retire(slot, message.reason)
             return
+        if isinstance(message, wire.Synced | wire.Tail):
+            return  # Synced after a message that ended the tail it was asked for (a Tail always has one)
         task: Task = slot.task
         run, step = task.run, task.step
         if isinstance(message, wire.Output):  # lines the step printed while it runs; its reply follows
-            lines = tuple(message.lines)
-            fields = {"step_id": step.sid, "attempt": task.attempt, "lines": lines, **_key(step)}
-            self._event(ev.StepOutput, run, self.clock.now(), **fields)
+            self._output_event(task, message.lines)
             return
         if slot.dying:
             # Its step returned while being stopped (it handled SIGTERM): the result is kept,
@@ -279,7 +282,9 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
         self._release(task)
         if message.logs:
             self._commits.events.extend(message.logs)
-        if message.output is not None:
+        if isinstance(message.output, str):  # wire.TAIL: what it printed follows, if anything
+            slot.tail = task
+        elif message.output is not None:
             self._keep_output(task, *message.output)
         if message.usage.get("retire"):  # a Dask child says it in its reply (_worker._answer)
             self._on_retire(slot, message.usage["retire"])
@@ -334,16 +339,6 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
         )
         verdicts.keep_attempt(step.history, record)
 
-    def _keep_output(self, task: Task, lines: list[Any], cut: int, fresh: int = 0) -> None:
-        """What an attempt (or hook) printed and logged: checkpointed with it; what was not sent live, published."""
-        run, step = task.run, task.step
-        run.keep_log(task, lines, cut, verdicts.HISTORY_KEPT)
-        self._commits.dirty[run.iid] = run
-        if fresh < len(lines):
-            new = tuple(lines[fresh:])
-            fields = {"step_id": step.sid, "attempt": task.attempt, "lines": new, **_key(step)}
-            self._event(ev.StepOutput, run, self.clock.now(), **fields)
-
     def _hook_done(self, run: Run, step: StepRun) -> None:
         """A hook ended (however it ended): the step takes the outcome that was decided before it."""
         hook, step.hook = step.hook, None
@@ -384,7 +379,7 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch):
         if run.unsettled:
             self._settle(run)  # for_each steps whose items moved may end now (items.py)
         # Cheapest first: in a running fan-out most steps are unfinished, and _busy walks the slots.
-        if run.final or (run.stopping is None and run.unfinished) or self._busy(run):
+        if run.final or (run.stopping is None and run.unfinished) or self._busy(run) or self._output_pending(run):
             return
         now = self.clock.now()
         if run.stopping is Stopping.CANCEL:

@@ -128,9 +128,11 @@ class FakePool:
     def __init__(self, size: int = 2, depth: int = 1) -> None:
         self.slots = [Slot(i) for i in range(size)]
         self.depth = depth
+        self.tails = False  # a test that wants RunStep.tail sets it; execute(tail=True) replies so either way
         self.sent: list[tuple[Slot, wire.RunStep]] = []
         self.kills: list[KillRequest] = []
         self.hurried: list[Slot] = []
+        self.syncs: list[Slot] = []  # the slots sent wire.SYNC, in order
         self.replies: list[list[wire.FromWorker]] = [[] for _ in self.slots]
         self._results = [os.pipe() for _ in self.slots]
         self._exits = [os.pipe() for _ in self.slots]
@@ -158,7 +160,7 @@ class FakePool:
         self._exitcodes[i] = None
         self._held[i] = {"bodies": {}, "classes": {}, "snap": (None, {}, None)}
         slot.process, slot.conn = _FakeProcess(next(self._pids)), _FakeConn(self, slot)  # type: ignore[assignment]
-        slot.task, slot.next, slot.dying, slot.skipping = None, None, False, 0
+        slot.task, slot.next, slot.dying, slot.skipping, slot.tail, slot.syncing = None, None, False, 0, None, False
         slot.bodies, slot.classes, slot.snapshot, slot.last_rss, slot.eof = set(), set(), None, 0, False
 
     def waitables(self) -> dict[Any, tuple[Waitable, Slot]]:
@@ -166,12 +168,15 @@ class FakePool:
         for slot in self.slots:
             if not slot.dying:
                 out[self._exits[slot.index][0]] = (Waitable.EXIT, slot)
-            if slot.task is not None and not slot.eof:
+            if (slot.task is not None or slot.tail is not None) and not slot.eof:
                 out[self._results[slot.index][0]] = (Waitable.RESULT, slot)
         return out
 
     def send(self, slot: Slot, message: bytes) -> None:
-        run: wire.RunStep = wire.loads(message)
+        run: wire.RunStep | wire.Sync = wire.loads(message)
+        if isinstance(run, wire.Sync):
+            self.syncs.append(slot)  # the test answers (``from_worker``)
+            return
         held = self._held[slot.index]
         if run.body is not None:
             held["bodies"][run.body_key] = pickle.loads(run.body)
@@ -243,8 +248,9 @@ class FakePool:
         message: wire.RunStep = next(m for _, m in reversed(self.sent) if _label(m) == step_id)
         return message
 
-    def execute(self, step_id: str, usage: dict[str, Any] | None = None) -> wire.Reply:
-        """Run the step's body (or hook) here, as its worker would, and queue the reply."""
+    def execute(self, step_id: str, usage: dict[str, Any] | None = None, *, tail: bool = False) -> wire.Reply:
+        """Run the step's body (or hook) here, as its worker would, and queue the reply; with ``tail``, a reply that
+        says its output follows (``wire.TAIL``: the test sends it, or anything else, with ``from_worker``)."""
         slot = self.busy()[step_id]
         run = self.last_sent(step_id)
         assert run.task_id == self._running[slot.index], f"{step_id}'s worker runs another message (as a worker would)"
@@ -252,9 +258,11 @@ class FakePool:
         try:
             body, cls = held["bodies"][run.body_key], held["classes"][run.cls_key]
             outcome, changes = _worker.execute(body, cls, held["snap"][1], run, held["snap"][2])
-            reply: wire.Reply = wire.Done(run.task_id, outcome, changes, [], None, usage or {"wall": 0.001})
+            output = wire.TAIL if tail else None
+            reply: wire.Reply = wire.Done(run.task_id, outcome, changes, [], output, usage or {"wall": 0.001})
         except Exception as exc:  # noqa: BLE001 - reported to the scheduler as the worker would
             reply = wire.failed(run.task_id, exc, _worker.format_traceback(exc))
+            reply = reply._replace(output=wire.TAIL) if tail else reply
         self.reply(step_id, reply)
         return reply
 
@@ -267,6 +275,11 @@ class FakePool:
             self._next(slot)  # it replied: on to the step queued behind, if any
         os.write(self._results[slot.index][1], b"x")
 
+    def from_worker(self, slot: Slot, message: wire.FromWorker) -> None:
+        """Queue ``message`` from the slot's worker, busy or idle (a ``Tail``, ``Synced``, a late ``Output``)."""
+        self.replies[slot.index].append(message)
+        os.write(self._results[slot.index][1], b"x")
+
     def retire(self, slot: Slot, reason: str) -> None:
         """The slot's worker says it cannot run another step (``wire.Retire``, after its last reply) and exits
         without reading another message: what it was sent since then never starts."""
@@ -277,9 +290,9 @@ class FakePool:
         self._exitcodes[i] = 0
         os.write(self._exits[i][1], b"x")
 
-    def crash(self, step_id: str, exitcode: int = -9) -> None:
-        """The worker running ``step_id`` dies (-9: SIGKILL)."""
-        slot = self.busy()[step_id]
+    def crash(self, step_id: str | Slot, exitcode: int = -9) -> None:
+        """The worker running ``step_id`` (or the slot's) dies (-9: SIGKILL)."""
+        slot = self.busy()[step_id] if isinstance(step_id, str) else step_id
         self._exitcodes[slot.index] = exitcode
         os.write(self._exits[slot.index][1], b"x")
 

@@ -4,11 +4,22 @@ Over one duplex pipe per worker (``pool.py``), pickled with protocol 5::
 
     engine -> worker   RunStep   one attempt (or hook); blobs the worker already holds are None
                        STOP      (pre-pickled) exit when idle
+                       SYNC      (pre-pickled) answer Synced
     worker -> engine   Output    lines the step printed while it runs (0 or more, before the reply)
                        Skipped   a step queued behind another that the engine took back (dispatch.py)
                        Done      the step returned: its outcome and the fields it changed
                        Failed    the step raised: its exception, encoded, and the traceback text
+                       Tail      (after a reply) what the attempt printed and logged, if anything
                        Retire    (after a reply) this worker cannot run another step, and exits
+                       Synced    the answer to SYNC
+
+Told so (``RunStep.tail``), a local worker sends its reply before it stops
+capturing the attempt's output, so that the engine reads the reply
+meanwhile: the reply's output is TAIL, and a ``Tail`` follows it if the attempt printed or logged anything,
+before any other message. So any other message from that worker (but a
+live ``Output`` of that attempt sent as the reply was) says the attempt's
+output, if any, has come; ``SYNC`` asks for one when the engine
+waits for it (a run ends only once its attempts' output is in: ``Scheduler._busy``).
 
 A Dask task (``_dask_remote.run_step``) answers the driver with one of
 ``RemoteReply`` (the child's reply bytes, as above), ``RemoteExit`` (the child
@@ -39,7 +50,7 @@ class RunStep(NamedTuple):
     on_failure hook, is ``(error, its cause)`` encoded (pickle drops ``__cause__``).
     ``item`` (encoded) and ``item_key`` are the item of a ``for_each`` step, else None.
     ``spin`` and ``claim``: see ``dispatch.py`` (why a worker may look for its next step before it sleeps,
-    and how a step queued behind another is taken back).
+    and how a step queued behind another is taken back); ``tail``: see ``outputs.py``.
     """
 
     task_id: int
@@ -59,10 +70,30 @@ class RunStep(NamedTuple):
     item_key: str | None = None
     spin: float = 0.0  # after replying, look for the next step for up to this many seconds before sleeping
     claim: bool = False  # queued behind another step: run it only if the engine did not take it back
+    tail: bool = False  # reply before ending the capture: what it printed follows in a Tail (outputs.py)
 
 
 class Stop(NamedTuple):
     """Exit when idle."""
+
+
+class Sync(NamedTuple):
+    """Answer ``Synced``: everything the worker sent before, a ``Tail`` included, has come first."""
+
+
+class Synced(NamedTuple):
+    """The answer to ``Sync``."""
+
+
+TAIL = "tail"
+"""A local worker's ``Done.output`` / ``Failed.output``: the attempt's output follows in a ``Tail``, if it has any."""
+
+
+class Tail(NamedTuple):
+    """What an attempt printed and logged, sent right after its reply: ``output`` as ``Done.output`` would hold it."""
+
+    task_id: int
+    output: tuple[Any, ...]
 
 
 class Output(NamedTuple):
@@ -82,7 +113,7 @@ class Done(NamedTuple):
     """The step returned. ``changes``: field name -> ``data.FieldChange``.
 
     ``output`` is ``(lines, cut, fresh)`` as ``capture.py`` keeps it
-    (``lines[fresh:]`` were not sent as ``Output``), or None; ``usage`` the
+    (``lines[fresh:]`` were not sent as ``Output``), None, or TAIL; ``usage`` the
     attempt's figures and, from a Dask child, under ``"retire"``, why it exits
     after this reply (a local worker sends ``Retire`` instead).
     """
@@ -91,7 +122,7 @@ class Done(NamedTuple):
     outcome: str
     changes: dict[str, Any]
     logs: list[dict[str, Any]]
-    output: tuple[Any, ...] | None
+    output: tuple[Any, ...] | str | None
     usage: dict[str, Any]
 
 
@@ -102,7 +133,7 @@ class Failed(NamedTuple):
     error: bytes
     traceback: str
     logs: list[dict[str, Any]]
-    output: tuple[Any, ...] | None
+    output: tuple[Any, ...] | str | None
     usage: dict[str, Any]
 
 
@@ -114,10 +145,10 @@ class Retire(NamedTuple):
 
 
 Reply = Done | Failed
-FromWorker = Output | Done | Failed | Skipped | Retire
-Message = RunStep | Stop | Output | Done | Failed | Skipped | Retire
+FromWorker = Output | Done | Failed | Skipped | Retire | Tail | Synced
+Message = RunStep | Stop | Sync | Output | Done | Failed | Skipped | Retire | Tail | Synced
 
-_TYPES: tuple[type[Any], ...] = (RunStep, Stop, Output, Done, Failed, Skipped, Retire)
+_TYPES: tuple[type[Any], ...] = (RunStep, Stop, Output, Done, Failed, Skipped, Retire, Tail, Sync, Synced)
 _CODES = {t: code for code, t in enumerate(_TYPES)}
 
 
@@ -133,6 +164,7 @@ def loads(blob: bytes) -> Any:
 
 
 STOP = dumps(Stop())
+SYNC = dumps(Sync())
 
 
 def take_claim(token: Any) -> bool:
