@@ -1,7 +1,7 @@
 """What output capture and the process-state reset cost a run: the same runs with them on and switched off.
 
     python benchmarks/capture_ab.py [--blocks 12] [--rounds 4] [--fanout 2000] [--chain 1000]
-                                    [--off both|capture] [--before PATH]
+                                    [--off both|capture] [--before PATH] [--watched]
 
 Long-lived child processes, each warmed once: an engine whose workers
 capture and reset as shipped ("on"), an engine whose workers do not
@@ -9,6 +9,8 @@ capture and reset as shipped ("on"), an engine whose workers do not
 no-ops inside the worker processes only; a measurement, not a mode), a bare
 ``ProcessPoolExecutor`` ("pool") doing the same work, and with ``--before``
 an engine running the wfaas of another checkout ("before", capture on).
+With ``--watched``, every engine has an event subscriber (as under the
+CLI), so its workers send what a step printed in the reply, not after it.
 
 Each round runs every workload once in each child, in an order that
 alternates, while the others sleep: a slow minute of this shared machine
@@ -47,6 +49,7 @@ import run as bench  # noqa: E402 - the workloads and measuring helpers of run.p
 
 MODES = ("on", "off", "pool")
 _OFF_ENV = "WFAAS_AB_OFF"
+_WATCHED_ENV = "WFAAS_AB_WATCHED"
 WORKLOADS = ("fanout", "chain")
 
 
@@ -83,6 +86,8 @@ def serve(mode: str, fanout: int, chain: int) -> None:
     m = bench.w()
     with tempfile.TemporaryDirectory() as tmp:
         engine = bench.new_engine("memory", tmp)
+        if os.environ.get(_WATCHED_ENV):
+            engine.event_bus.subscribe(lambda event: None)  # as the CLI's progress does
         engine.register_workflow(bench.fanout_def("fanout", [bench.fan_body(i) for i in range(fanout)]))
         engine.register_workflow(bench.chain_def("chain", chain, bench.inc_body))
         sizes = {"fanout": fanout, "chain": chain}
@@ -123,8 +128,11 @@ class Child:
     def __init__(self, mode: str, fanout: int, chain: int, code: str | None = None) -> None:
         serve = "on" if mode == "before" else mode
         cmd = [sys.executable, __file__, "--serve", serve, "--fanout", str(fanout), "--chain", str(chain)]
-        env = {**os.environ, "PYTHONPATH": code} if code else None  # another checkout's wfaas, first on sys.path
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        # Another checkout's wfaas, first on sys.path; run from there too, as forkserver's children put the
+        # working directory first.
+        env = {**os.environ, "PYTHONPATH": code} if code else None
+        pipe = subprocess.PIPE
+        self.proc = subprocess.Popen(cmd, stdin=pipe, stdout=pipe, text=True, env=env, cwd=code)
 
     def run(self, workload: str) -> dict[str, float]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -169,9 +177,12 @@ def main() -> None:
     parser.add_argument("--chain", type=int, default=1000, help="steps of the chain")
     parser.add_argument("--off", choices=("capture", "both"), default="both", help="what the 'off' side switches off")
     parser.add_argument("--before", metavar="PATH", help="also run 'on' with the wfaas of this checkout ('before')")
+    parser.add_argument("--watched", action="store_true", help="engines with an event subscriber, as the CLI's")
     parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ[_OFF_ENV] = args.off
+    if args.watched:
+        os.environ[_WATCHED_ENV] = "1"
     if args.serve:
         serve(args.serve, args.fanout, args.chain)
         return
@@ -197,7 +208,8 @@ def main() -> None:
         finally:
             for child in children.values():
                 child.close()
-    out: dict[str, Any] = {"off": args.off, "blocks": args.blocks, "rounds": args.rounds, "before": args.before}
+    out: dict[str, Any] = {"off": args.off, "watched": args.watched, "blocks": args.blocks, "rounds": args.rounds}
+    out["before"] = args.before
     out |= {"fanout_steps": args.fanout, "chain_steps": args.chain}
     out["load_before"], out["load_after"] = round(load, 2), round(os.getloadavg()[0], 2)
     pairs = [("on", "off"), ("on", "pool")] + ([("on", "before"), ("before", "off")] if args.before else [])

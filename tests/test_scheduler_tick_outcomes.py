@@ -469,6 +469,20 @@ def test_a_step_sent_to_a_worker_before_it_said_it_retires_starts_again_elsewher
     assert ticker.status(iid) is W.COMPLETED and b.attempts == 1 and [h.outcome for h in b.history] == ["succeeded"]
 
 
+@pytest.mark.parametrize("watched", [False, True])
+def test_workers_reply_before_their_output_unless_the_attempt_ends_the_run_or_events_are_watched(watched: bool) -> None:
+    t = Ticker(watched=watched)
+    t.pool.tails = True  # as a local pool's workers can
+    try:
+        t.start(wf(step("a", ok), step("b", ok), step("c", ok, after=["a", "b"])))
+        t.run("a")
+        t.run("b")
+        tails = {m.step_id: m.tail for _, m in t.pool.sent}
+        assert tails == ({"a": False, "b": False, "c": False} if watched else {"a": True, "b": True, "c": False})
+    finally:
+        t.close()
+
+
 def test_a_run_ends_only_once_the_output_that_follows_its_last_reply_is_in(ticker: Ticker) -> None:
     iid = ticker.start(wf(step("a", ok)))
     slot = ticker.pool.busy()["a"]

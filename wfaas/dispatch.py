@@ -77,7 +77,7 @@ if TYPE_CHECKING:
         def _set_status(self, run: Run, step: StepRun, new: StepStatus) -> None: ...
         def _begin(self, task: Task) -> None: ...
         def _queue_behind(self, up_to: int) -> list[tuple[Slot, bytes]]: ...
-        def _tail(self) -> bool: ...
+        def _tail(self, run: Run, step: StepRun) -> bool: ...
         def _unqueue(self, task: Task) -> None: ...
         def _unbegin(self, task: Task) -> None: ...
         def _take_back_stuck(self) -> None: ...
@@ -111,12 +111,11 @@ class Dispatch:
         taken = self._ready.take(idle, up_to)
         # A worker may look for its next step after replying while a core is left for the scheduler.
         spare = self.pool.depth > 1 and sum(s.task is not None for s in self.pool.slots) + len(taken) < CPUS
-        tail = self._tail()
         for run, step, slot, token in taken:
             task = slot.task = Task.start(run, step, slot, now)
             task.token = token
             spin = SPIN if spare and _short_run(run, SPIN) else 0.0
-            sends.append((slot, wire.dumps(run_message(task, spin, tail=tail))))
+            sends.append((slot, wire.dumps(run_message(task, spin, tail=self._tail(run, step)))))
             self._begin(task)
         if self._ready and self.pool.depth > 1:
             sends += self._queue_behind(up_to)
@@ -137,10 +136,18 @@ class Dispatch:
         if timeout is not None and not task.hook:
             task.timer = self.timer(now + timeout, TimerKind.TIMEOUT, task)
 
-    def _tail(self: Scheduler) -> bool:
+    def _tail(self: Scheduler, run: Run, step: StepRun) -> bool:
         """Whether a worker replies before it ends the attempt's capture (``outputs.py``): where it can (a local
-        pool), unless someone watches the events, who would see a step's last lines after its end."""
-        return self.pool.tails and not self.bus.has_subscribers
+        pool), unless someone watches the events (who would see a step's last lines after its end), and
+        unless the run ends with this attempt: it would then wait for the output anyway, a round trip later."""
+        if not self.pool.tails or self.bus.has_subscribers:
+            return False
+        if run.unfinished > 1:
+            return True
+        if step.parent is None:
+            return False
+        counts = step.table.counts  # an item of the run's last step: is another item still to end?
+        return counts[StepStatus.PENDING] + counts[StepStatus.WAITING] + counts[StepStatus.RUNNING] > 1
 
     def _spin(self: Scheduler) -> float:
         """How long the scheduler's wait looks before it sleeps: SPIN while a step that should end
@@ -170,12 +177,11 @@ class Dispatch:
         if not behind:
             return []
         sends = []
-        tail = self._tail()
         for run, step, slot, token in self._ready.take(behind, up_to):
             task = slot.next = Task.start(run, step, slot, now)
             task.token = token
             self.pool.offer(slot)
-            sends.append((slot, wire.dumps(run_message(task, claim=True, tail=tail))))
+            sends.append((slot, wire.dumps(run_message(task, claim=True, tail=self._tail(run, step)))))
         return sends
 
     def _take_back_stuck(self: Scheduler) -> None:
