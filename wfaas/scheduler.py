@@ -269,7 +269,7 @@ class Scheduler(Loop, ForEachSteps, Failures, Dispatch, Outputs):
             self._on_retire(slot, message.reason)
             return
         if isinstance(message, wire.Synced | wire.Tail):
-            return  # Synced after a message that ended the tail it was asked for (a Tail always has one)
+            return  # a Synced after another message had ended the tail it was asked for (a Tail never comes late)
         task: Task = slot.task
         run, step = task.run, task.step
         if isinstance(message, wire.Output):  # lines the step printed while it runs; its reply follows

@@ -283,12 +283,9 @@ class FakePool:
     def retire(self, slot: Slot, reason: str) -> None:
         """The slot's worker says it cannot run another step (``wire.Retire``, after its last reply) and exits
         without reading another message: what it was sent since then never starts."""
-        i = slot.index
-        self._inbox[i], self._running[i] = [], 0
-        self.replies[i].append(wire.Retire(reason))
-        os.write(self._results[i][1], b"x")
-        self._exitcodes[i] = 0
-        os.write(self._exits[i][1], b"x")
+        self._inbox[slot.index], self._running[slot.index] = [], 0
+        self.from_worker(slot, wire.Retire(reason))
+        self.crash(slot, exitcode=0)
 
     def crash(self, step_id: str | Slot, exitcode: int = -9) -> None:
         """The worker running ``step_id`` (or the slot's) dies (-9: SIGKILL)."""
