@@ -226,8 +226,8 @@ def main(conn: Connection, live_output: bool = True, token: Connection | None = 
                 continue
             task[0] = run.task_id
             capture.start()
-            reply = _attempt(run, held, meter, collector, capture, state)
-            if not _answer(reply, capture, state, send, one_reply):
+            reply, problem = _attempt(run, held, meter, collector, capture, state)
+            if not _answer(reply, problem, capture, state, send, one_reply):
                 return  # the engine starts a fresh worker in this one's place
             _look_for_next(conn, run.spin)
     except _EngineGone:
@@ -238,9 +238,16 @@ class _EngineGone(Exception):
     """The engine closed our pipe."""
 
 
-def _answer(reply: wire.Reply, capture: Capture, state: ProcessState, send: Callable[[Any], None], one: bool) -> bool:
-    """Send an attempt's reply, end its capture (unless ``_attempt`` did) and put the process back as it was;
-    whether this worker may run another step.
+def _answer(
+    reply: wire.Reply,
+    problem: str | None,
+    capture: Capture,
+    state: ProcessState,
+    send: Callable[[Any], None],
+    one: bool,
+) -> bool:
+    """Send an attempt's reply, end its capture (unless ``_attempt`` did: ``problem`` is then what it found) and
+    put the process back as it was; whether this worker may run another step.
 
     A local worker resets its process after the reply, while the engine reads
     it; one whose reply said ``wire.TAIL`` ends the capture first, and a
@@ -248,9 +255,8 @@ def _answer(reply: wire.Reply, capture: Capture, state: ProcessState, send: Call
     cannot run another step says why in a ``wire.Retire`` and reads nothing
     more. With ``one`` (a Dask child, whose task returns one message) the
     reset comes first, and the reply says why it cannot go on, under
-    ``usage["retire"]``, as ``_attempt`` does for the capture.
+    ``usage["retire"]``.
     """
-    problem = reply.usage.pop("retire", None)
     if one:
         problem = problem or state.restore()
         if problem is not None:
@@ -334,12 +340,12 @@ class _Held:
 
 def _attempt(
     run: wire.RunStep, held: _Held, meter: _Meter, collector: _Collector, capture: Capture, state: ProcessState
-) -> wire.Reply:
-    """One attempt (or hook), measured (its capture has started); its reply.
+) -> tuple[wire.Reply, str | None]:
+    """One attempt (or hook), measured (its capture has started); its reply, and None or why the capture
+    cannot go on.
 
-    The capture ends here, its output in the reply (and, under
-    ``usage["retire"]``, why it cannot go on), unless ``run.tail``: then it
-    is ``wire.TAIL`` (``_answer``).
+    The capture ends here, its output in the reply, unless ``run.tail``:
+    then the output is ``wire.TAIL`` and ``_answer`` ends the capture.
     """
     collector.records = []
     meter.start()
@@ -351,15 +357,14 @@ def _attempt(
     _reap()  # before the meter stops: what the step left counts in its CPU time
     usage: dict[str, Any] = meter.stop()
     output: tuple[Any, ...] | str | None = wire.TAIL
+    problem = None
     if not run.tail:
         lines, cut, fresh, problem = capture.stop(state)
         output = (lines, cut, fresh) if lines or cut else None
-        if problem is not None:
-            usage["retire"] = problem
     if raised is None:
-        return wire.Done(run.task_id, outcome, changes, collector.records, output, usage)
+        return wire.Done(run.task_id, outcome, changes, collector.records, output, usage), problem
     tb = format_traceback(raised)
-    return wire.Failed(run.task_id, wire.encode_error(raised), tb, collector.records, output, usage)
+    return wire.Failed(run.task_id, wire.encode_error(raised), tb, collector.records, output, usage), problem
 
 
 def read_snapshot(blob: bytes) -> tuple[dict[str, bytes], large.ObjectStore | None]:

@@ -8,7 +8,7 @@ A worker is warm: it runs step after step. Two things wrap every attempt:
     step runs: prints, logs, C code, subprocesses      reader thread: chunks -> timestamped lines
     attempt ends: ---------------------------------->  flush(): what the streams hold -> fds 1, 2
     drain what is left; the attempt's lines
-    (the worker sends its reply; the engine reads it)
+    (the worker's reply: here, or before the flush when RunStep.tail; the engine reads it meanwhile)
                                                        restore(): fds 0-2, stdio objects, cwd,
                                                        environment, signal handlers/mask/timer,
                                                        sys.path, umask, root logging -> None, or
@@ -18,10 +18,11 @@ A worker is warm: it runs step after step. Two things wrap every attempt:
 Capturing at the file-descriptor level catches what C extensions and child
 processes write too. A pipe read by a thread (rather than a file per attempt)
 gives each line the time it was written. This runs around every attempt, so
-an attempt that prints nothing costs no thread wake-up: before its reply, two
-stream flushes and one ``poll``. The reset, which costs more (eight system
-calls), comes after the reply, while the engine reads it: off the path of a
-chain of steps, where the engine waits for the reply (issue 13:
+an attempt that prints nothing costs no thread wake-up: two stream flushes
+and one ``poll`` to end the capture, and the reset (eight system calls).
+A worker does both after sending the attempt's reply, while the engine
+reads it (the capture, unless told otherwise: ``outputs.py``): off the
+path of a chain of steps, where the engine waits for the reply (issue 13:
 ``benchmarks/capture_ab.py``).
 
 What a step leaves behind that is not listed above (threads it started,

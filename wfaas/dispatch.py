@@ -112,8 +112,7 @@ class Dispatch:
         # A worker may look for its next step after replying while a core is left for the scheduler.
         spare = self.pool.depth > 1 and sum(s.task is not None for s in self.pool.slots) + len(taken) < CPUS
         for run, step, slot, token in taken:
-            task = slot.task = Task.start(run, step, slot, now)
-            task.token = token
+            task = slot.task = Task.start(run, step, slot, now, token)
             spin = SPIN if spare and _short_run(run, SPIN) else 0.0
             sends.append((slot, wire.dumps(run_message(task, spin, tail=self._tail(run, step)))))
             self._begin(task)
@@ -178,8 +177,7 @@ class Dispatch:
             return []
         sends = []
         for run, step, slot, token in self._ready.take(behind, up_to):
-            task = slot.next = Task.start(run, step, slot, now)
-            task.token = token
+            task = slot.next = Task.start(run, step, slot, now, token)
             self.pool.offer(slot)
             sends.append((slot, wire.dumps(run_message(task, claim=True, tail=self._tail(run, step)))))
         return sends

@@ -191,16 +191,17 @@ class Task:
     waited: float = 0.0  # before it: delay / schedule / backoff (of wait_kind)
     wait_kind: WaitKind | None = None
     queued: float = 0.0  # then: waiting for a free worker
-    token: int = 0  # its ready-queue token, kept while it is queued behind another step (dispatch.py)
+    token: int = 0  # its ready-queue token: it goes back to the queue with it if its worker never reads it
     # Names it in the messages to and from its worker: a counter, as an object's id is reused by later tasks.
     id: int = field(default_factory=lambda: next(_task_ids))
 
     @classmethod
-    def start(cls, run: Run, step: StepRun, slot: Slot, now: float) -> Task:
-        """The next attempt (or the hook) of ``step``, sent to ``slot`` at monotonic ``now``."""
+    def start(cls, run: Run, step: StepRun, slot: Slot, now: float, token: int) -> Task:
+        """The next attempt (or the hook) of ``step``, taken from the ready queue with ``token`` and sent to
+        ``slot`` at monotonic ``now``."""
         assert step.snapshot is not None
         attempt = step.attempts if step.hook else step.attempts + 1
-        task = cls(run, step, slot, attempt, step.snapshot, now, hook=step.hook, pid=slot.pid)
+        task = cls(run, step, slot, attempt, step.snapshot, now, hook=step.hook, pid=slot.pid, token=token)
         step.snapshot = None  # the task holds it now; kept on the step, every finished step's data stayed alive
         if step.wait_kind is not None:
             task.waited, task.wait_kind = step.enqueued - step.waited_from, step.wait_kind

@@ -15,11 +15,12 @@ Over one duplex pipe per worker (``pool.py``), pickled with protocol 5::
 
 Told so (``RunStep.tail``), a local worker sends its reply before it stops
 capturing the attempt's output, so that the engine reads the reply
-meanwhile: the reply's output is TAIL, and a ``Tail`` follows it if the attempt printed or logged anything,
-before any other message. So any other message from that worker (but a
-live ``Output`` of that attempt sent as the reply was) says the attempt's
-output, if any, has come; ``SYNC`` asks for one when the engine
-waits for it (a run ends only once its attempts' output is in: ``Scheduler._busy``).
+meanwhile: the reply's output is TAIL, and a ``Tail`` follows it, before
+any other message, if the attempt printed or logged anything. So any other
+message from that worker (but a live ``Output`` of that attempt sent as the
+reply was) says the attempt's output, if any, has come; ``SYNC`` asks for
+one when the engine waits for it (a run ends only once its attempts' output
+is in: ``outputs.py``).
 
 A Dask task (``_dask_remote.run_step``) answers the driver with one of
 ``RemoteReply`` (the child's reply bytes, as above), ``RemoteExit`` (the child
