@@ -317,6 +317,41 @@ def test_the_engine_handles_only_default_signals_and_restores_them() -> None:
 
 
 @pytest.mark.usefixtures("default_dispositions")
+def test_a_first_signal_raised_inside_a_weakref_callback_is_delivered_again() -> None:
+    # The garbage collector runs weakref callbacks between any two bytecodes; what one raises, Python
+    # swallows. A wfaas-local command whose first signal landed there used to wait on, never cancelling.
+    import weakref
+
+    from wfaas._signals import Interrupted, StopOnSignals
+
+    notes: list[str] = []
+    swallowed: list[BaseException | None] = []
+
+    class Collected:
+        pass
+
+    def callback(ref: Any) -> None:
+        signal.raise_signal(signal.SIGTERM)  # its handler raises Interrupted here, in the callback
+
+    stop = StopOnSignals(notes.append).__enter__()
+    outer = sys.unraisablehook
+    try:
+        sys.unraisablehook = lambda u: (swallowed.append(u.exc_value), stop._swallowed(u))[0]  # type: ignore[func-returns-value]
+        collected = Collected()
+        ref = weakref.ref(collected, callback)
+        with pytest.raises(Interrupted) as raised:
+            del collected  # the last reference: the callback runs now
+            threading.Event().wait(10)  # a wait the signal, sent again, interrupts (as the command's wait)
+    finally:
+        sys.unraisablehook = outer
+        stop.__exit__()
+    assert ref() is None and len([e for e in swallowed if isinstance(e, Interrupted)]) == 1
+    assert raised.value.signum == signal.SIGTERM and raised.value.exit_code == 143
+    assert (stop.signum, stop.received) == (signal.SIGTERM, 1), "still the first signal: a second one kills"
+    assert notes == ["SIGTERM: cancelling… again to kill"], "said once"
+
+
+@pytest.mark.usefixtures("default_dispositions")
 def test_an_engine_made_outside_the_main_thread_leaves_signals_alone() -> None:
     made: list[WorkflowEngine] = []
     thread = threading.Thread(target=lambda: made.append(WorkflowEngine(max_workers=1)))

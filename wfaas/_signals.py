@@ -33,6 +33,7 @@ import errno
 import logging
 import os
 import signal
+import sys
 import termios
 import threading
 import weakref
@@ -47,6 +48,9 @@ __all__ = ["Interrupted", "StopOnSignals", "Terminated", "attach", "detach"]
 log = logging.getLogger("wfaas")
 
 STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+AGAIN_AFTER = 0.05
+"""Seconds after which a first signal swallowed in a weakref callback is sent again (``StopOnSignals``)."""
 
 
 class Terminated(SystemExit):
@@ -157,18 +161,23 @@ class StopOnSignals:
         self.engine: Any = None
         self.signum: int | None = None
         self.received = 0
+        self._noted = False
         self._previous: dict[int, Any] = {}
+        self._unraisable = sys.unraisablehook
 
     def __enter__(self) -> StopOnSignals:
         for sig in self.SIGNALS:
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 self._previous[sig] = signal.signal(sig, self._handler)
+        self._unraisable, sys.unraisablehook = sys.unraisablehook, self._swallowed
         return self
 
     def __exit__(self, *exc: object) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        if sys.unraisablehook == self._swallowed:
+            sys.unraisablehook = self._unraisable
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         self.received += 1
@@ -176,8 +185,11 @@ class StopOnSignals:
             _quiet_a_dead_terminal()
         if self.signum is None:
             self.signum = signum
-            name = signal.Signals(signum).name
-            self._note("cancelling… Ctrl-C again to kill" if name == "SIGINT" else f"{name}: cancelling… again to kill")
+            if not self._noted:
+                self._noted = True
+                name = signal.Signals(signum).name
+                text = "cancelling… Ctrl-C again to kill" if name == "SIGINT" else f"{name}: cancelling… again to kill"
+                self._note(text)
             raise Interrupted(signum)
         if self.received == 2 and self.engine is not None:
             self._note("killing the running steps")
@@ -186,6 +198,20 @@ class StopOnSignals:
             # Whatever still holds the command up (a hung store, say), the user wants out.
             self._note("exiting at once")
             os._exit(128 + self.signum)
+
+    def _swallowed(self, unraisable: Any) -> None:
+        """Python swallows what a weakref callback or a finalizer raises, and a first signal may land in one
+        (the garbage collector runs them between any two bytecodes): the command would wait on, its run
+        never cancelled. Send that signal again, as the first, a moment later (``AGAIN_AFTER``): the main
+        thread is out of the callback by then (else this comes round again)."""
+        lost = unraisable.exc_value
+        if isinstance(lost, Interrupted) and lost.signum == self.signum and self.received == 1:
+            self.signum, self.received = None, 0
+            again = threading.Timer(AGAIN_AFTER, signal.pthread_kill, (threading.main_thread().ident, lost.signum))
+            again.daemon = True
+            again.start()
+            return
+        self._unraisable(unraisable)
 
     def _note(self, text: str) -> None:
         try:
